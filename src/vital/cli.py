@@ -1,0 +1,56 @@
+"""`vital`: the human-facing commands that are not DVC stages."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="BioMed-VITAL: clinician-preference-aligned biomedical visual instruction data.",
+                  no_args_is_help=True)
+
+STAGES = ["corpus", "annotation_pool", "generate", "rate", "merge_preferences", "train_selector", "filter",
+          "tune", "evaluate"]
+# the few numbers per stage a researcher looks at first
+HEADLINE = {
+    "corpus": ["source", "records", "rejected"],
+    "annotation_pool": ["backend", "figures", "questions"],
+    "generate": ["backend", "conversations", "rounds", "rejected", "requests", "cached"],
+    "rate": ["backend", "rounds", "unparsed", "mean_score"],
+    "merge_preferences": ["clinician_pairs", "model_pairs", "clinician_weight"],
+    "train_selector": ["backbone", "train_pairs", "train_pair_accuracy", "clinician_alignment"],
+    "filter": ["candidates", "kept", "ratio"],
+    "tune": ["model", "steps", "final_loss"],
+    "evaluate": ["closed_accuracy", "open_recall", "relative_score", "judge"],
+}
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+@app.command()
+def summary(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of <stage>.json metrics")):
+    """One screen: records per stage, release size and the key metrics of the last run."""
+    total = 0.0
+    for stage in STAGES:
+        path = metrics_dir / f"{stage}.json"
+        if not path.exists():
+            typer.echo(f"{stage:<18} (not run)")
+            continue
+        m = json.loads(path.read_text())
+        total += m.get("seconds", 0)
+        typer.echo(f"{stage:<18} " + "  ".join(f"{k}={_fmt(m[k])}" for k in HEADLINE[stage] if k in m))
+    release = Path("data/release/instructions.json")
+    if release.exists():
+        typer.echo(f"release: {release} ({len(json.loads(release.read_text()))} conversations)")
+    typer.echo(f"stage time {total:.1f}s; details: dvc metrics show, dvc plots show")
+
+
+@app.callback()
+def main():
+    """Commands: summary (more arrive with the annotation app, validation and release import)."""
+
+
+if __name__ == "__main__":
+    app()

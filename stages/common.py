@@ -1,0 +1,35 @@
+"""IO glue shared by the stage scripts: params, typed record files, metrics. No algorithm here."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import yaml
+
+from vital.schema import read_jsonl, write_json
+
+CORPUS_IMAGES = Path("data/corpus/images")
+
+
+def params(section: str) -> dict:
+    with open("params.yaml", encoding="utf-8") as f:
+        return yaml.safe_load(f)[section]
+
+
+def load(path, cls) -> list:
+    """Records of a JSONL file as dataclass instances; a row with wrong keys names file:line."""
+    rows = []
+    for n, row in enumerate(read_jsonl(path), 1):
+        try:
+            rows.append(cls(**row))
+        except TypeError as e:
+            raise SystemExit(f"{path}: record {n}: {e}; was it written by an older version? Rerun the stage that "
+                             "writes it (dvc repro -f <stage>)") from None
+    return rows
+
+
+def write_metrics(stage: str, metrics: dict, started: float) -> None:
+    metrics = {**metrics, "seconds": round(time.time() - started, 2)}
+    write_json(f"metrics/{stage}.json", metrics)
+    summary = ", ".join(f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float, str)) and v is not None)
+    print(f"[{stage}] {summary}")

@@ -1,0 +1,31 @@
+"""DVC stage `corpus`: materialise the bundled sample or ingest a LLaVA-Med fig_captions corpus.
+
+    dvc repro corpus
+    dvc exp run -S corpus.source=path -S corpus.path=my/fig_captions.jsonl -S corpus.image_dir=my/images
+"""
+import shutil
+import time
+from pathlib import Path
+
+from common import CORPUS_IMAGES, params, write_metrics
+
+from vital.corpus import build_sample, ingest
+from vital.schema import write_jsonl
+
+
+def main():
+    t0, p = time.time(), params("corpus")
+    shutil.rmtree(CORPUS_IMAGES, ignore_errors=True)
+    if p["source"] == "sample":
+        result = build_sample(CORPUS_IMAGES, p["max_image_side"])
+    elif p["source"] == "path":
+        result = ingest(Path(p["path"]), Path(p["image_dir"]), CORPUS_IMAGES, p["strict"])
+    else:
+        raise SystemExit(f"params.yaml: corpus.source must be 'sample' or 'path', got {p['source']!r}")
+    write_jsonl("data/corpus/records.jsonl", result.records)
+    write_jsonl("data/corpus/rejected.jsonl", result.rejected)
+    write_metrics("corpus", {"source": p["source"], **result.counts()}, t0)
+
+
+if __name__ == "__main__":
+    main()

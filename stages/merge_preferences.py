@@ -1,0 +1,37 @@
+"""DVC stage `merge_preferences`: clinician pairs (weight w) + model-rating pairs -> pairs.parquet.
+
+    dvc repro merge_preferences
+    dvc exp run -S merge_preferences.clinician_weight=100
+"""
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+from common import load, params, write_metrics
+
+from vital.preferences import clinician_pairs, model_pairs
+from vital.schema import PoolItem, PreferencePair, Rating, Vote
+
+
+def main():
+    t0, p = time.time(), params("merge_preferences")
+    pool = {x.question_id: x for x in load("data/annotation/pool.jsonl", PoolItem)}
+    votes = load(p["clinician"], Vote)
+    ratings = load("data/candidates/ratings.jsonl", Rating)
+    cpairs, ccounts = clinician_pairs(votes, pool, p["clinician_weight"], p["clinician_holdout"], p["seed"])
+    mpairs, mcounts = model_pairs(ratings, p["model_pairs"], p["seed"])
+    pairs = cpairs + mpairs
+    Path("data/preferences").mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame([asdict(x) for x in pairs], columns=list(PreferencePair.__dataclass_fields__))
+    df.to_parquet("data/preferences/pairs.parquet", index=False)
+    by = df.groupby(["source", "split"]).size()
+    write_metrics("merge_preferences", {
+        "pairs": len(df), "clinician_pairs": len(cpairs), "model_pairs": len(mpairs),
+        "clinician_train": int(by.get(("clinician", "train"), 0)),
+        "clinician_holdout": int(by.get(("clinician", "holdout"), 0)),
+        "clinician_weight": p["clinician_weight"], "clinician_votes": ccounts, "ratings": mcounts}, t0)
+
+
+if __name__ == "__main__":
+    main()
