@@ -1,0 +1,120 @@
+"""End-to-end: the DAG as a user runs it, in a copy of the repository."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from vital.schema import IMAGE_TOKEN
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["corpus", "annotation_pool", "generate", "rate", "merge_preferences", "train_selector", "filter", "tune",
+          "evaluate"]
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DVC_NO_ANALYTICS="1",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # this venv's python and dvc
+    return env
+
+
+def run(cmd, cwd, check=True, timeout=900):
+    p = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, shell=True, timeout=timeout)
+    if check and p.returncode:
+        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A fresh copy of the working tree (tracked and untracked-not-ignored files), as a git repo."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split("\n")
+    dst = tmp_path / "repo"
+    for f in filter(None, files):
+        if (ROOT / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    run("git init -q && git add -A && git commit -qm init", dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_dag_runs_offline_end_to_end_then_experiment_reruns_only_downstream(repo):
+    out = run("dvc repro", repo).stdout
+    assert ran(out) == STAGES
+
+    records = [json.loads(x) for x in (repo / "data/corpus/records.jsonl").read_text().splitlines()]
+    assert len(records) >= 12 and all((repo / "data/corpus/images" / r["image"]).exists() for r in records)
+    pool = [json.loads(x) for x in (repo / "data/annotation/pool.jsonl").read_text().splitlines()]
+    assert pool and all(p["answer_a"] and p["answer_b"] for p in pool)
+    convs = [json.loads(x) for x in (repo / "data/candidates/conversations.jsonl").read_text().splitlines()]
+    assert len(convs) == len(records) and all(c["backend"] == "offline" for c in convs)
+    ratings = [json.loads(x) for x in (repo / "data/candidates/ratings.jsonl").read_text().splitlines()]
+    assert all(r["score"] is None or 0 <= r["score"] <= 10 for r in ratings)
+    pairs = pd.read_parquet(repo / "data/preferences/pairs.parquet")
+    assert set(pairs["source"]) == {"clinician", "model"}
+    assert (pairs.loc[pairs.source == "clinician", "weight"] == 10).all()
+    assert (repo / "models/selector/selector.pt").exists()
+    rel = json.loads((repo / "data/release/instructions.json").read_text())
+    assert len(rel) == 12  # ceil(0.8 * 14)
+    for r in rel:
+        turns = r["conversations"]
+        assert turns[0]["value"].startswith(f"{IMAGE_TOKEN}\n")
+        assert sum(t["value"].count(IMAGE_TOKEN) for t in turns) == 1
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+    assert (repo / "models/vlm/adapter/adapter_model.safetensors").exists()
+    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert "tiny random" in ev["model"] and ev["judge"] == "offline"
+    assert {"closed_accuracy", "open_recall", "relative_score"} <= set(ev)
+
+    assert "up to date" in run("dvc status", repo).stdout
+    assert ran(run("dvc repro", repo).stdout) == []  # a second repro does nothing
+    run("git add -A && git commit -qm 'baseline run'", repo)
+
+    exp = run("dvc exp run -S filter.ratio=0.5", repo).stdout
+    assert ran(exp) == ["filter", "tune", "evaluate"]
+    assert len(json.loads((repo / "data/release/instructions.json").read_text())) == 7
+    shown = run("dvc exp show --json", repo).stdout
+    assert '"ratio": 0.5' in shown and '"kept": 7' in shown
+
+
+def test_corpus_stage_ingests_a_user_corpus_and_strict_mode_names_file_line(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["corpus"].update(source="path")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    run("python stages/corpus.py", repo)
+    m = json.loads((repo / "metrics/corpus.json").read_text())
+    assert (m["source"], m["records"], m["rejected"]) == ("path", 3, 0)
+
+    bad = repo / "examples/fig_captions/fig_captions.jsonl"
+    bad.write_text(bad.read_text() + '{"pair_id": "x", "fig_caption": "no image here"}\n')
+    run("python stages/corpus.py", repo)
+    rejected = [json.loads(x) for x in (repo / "data/corpus/rejected.jsonl").read_text().splitlines()]
+    assert rejected == [{"file": "examples/fig_captions/fig_captions.jsonl", "line": 4,
+                         "reason": "missing image: examples/fig_captions/images/x.jpg", "id": "x"}]
+    assert json.loads((repo / "metrics/corpus.json").read_text())["rejected_by_reason"] == {"missing image": 1}
+
+    params["corpus"].update(strict=True)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    p = run("python stages/corpus.py", repo, check=False)
+    assert p.returncode != 0
+    assert "examples/fig_captions/fig_captions.jsonl:4: missing image" in p.stderr
+
+
+def test_vital_summary_prints_one_screen(repo):
+    out = run("vital summary", repo).stdout  # the committed metrics of the last run
+    lines = out.strip().splitlines()
+    assert len(lines) <= 24
+    assert lines[0].startswith("corpus") and any(line.startswith("evaluate") for line in lines)

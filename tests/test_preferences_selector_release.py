@@ -1,0 +1,89 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from vital import release, selector
+from vital.preferences import clinician_pairs, model_pairs
+from vital.schema import IMAGE_TOKEN, Conversation, PoolItem, Rating, Vote
+
+
+def _pool(n):
+    return {f"q{i}": PoolItem(question_id=f"q{i}", figure_id="f", image="f.png", domain="mri", caption="c",
+                              inline_mentions=[], cluster=0, question="q?", answer_a="a", answer_b="b",
+                              backend="offline") for i in range(n)}
+
+
+def test_clinician_pairs_acceptable_over_unacceptable_with_holdout():
+    votes = [Vote(f"q{i}", "dr", a_acceptable=i % 2 == 0, b_acceptable=i % 2 == 1) for i in range(10)]
+    votes += [Vote("q0", "dr2", True, True), Vote("q1", "dr2", False, False), Vote("gone", "dr", True, False)]
+    pairs, counts = clinician_pairs(votes, _pool(10), weight=100, holdout=0.3, seed=0)
+    assert len(pairs) == 10 and counts == {"votes": 13, "not_in_pool": 1, "no_preference": 2}
+    assert all(p.weight == 100 and p.source == "clinician" for p in pairs)
+    assert pairs[0].label == 1 and pairs[1].label == 0  # q0: A acceptable, q1: B acceptable
+    assert sum(p.split == "holdout" for p in pairs) == 3
+
+
+def test_model_pairs_never_from_ties_or_nulls():
+    ratings = [Rating(f"c#{i}", "c", i, s, "j", "offline", str(s), "h") for i, s in enumerate([3, 3, 7, None, 9, 9])]
+    pairs, counts = model_pairs(ratings, 50, seed=0)
+    score = {r.candidate_id: r.score for r in ratings}
+    assert pairs and counts["null_scores"] == 1
+    for p in pairs:
+        assert score[p.a_id] is not None and score[p.b_id] is not None and score[p.a_id] != score[p.b_id]
+        assert p.label == int(score[p.a_id] > score[p.b_id]) and p.weight == 1.0
+    assert len({tuple(sorted((p.a_id, p.b_id))) for p in pairs}) == len(pairs) == 8  # all distinct non-tie pairs
+
+
+def test_selector_learns_a_preference_and_scores_held_out_pairs():
+    rng = np.random.default_rng(0)
+    n, d = 200, selector.TEXT_DIM + selector.IMAGE_DIM
+    feats = rng.normal(size=(n, d)).astype(np.float32)
+    quality = feats[:, 0]  # hidden truth: the first feature is quality
+    ids = [f"u{i}" for i in range(n)]
+    rows = []
+    for k in range(600):
+        a, b = rng.choice(n, 2, replace=False)
+        rows.append({"a_id": ids[a], "b_id": ids[b], "label": int(quality[a] > quality[b]), "weight": 1.0,
+                     "source": "model", "split": "holdout" if k < 100 else "train"})
+    model, history, stats = selector.train(feats, pd.DataFrame(rows), {u: i for i, u in enumerate(ids)},
+                                           selector.TrainConfig(epochs=40, seed=0))
+    assert stats == {"train_pairs": 500, "holdout_pairs": 100, "pairs_missing_units": 0}
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["clinician_alignment"] > 0.8  # generalises to unseen pairs
+
+
+def test_selector_refuses_a_different_backbone(tmp_path):
+    selector.save(selector.Selector(), tmp_path, selector.TrainConfig())
+    cfg = (tmp_path / "config.json").read_text().replace(selector.BACKBONE, "biomedclip")
+    (tmp_path / "config.json").write_text(cfg)
+    with pytest.raises(ValueError, match="trained with backbone 'biomedclip'"):
+        selector.load(tmp_path)
+
+
+def _conv(cid, n=2):
+    turns = []
+    for i in range(n):
+        turns += [{"from": "human", "value": f"q{i}?"}, {"from": "gpt", "value": f"a{i}"}]
+    return Conversation(cid, f"{cid}.png", "mri", turns, "offline", "m", "h")
+
+
+def test_release_keeps_top_ratio_in_llava_format():
+    convs = [_conv(f"c{i}") for i in range(10)]
+    unit = {f"c{i}#{k}": float(i + k) for i in range(10) for k in range(2)}
+    scores = release.conversation_scores(convs, unit)
+    assert scores["c3"] == 3.5
+    keep = release.select_top(scores, 0.5)
+    assert keep == ["c9", "c8", "c7", "c6", "c5"]
+    rec = release.to_llava(convs[9], scores["c9"])
+    assert rec["conversations"][0]["value"] == f"{IMAGE_TOKEN}\nq0?"
+    assert sum(t["value"].count(IMAGE_TOKEN) for t in rec["conversations"]) == 1
+    assert release.select_top(scores, 0.01) == ["c9"]
+    with pytest.raises(AssertionError, match="ratio"):
+        release.select_top(scores, 0)
+
+
+def test_release_rejects_malformed_conversations():
+    bad = _conv("x")
+    bad.conversations = bad.conversations[1:]
+    with pytest.raises(AssertionError, match="must start with a human turn"):
+        release.to_llava(bad, 0.0)
