@@ -29,7 +29,8 @@ def load(path, cls) -> list:
 
 
 def write_metrics(stage: str, metrics: dict, started: float) -> None:
-    metrics = {**metrics, "seconds": round(time.time() - started, 2)}
+    """metrics/<stage>.json, plus one summary line with the wall time. The time is printed, not stored,
+    so that rerunning the same inputs reproduces every tracked file byte for byte."""
     write_json(f"metrics/{stage}.json", metrics)
     summary = ", ".join(f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float, str)) and v is not None)
-    print(f"[{stage}] {summary}")
+    print(f"[{stage}] {summary} ({time.time() - started:.1f}s)")

@@ -22,6 +22,9 @@ def main():
         result = ingest(Path(p["path"]), Path(p["image_dir"]), CORPUS_IMAGES, p["strict"])
     else:
         raise SystemExit(f"params.yaml: corpus.source must be 'sample' or 'path', got {p['source']!r}")
+    if not result.records:
+        raise SystemExit(f"corpus: no usable records ({len(result.rejected)} rejected). Reasons: "
+                         f"{result.counts()['rejected_by_reason']}; first: {result.rejected[:1]}")
     write_jsonl("data/corpus/records.jsonl", result.records)
     write_jsonl("data/corpus/rejected.jsonl", result.rejected)
     write_metrics("corpus", {"source": p["source"], **result.counts()}, t0)

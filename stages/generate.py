@@ -20,8 +20,11 @@ def main():
     conversations, rejected, stats = generate(
         records, CORPUS_IMAGES, demos, backend, AppendLog("data/cache/generate.jsonl"), p["min_rounds"],
         p["demos_per_modality"], p["seed"], {"temperature": p["temperature"], "max_tokens": p["max_tokens"]})
-    write_jsonl("data/candidates/conversations.jsonl", conversations)
     write_jsonl("data/candidates/generate_rejected.jsonl", rejected)
+    if not conversations:
+        raise SystemExit(f"generate: every conversation was rejected ({stats['rounds_dropped']} rounds dropped); "
+                         "see data/candidates/generate_rejected.jsonl and the generate.* params")
+    write_jsonl("data/candidates/conversations.jsonl", conversations)
     write_metrics("generate", {"backend": backend.name, "model": backend.model, **stats}, t0)
 
 

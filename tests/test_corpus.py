@@ -81,10 +81,44 @@ def test_bad_records_are_quarantined_with_file_line_reason(bad_corpus, tmp_path)
     assert counts["rejected_by_reason"]["duplicate id"] == 1
 
 
-def test_strict_stops_at_first_bad_record_naming_file_line(bad_corpus, tmp_path):
+@pytest.mark.parametrize("line,reason", [(2, "malformed JSON"), (3, "missing image"), (4, "empty image"),
+                                         (5, "corrupt image"), (6, "missing caption"), (7, "unknown domain"),
+                                         (8, "duplicate id"), (9, "non-UTF-8 text")])
+def test_strict_stops_at_each_kind_of_bad_record_naming_file_line(bad_corpus, tmp_path, line, reason):
     path, images = bad_corpus
-    with pytest.raises(CorpusError, match=rf"{path}:2: malformed JSON"):
-        ingest(path, images, tmp_path / "out", strict=True)
+    lines = path.read_bytes().split(b"\n")
+    keep = lines[:1] + [lines[line - 1]]  # the good record, then one bad one (line 8 repeats the good id)
+    single = tmp_path / "one.jsonl"
+    single.write_bytes(b"\n".join(keep) + b"\n")
+    bad_line = len(keep)
+    with pytest.raises(CorpusError, match=rf"{single}:{bad_line}: {reason}.*corpus.strict: false"):
+        ingest(single, images, tmp_path / "out", strict=True)
+
+
+def test_unicode_line_separators_inside_strings_and_numeric_ids(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(next(EXAMPLES.glob("images/*.jpg")), images / "42.jpg")
+    rec = _record("x", fig_caption="Two parts\u2028joined\x85here.")
+    rec.update(pair_id=42, pmid=123456)
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(rec, ensure_ascii=False) + "\n", encoding="utf-8")
+    res = ingest(path, images, tmp_path / "out", strict=True)
+    assert res.records[0].id == "42" and res.records[0].pmid == "123456"
+    assert "\u2028" in res.records[0].caption
+
+
+def test_non_utf8_inside_a_json_array_is_one_rejected_record(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for pid in ["a", "b"]:
+        shutil.copy(next(EXAMPLES.glob("images/*.jpg")), images / f"{pid}.jpg")
+    body = ("[\n" + json.dumps(_record("a")) + ",\n" + json.dumps(_record("b")) + "\n]\n").encode()
+    path = tmp_path / "c.json"
+    path.write_bytes(body.replace(b"Caption of b", b"Caption of \xff b"))
+    res = ingest(path, images, tmp_path / "out", strict=False)
+    assert [r.id for r in res.records] == ["a"]
+    assert (res.rejected[0].line, res.rejected[0].reason.split(":")[0], res.rejected[0].id) == (3, "non-UTF-8 text", "b")
 
 
 def test_json_array_and_parquet_inputs(tmp_path):

@@ -1,3 +1,5 @@
+import copy
+
 from vital.backends import OfflineBackend, make_backend, BackendUnavailable
 from vital.generate import clean_rounds, generate, parse_reply
 from vital.schema import AppendLog, Demo
@@ -53,7 +55,7 @@ def test_leaks_and_refusals_are_dropped_and_short_conversations_rejected(sample,
     turns, dropped = clean_rounds(parse_reply(
         "User: What is seen?\nAssistant: The caption says a nodule.\nUser: Size?\nAssistant: I'm sorry, I cannot tell."
         "\nUser: Modality?\nAssistant: CT."))
-    assert dropped == {"leak": 1, "refusal": 1} and len(turns) == 2
+    assert dropped == {"leak": 1, "refusal": 1, "image_token": 0} and len(turns) == 2
 
     class Leaky(OfflineBackend):
         def complete(self, messages, task):
@@ -70,3 +72,19 @@ def test_real_backends_say_when_they_arrive():
         make_backend("openai")
     with pytest.raises(BackendUnavailable, match="unknown backend"):
         make_backend("gpt5")
+
+
+def test_identical_requests_share_a_reply_but_keep_their_own_ids(sample, tmp_path):
+    records, image_dir = sample
+    twin = copy.deepcopy(records[0])
+    twin.id = "twin-of-" + records[0].id
+    log = AppendLog(tmp_path / "cache.jsonl")
+    for _ in range(2):  # first run fills the cache, second run reads it
+        convs, _, stats = generate([records[0], twin], image_dir, [], OfflineBackend(), log, 3, 1, 0, {})
+        assert [c.id for c in convs] == [records[0].id, twin.id]
+    assert stats["cached"] == 2
+
+
+def test_rounds_containing_the_image_token_are_dropped():
+    turns, dropped = clean_rounds(parse_reply("User: <image> What is it?\nAssistant: A CT.\nUser: Where?\nAssistant: Chest."))
+    assert dropped["image_token"] == 1 and [t["value"] for t in turns] == ["Where?", "Chest."]

@@ -10,7 +10,7 @@ from vital.schema import IMAGE_TOKEN, Conversation, PoolItem, Rating, Vote
 def _pool(n):
     return {f"q{i}": PoolItem(question_id=f"q{i}", figure_id="f", image="f.png", domain="mri", caption="c",
                               inline_mentions=[], cluster=0, question="q?", answer_a="a", answer_b="b",
-                              backend="offline") for i in range(n)}
+                              backend="offline", request_hash="h") for i in range(n)}
 
 
 def test_clinician_pairs_acceptable_over_unacceptable_with_holdout():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
@@ -173,12 +172,13 @@ def image_part(path: str | Path) -> dict:
 
 
 def run_cached(requests: list[tuple[str, list[dict]]], backend, log: AppendLog, task: str,
-               sampling: dict, make_row, desc: str) -> tuple[dict[str, dict], dict]:
-    """Send each (key, messages) request unless its hash is already in `log`; return rows by key.
+               sampling: dict, make_row, desc: str) -> tuple[dict, dict]:
+    """Send each (key, messages) request unless its hash is already in `log`; return make_row(...) by key.
 
     The hash covers model, messages and sampling params, so a rerun pays for nothing it already has and
-    a changed figure or param re-requests only what it affects. `make_row(key, reply, hash)` builds the
-    record appended (fsynced) to the log as soon as its reply arrives.
+    a changed figure or param re-requests only what it affects. The log keeps the raw reply (appended
+    and fsynced as soon as it arrives); the record is rebuilt from it by `make_row(key, reply, hash)`,
+    so two keys with identical requests share one reply but keep their own ids.
     """
     done = log.load("request_hash")
     out, stats = {}, {"requests": 0, "cached": 0}
@@ -187,12 +187,14 @@ def run_cached(requests: list[tuple[str, list[dict]]], backend, log: AppendLog, 
             h = request_hash({"model": backend.model, "messages": messages, "sampling": sampling})
             if h in done:
                 stats["cached"] += 1
-                out[key] = done[h]
-                continue
-            row = make_row(key, backend.complete(messages, task), h)
-            log.append(row)
-            stats["requests"] += 1
-            out[key] = asdict(row) if hasattr(row, "__dataclass_fields__") else row
+                reply = done[h]["reply"]
+            else:
+                reply = backend.complete(messages, task)
+                done[h] = {"request_hash": h, "backend": backend.name, "model": backend.model, "task": task,
+                           "reply": reply}
+                log.append(done[h])
+                stats["requests"] += 1
+            out[key] = make_row(key, reply, h)
     finally:
         log.close()
     return out, stats

@@ -32,19 +32,17 @@ def _fmt(v) -> str:
 @app.command()
 def summary(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of <stage>.json metrics")):
     """One screen: records per stage, release size and the key metrics of the last run."""
-    total = 0.0
     for stage in STAGES:
         path = metrics_dir / f"{stage}.json"
         if not path.exists():
             typer.echo(f"{stage:<18} (not run)")
             continue
         m = json.loads(path.read_text())
-        total += m.get("seconds", 0)
         typer.echo(f"{stage:<18} " + "  ".join(f"{k}={_fmt(m[k])}" for k in HEADLINE[stage] if k in m))
     release = Path("data/release/instructions.json")
     if release.exists():
         typer.echo(f"release: {release} ({len(json.loads(release.read_text()))} conversations)")
-    typer.echo(f"stage time {total:.1f}s; details: dvc metrics show, dvc plots show")
+    typer.echo("details: dvc metrics show, dvc plots show, dvc exp show")
 
 
 @app.callback()

@@ -112,6 +112,8 @@ def _text(value, what: str) -> str:
         value = " ".join(_text(v, what) for v in value)
     if value is None:
         return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # numeric pmid / pair_id (parquet)
+        return str(value)
     if not isinstance(value, str):
         raise CorpusError(f"{what} is a {type(value).__name__}, expected text or {{tokens: text}}")
     return value.strip()
@@ -163,7 +165,7 @@ def _iter_raw(path: Path):
         return
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     if suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 etc.
             if not line.strip():
                 continue
             try:

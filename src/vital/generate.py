@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from .backends import image_part, run_cached
-from .schema import DOMAINS, AppendLog, Conversation, CorpusRecord, Demo
+from .schema import DOMAINS, IMAGE_TOKEN, AppendLog, Conversation, CorpusRecord, Demo
 
 SYSTEM_PROMPT = (
     "You are an AI assistant specialized in biomedical topics. You are shown a biomedical figure together "
@@ -74,11 +74,13 @@ def parse_reply(text: str) -> list[dict]:
 
 
 def clean_rounds(turns: list[dict]) -> tuple[list[dict], dict[str, int]]:
-    """Drop rounds that leak the source text or refuse; count what was dropped."""
-    kept, dropped = [], {"leak": 0, "refusal": 0}
+    """Drop rounds that leak the source text, refuse, or contain `<image>`; count what was dropped."""
+    kept, dropped = [], {"leak": 0, "refusal": 0, "image_token": 0}
     for i in range(0, len(turns), 2):
         text = (turns[i]["value"] + " " + turns[i + 1]["value"]).lower()
-        if any(p in text for p in LEAK_PHRASES):
+        if IMAGE_TOKEN in text:  # the release places the one image token itself
+            dropped["image_token"] += 1
+        elif any(p in text for p in LEAK_PHRASES):
             dropped["leak"] += 1
         elif any(p in text for p in REFUSAL_PHRASES):
             dropped["refusal"] += 1
@@ -101,17 +103,17 @@ def generate(records: list[CorpusRecord], image_root: Path, demos: list[Demo], b
 
     rows, stats = run_cached(requests, backend, log, "generate", sampling, make_row, desc="generate")
     conversations, rejected = [], []
-    dropped = {"leak": 0, "refusal": 0}
+    dropped = {"leak": 0, "refusal": 0, "image_token": 0}
     for key, _ in requests:
-        row = dict(rows[key])
-        turns, d = clean_rounds(row["conversations"])
+        conv = rows[key]
+        turns, d = clean_rounds(conv.conversations)
         for k in d:
             dropped[k] += d[k]
         if len(turns) // 2 < min_rounds:
             rejected.append({"id": key, "reason": f"only {len(turns) // 2} usable rounds (< min_rounds={min_rounds})"})
             continue
-        row["conversations"] = turns
-        conversations.append(Conversation(**row))
+        conv.conversations = turns
+        conversations.append(conv)
     stats.update(conversations=len(conversations), rejected=len(rejected), rounds_dropped=dropped,
                  rounds=sum(len(c.conversations) // 2 for c in conversations))
     return conversations, rejected, stats

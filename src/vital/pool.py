@@ -68,19 +68,20 @@ def build_pool(records: list[CorpusRecord], image_root: Path, backend, log: Appe
                                        image_part(image_root / r.image)]}]))
 
     def make_row(key, reply, h):
-        return {"question_id": key, "request_hash": h, "reply": reply}
+        return reply, h
 
     rows, stats = run_cached(requests, backend, log, "pool_answers", {}, make_row, desc="annotation_pool")
     items, unparsed = [], []
     for qid, _ in requests:
-        ab = parse_ab(rows[qid]["reply"])
+        reply, h = rows[qid]
+        ab = parse_ab(reply)
         if ab is None:
             unparsed.append(qid)
             continue
         r, cluster, q = meta[qid]
         items.append(PoolItem(question_id=qid, figure_id=r.id, image=r.image, domain=r.domain, caption=r.caption,
                               inline_mentions=r.inline_mentions, cluster=cluster, question=q,
-                              answer_a=ab[0], answer_b=ab[1], backend=backend.name))
+                              answer_a=ab[0], answer_b=ab[1], backend=backend.name, request_hash=h))
     stats.update(figures=len(picked), clusters=min(clusters, len(records)), questions=len(items),
                  unparsed_replies=len(unparsed))
     return items, stats

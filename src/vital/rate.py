@@ -54,7 +54,7 @@ def rate(conversations: list[Conversation], records: dict[str, CorpusRecord], im
                       judge=backend.model, backend=backend.name, raw=reply, request_hash=h)
 
     rows, stats = run_cached(requests, backend, log, "rate", sampling, make_row, desc="rate")
-    ratings = [Rating(**rows[key]) for key, _ in requests]
+    ratings = [rows[key] for key, _ in requests]
     scores = [r.score for r in ratings if r.score is not None]
     hist = {str(s): scores.count(s) for s in range(11)}
     stats.update(rounds=len(ratings), unparsed=sum(r.score is None for r in ratings),

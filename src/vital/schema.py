@@ -52,6 +52,7 @@ class PoolItem:
     answer_a: str
     answer_b: str
     backend: str
+    request_hash: str
 
 
 @dataclass
