@@ -141,3 +141,18 @@ def test_unsupported_file_type_is_a_clear_error(tmp_path):
     (tmp_path / "corpus.csv").write_text("x")
     with pytest.raises(CorpusError, match="unsupported corpus file type"):
         ingest(tmp_path / "corpus.csv", tmp_path, tmp_path / "o", strict=False)
+
+
+def test_vital_validate_corpus_reports_problems_with_file_line(bad_corpus):
+    from typer.testing import CliRunner
+
+    from vital.cli import app
+
+    path, images = bad_corpus
+    res = CliRunner().invoke(app, ["validate", "corpus", str(path), "--image-dir", str(images)])
+    assert res.exit_code == 1
+    assert "1 usable records, 8 rejected" in res.output
+    assert f"{path}:3: missing image" in res.output
+    ok = CliRunner().invoke(app, ["validate", "corpus", str(EXAMPLES / "fig_captions.jsonl"),
+                                  "--image-dir", str(EXAMPLES / "images")])
+    assert ok.exit_code == 0 and "3 usable records, 0 rejected" in ok.output

@@ -17,10 +17,19 @@ def test_clinician_pairs_acceptable_over_unacceptable_with_holdout():
     votes = [Vote(f"q{i}", "dr", a_acceptable=i % 2 == 0, b_acceptable=i % 2 == 1) for i in range(10)]
     votes += [Vote("q0", "dr2", True, True), Vote("q1", "dr2", False, False), Vote("gone", "dr", True, False)]
     pairs, counts = clinician_pairs(votes, _pool(10), weight=100, holdout=0.3, seed=0)
-    assert len(pairs) == 10 and counts == {"votes": 13, "not_in_pool": 1, "no_preference": 2}
+    assert len(pairs) == 10
+    assert counts == {"votes": 13, "not_in_pool": 1, "no_preference": 2, "annotators_disagree": 0}
     assert all(p.weight == 100 and p.source == "clinician" for p in pairs)
-    assert pairs[0].label == 1 and pairs[1].label == 0  # q0: A acceptable, q1: B acceptable
+    by_q = {p.a_id: p for p in pairs}
+    assert by_q["q0:A"].label == 1 and by_q["q1:A"].label == 0  # q0: A acceptable, q1: B acceptable
     assert sum(p.split == "holdout" for p in pairs) == 3
+
+
+def test_overlapping_annotators_majority_and_cancelling_votes_are_no_pair():
+    votes = [Vote("q0", "dr1", True, False), Vote("q0", "dr2", False, True),  # cancel: a tie
+             Vote("q1", "dr1", True, False), Vote("q1", "dr2", True, False), Vote("q1", "dr3", False, True)]
+    pairs, counts = clinician_pairs(votes, _pool(2), weight=1, holdout=0, seed=0)
+    assert [(p.a_id, p.label) for p in pairs] == [("q1:A", 1)] and counts["annotators_disagree"] == 1
 
 
 def test_model_pairs_never_from_ties_or_nulls():

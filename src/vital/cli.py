@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="BioMed-VITAL: clinician-preference-aligned biomedical visual instruction data.",
-                  no_args_is_help=True)
+app = typer.Typer(help="BioMed-VITAL: clinician-preference-aligned biomedical visual instruction data. "
+                  "The pipeline itself runs with `dvc repro`.", no_args_is_help=True)
 
 STAGES = ["corpus", "annotation_pool", "generate", "rate", "merge_preferences", "train_selector", "filter",
           "tune", "evaluate"]
@@ -45,9 +45,32 @@ def summary(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of <s
     typer.echo("details: dvc metrics show, dvc plots show, dvc exp show")
 
 
-@app.callback()
-def main():
-    """Commands: summary (more arrive with the annotation app, validation and release import)."""
+validate = typer.Typer(help="Check input files before a long run.", no_args_is_help=True)
+app.add_typer(validate, name="validate")
+
+
+@validate.command("corpus")
+def validate_corpus(path: Path = typer.Argument(..., help="fig_captions .json/.jsonl/.parquet file or folder"),
+                    image_dir: Path = typer.Option(..., "--image-dir", help="folder with <pair_id>.jpg images"),
+                    show: int = typer.Option(20, help="how many problems to list")):
+    """Check a LLaVA-Med fig_captions corpus the way the `corpus` stage reads it; exit 1 if any record is bad."""
+    from .corpus import CorpusError, ingest
+
+    try:
+        result = ingest(path, image_dir, None, strict=False)
+    except CorpusError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    c = result.counts()
+    typer.echo(f"{path}: {c['records']} usable records, {c['rejected']} rejected")
+    typer.echo("domains: " + ", ".join(f"{d}={n}" for d, n in c["by_domain"].items() if n))
+    for reason, n in c["rejected_by_reason"].items():
+        typer.echo(f"  {reason}: {n}")
+    for r in result.rejected[:show]:
+        typer.echo(f"  {r.file}:{r.line}: {r.reason}")
+    if len(result.rejected) > show:
+        typer.echo(f"  ... and {len(result.rejected) - show} more (--show N)")
+    raise typer.Exit(1 if result.rejected else 0)
 
 
 if __name__ == "__main__":

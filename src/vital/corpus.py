@@ -244,13 +244,14 @@ def parse_record(raw, image_dir: Path, source: str) -> tuple[CorpusRecord, Path]
     return record, image
 
 
-def ingest(path: Path, image_dir: Path, out_image_dir: Path, strict: bool) -> CorpusResult:
-    """Read a user corpus; copy accepted images into `out_image_dir` so the corpus is self-contained."""
+def ingest(path: Path, image_dir: Path, out_image_dir: Path | None, strict: bool) -> CorpusResult:
+    """Read a user corpus; copy accepted images into `out_image_dir` (if given) so it is self-contained."""
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".json", ".jsonl", ".parquet")) \
         if path.is_dir() else [path]
     if not files:
         raise CorpusError(f"{path}: no .json, .jsonl or .parquet corpus files found")
-    out_image_dir.mkdir(parents=True, exist_ok=True)
+    if out_image_dir:
+        out_image_dir.mkdir(parents=True, exist_ok=True)
     result, seen = CorpusResult(), set()
     for f in files:
         for line, raw, error in _iter_raw(f):
@@ -270,6 +271,7 @@ def ingest(path: Path, image_dir: Path, out_image_dir: Path, strict: bool) -> Co
                 continue
             seen.add(record.id)
             record.image = f"{record.id}{image.suffix.lower()}"
-            shutil.copyfile(image, out_image_dir / record.image)
+            if out_image_dir:
+                shutil.copyfile(image, out_image_dir / record.image)
             result.records.append(record)
     return result
