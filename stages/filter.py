@@ -27,6 +27,7 @@ def main():
     write_metrics("filter", {"candidates": len(conversations), "kept": len(out), "ratio": p["ratio"],
                              "rounds_kept": sum(len(r["conversations"]) // 2 for r in out),
                              "kept_by_domain": dict(sorted(Counter(r["domain"] for r in out).items())),
+                             "generators": sorted({r["generator"] for r in out}),
                              "min_kept_score": round(min(conv_scores[i] for i in keep), 5),
                              "image_root": str(CORPUS_IMAGES)}, t0)
 

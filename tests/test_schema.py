@@ -38,3 +38,12 @@ def test_read_jsonl_names_file_and_line(tmp_path):
         assert f"{p}:2" in str(e)
     else:
         raise AssertionError("bad line not reported")
+
+
+def test_tests_cannot_reach_the_network():
+    import socket
+
+    import pytest
+
+    with pytest.raises(OSError, match="hermetic"):
+        socket.create_connection(("192.0.2.1", 80), timeout=1)
