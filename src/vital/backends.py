@@ -44,7 +44,7 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
-def make_backend(name: str, **params):
+def make_backend(name: str):
     if name == "offline":
         return OfflineBackend()
     if name in ("openai", "transformers"):
@@ -55,7 +55,7 @@ def make_backend(name: str, **params):
 
 
 def section(text: str, name: str) -> str:
-    """The value of a `Name: value` block in a prompt built by prompts.py."""
+    """The value of a `Name: value` block of a prompt (see generate.figure_text, rate.rating_messages)."""
     m = re.search(rf"^{name}:\s*(.*?)(?=^\w[\w \-]*:|\Z)", text, flags=re.M | re.S)
     return m.group(1).strip() if m else ""
 

@@ -19,6 +19,7 @@ from PIL import Image
 from .backends import qa_from_text
 from .rate import parse_score, rating_messages
 from .schema import IMAGE_TOKEN, CorpusRecord
+from .tune import user_turn
 
 DOMAIN_NAMES = {"chest_xray": "chest X-ray", "mri": "MRI", "ct_scan": "CT", "histology": "histology"}
 
@@ -48,7 +49,7 @@ def answer_questions(model, processor, items: list[dict], image_root: Path, max_
     with torch.no_grad():
         for it in items:
             with Image.open(image_root / it["image"]) as im:
-                enc = processor(images=[im.convert("RGB")], text=[f"USER: {IMAGE_TOKEN}\n{it['text']} ASSISTANT:"],
+                enc = processor(images=[im.convert("RGB")], text=[user_turn(f"{IMAGE_TOKEN}\n{it['text']}")],
                                 add_special_tokens=False, return_tensors="pt")
             enc.pop("token_type_ids", None)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,

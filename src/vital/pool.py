@@ -56,10 +56,8 @@ def build_pool(records: list[CorpusRecord], image_root: Path, backend, log: Appe
     requests, meta = [], {}
     for i, cluster in picked:
         r = records[i]
-        questions = [q for q, _ in qa_from_text(r.caption, " ".join(r.inline_mentions))]
-        for k, q in enumerate(dict.fromkeys(questions).keys()):  # unique questions, in order
-            if k >= questions_per_figure:
-                break
+        questions = dict.fromkeys(q for q, _ in qa_from_text(r.caption, " ".join(r.inline_mentions)))
+        for k, q in enumerate(list(questions)[:questions_per_figure]):  # unique questions, in order
             qid = f"{r.id}:q{k}"
             meta[qid] = (r, cluster, q)
             requests.append((qid, [{"role": "system", "content": POOL_PROMPT},

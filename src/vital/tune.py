@@ -10,6 +10,7 @@ Loss is on assistant tokens only: human turns and image tokens are masked (-100)
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -71,6 +72,11 @@ def load_base(base_model: str, seed: int = 0):
     return AutoModelForImageTextToText.from_pretrained(base_model), AutoProcessor.from_pretrained(base_model)
 
 
+def user_turn(question: str) -> str:
+    """The human half of one round, ending where the model's answer starts."""
+    return f"USER: {question} ASSISTANT:"
+
+
 def eos_token(processor) -> str:
     tok = processor.tokenizer
     return tok.eos_token or tok.sep_token
@@ -85,12 +91,12 @@ def encode_example(processor, image: Image.Image, conversations: list[dict], max
         a = conversations[i + 1]["value"]
         if i == 0:
             q = q if q.startswith(IMAGE_TOKEN) else f"{IMAGE_TOKEN}\n{q}"
-            enc = processor(images=[image], text=[f"USER: {q} ASSISTANT:"], add_special_tokens=False,
+            enc = processor(images=[image], text=[user_turn(q)], add_special_tokens=False,
                             return_tensors="pt")
             human = enc["input_ids"][0].tolist()
             pixel_values = enc["pixel_values"]
         else:
-            human = tok(f"USER: {q} ASSISTANT:", add_special_tokens=False)["input_ids"]
+            human = tok(user_turn(q), add_special_tokens=False)["input_ids"]
         answer = tok(f" {a}{eos}", add_special_tokens=False)["input_ids"]
         ids += human + answer
         labels += [-100] * len(human) + answer
@@ -177,8 +183,6 @@ def save_adapter(model, processor, out_dir: Path) -> None:
 
 def load_tuned(model_dir: Path):
     """(model with adapter, processor) from a `tune` output directory."""
-    import json
-
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
