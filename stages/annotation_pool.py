@@ -5,9 +5,8 @@
 """
 import time
 
-from common import CORPUS_IMAGES, load, params, write_metrics
+from common import CORPUS_IMAGES, load, model_client, params, write_metrics
 
-from vital.backends import make_backend
 from vital.pool import build_pool
 from vital.schema import AppendLog, CorpusRecord, write_jsonl
 
@@ -15,12 +14,13 @@ from vital.schema import AppendLog, CorpusRecord, write_jsonl
 def main():
     t0, p = time.time(), params("annotation_pool")
     records = load("data/corpus/records.jsonl", CorpusRecord)
-    backend = make_backend(p["backend"])
-    items, stats = build_pool(records, CORPUS_IMAGES, backend, AppendLog("data/cache/annotation_pool.jsonl"),
-                              p["clusters"], p["per_cluster"], p["questions_per_figure"], p["image_weight"],
-                              p["seed"])
+    with model_client("annotation_pool", p, batch=False) as (client, _):
+        items, failures, stats = build_pool(records, CORPUS_IMAGES, client, AppendLog("data/cache/annotation_pool.jsonl"),
+                                            p["clusters"], p["per_cluster"], p["questions_per_figure"],
+                                            p["image_weight"], p["seed"], p["max_image_side"])
     write_jsonl("data/annotation/pool.jsonl", items)
-    write_metrics("annotation_pool", {"backend": backend.name, **stats}, t0)
+    write_jsonl("data/annotation/pool_failures.jsonl", failures)
+    write_metrics("annotation_pool", {"backend": client.name, "model": client.model, **stats}, t0)
 
 
 if __name__ == "__main__":

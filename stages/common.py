@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-from vital.schema import read_jsonl, write_json
+from vital.backends import Fatal
+from vital.client import Client, ClientConfig
+from vital.schema import AppendLog, read_jsonl, write_json
 
 CORPUS_IMAGES = Path("data/corpus/images")
 
@@ -34,3 +37,17 @@ def write_metrics(stage: str, metrics: dict, started: float) -> None:
     write_json(f"metrics/{stage}.json", metrics)
     summary = ", ".join(f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float, str)) and v is not None)
     print(f"[{stage}] {summary} ({time.time() - started:.1f}s)")
+
+
+@contextmanager
+def model_client(stage: str, section: dict, batch: bool = True):
+    """(client, batch state log) from the shared `llm` params and the stage's own endpoint params; an error no
+    request can get past (no key, refused key, unknown model, batches still running) ends the stage cleanly."""
+    try:
+        client = Client(ClientConfig.from_params(params("llm"), section))
+        batch_state = AppendLog(f"data/cache/{stage}_batches.jsonl") if batch else None
+        if batch_state:
+            batch_state.path.touch()  # a DVC output even when mode is online
+        yield client, batch_state
+    except Fatal as e:
+        raise SystemExit(f"{stage}: {e}") from None

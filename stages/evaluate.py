@@ -10,7 +10,7 @@ import pandas as pd
 from common import CORPUS_IMAGES, load, params, write_metrics
 
 from vital import evaluate, tune
-from vital.backends import make_backend
+from vital.client import Client, ClientConfig
 from vital.schema import CorpusRecord, read_jsonl, write_jsonl
 
 
@@ -28,7 +28,7 @@ def main():
     model, processor = tune.load_tuned(Path("models/vlm"))
     preds = evaluate.answer_questions(model, processor, vqa + chat, image_root, p["max_new_tokens"])
     write_jsonl("data/eval/answers.jsonl", [{"question_id": k, "answer": v} for k, v in preds.items()])
-    judge = make_backend(p["judge_backend"])
+    judge = Client(ClientConfig(backend=p["judge_backend"]))
     info = json.loads(Path("models/vlm/model_info.json").read_text())
     metrics = {"model": info["label"], "judge": judge.name,
                **evaluate.vqa_metrics(vqa, preds), **evaluate.judge_chat(chat, preds, judge, image_root)}

@@ -1,14 +1,16 @@
 """DVC stage `generate`: demonstration-prompted multi-turn Q&A for every figure.
 
     dvc repro generate
-    dvc exp run -S generate.backend=openai -S generate.model=gpt-4o   # issue #3
+    OPENAI_API_KEY=... dvc exp run -S generate.backend=openai -S generate.model=gpt-4o
+    dvc exp run -S generate.backend=openai -S generate.base_url=http://localhost:8000/v1 -S generate.model=<served>
+    dvc exp run -S generate.backend=openai -S generate.mode=batch     # Batch API; rerun to resume polling
+    dvc exp run -S generate.backend=transformers -S generate.model=/path/to/llava
 """
 import time
 
-from common import CORPUS_IMAGES, load, params, write_metrics
+from common import CORPUS_IMAGES, load, model_client, params, write_metrics
 
-from vital.backends import make_backend
-from vital.generate import generate
+from vital.generate import GenerateConfig, generate
 from vital.schema import AppendLog, CorpusRecord, Demo, write_jsonl
 
 
@@ -16,16 +18,17 @@ def main():
     t0, p = time.time(), params("generate")
     records = load("data/corpus/records.jsonl", CorpusRecord)
     demos = load(p["demos"], Demo)
-    backend = make_backend(p["backend"])
-    conversations, rejected, stats = generate(
-        records, CORPUS_IMAGES, demos, backend, AppendLog("data/cache/generate.jsonl"), p["min_rounds"],
-        p["demos_per_modality"], p["seed"], {"temperature": p["temperature"], "max_tokens": p["max_tokens"]})
+    with model_client("generate", p) as (client, batch_state):
+        conversations, rejected, failures, stats = generate(
+            records, CORPUS_IMAGES, demos, client, AppendLog("data/cache/generate.jsonl"),
+            GenerateConfig.from_params(p), batch_state)
     write_jsonl("data/candidates/generate_rejected.jsonl", rejected)
+    write_jsonl("data/candidates/generate_failures.jsonl", failures)
     if not conversations:
-        raise SystemExit(f"generate: every conversation was rejected ({stats['rounds_dropped']} rounds dropped); "
-                         "see data/candidates/generate_rejected.jsonl and the generate.* params")
+        raise SystemExit(f"generate: no usable conversation ({stats['rejected']} rejected, {stats['failed']} failed); "
+                         "see data/candidates/generate_rejected.jsonl, generate_failures.jsonl and the generate.* params")
     write_jsonl("data/candidates/conversations.jsonl", conversations)
-    write_metrics("generate", {"backend": backend.name, "model": backend.model, **stats}, t0)
+    write_metrics("generate", {"backend": client.name, "model": client.model, **stats}, t0)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """DVC stage `rate`: the model scores every candidate Q&A round 0-10 (null when the reply does not parse).
 
     dvc repro rate
+    OPENAI_API_KEY=... dvc exp run -S rate.backend=openai -S rate.model=gpt-4o
 """
 import time
 
-from common import CORPUS_IMAGES, load, params, write_metrics
+from common import CORPUS_IMAGES, load, model_client, params, write_metrics
 
-from vital.backends import make_backend
 from vital.rate import rate
 from vital.schema import AppendLog, Conversation, CorpusRecord, write_jsonl
 
@@ -15,11 +15,13 @@ def main():
     t0, p = time.time(), params("rate")
     records = {r.id: r for r in load("data/corpus/records.jsonl", CorpusRecord)}
     conversations = load("data/candidates/conversations.jsonl", Conversation)
-    backend = make_backend(p["backend"])
-    ratings, stats = rate(conversations, records, CORPUS_IMAGES, backend, AppendLog("data/cache/rate.jsonl"),
-                          {"temperature": p["temperature"]})
+    with model_client("rate", p) as (client, batch_state):
+        ratings, failures, stats = rate(conversations, records, CORPUS_IMAGES, client, AppendLog("data/cache/rate.jsonl"),
+                                        {"temperature": p["temperature"], "max_tokens": p["max_tokens"]},
+                                        p["max_image_side"], batch_state)
     write_jsonl("data/candidates/ratings.jsonl", ratings)
-    write_metrics("rate", {"backend": backend.name, "judge": backend.model, **stats}, t0)
+    write_jsonl("data/candidates/rate_failures.jsonl", failures)
+    write_metrics("rate", {"backend": client.name, "judge": client.model, **stats}, t0)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from vital.fakeapi import FakeOpenAI
 from vital.schema import IMAGE_TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +26,8 @@ def _env():
     return env
 
 
-def run(cmd, cwd, check=True, timeout=900):
-    p = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, shell=True, timeout=timeout)
+def run(cmd, cwd, check=True, timeout=900, **env):
+    p = subprocess.run(cmd, cwd=cwd, env={**_env(), **env}, capture_output=True, text=True, shell=True, timeout=timeout)
     if check and p.returncode:
         raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
@@ -118,3 +119,31 @@ def test_vital_summary_prints_one_screen(repo):
     lines = out.strip().splitlines()
     assert len(lines) <= 24
     assert lines[0].startswith("corpus") and any(line.startswith("evaluate") for line in lines)
+
+
+@pytest.mark.slow
+def test_an_openai_compatible_server_drives_generate_and_rate_and_no_key_is_left_behind(repo):
+    key = "sk-e2e-NEVER-WRITE-ME-0042"
+    with FakeOpenAI(api_key=key, latency=0.01) as fake:
+        url = fake.base_url
+        out = run(f"dvc exp run rate -S generate.backend=openai -S generate.base_url={url} "
+                  f"-S rate.backend=openai -S rate.base_url={url}", repo, OPENAI_API_KEY=key).stdout
+        assert ran(out) == ["corpus", "generate", "rate"]
+        assert fake.calls["POST /v1/chat/completions"] > 14
+        gen = json.loads((repo / "metrics/generate.json").read_text())
+        assert (gen["backend"], gen["model"], gen["requests"], gen["failed"]) == ("openai", "gpt-4o", 14, 0)
+        assert gen["cost_usd"] > 0 and gen["prompt_tokens"] > 0
+        rate = json.loads((repo / "metrics/rate.json").read_text())
+        assert rate["backend"] == "openai" and rate["requests"] == rate["rounds"] and rate["unparsed"] == 0
+
+        sent = fake.calls["POST /v1/chat/completions"]
+        run("dvc repro -f generate", repo, OPENAI_API_KEY=key)  # forced rerun: every reply comes from the cache
+        assert fake.calls["POST /v1/chat/completions"] == sent
+        assert json.loads((repo / "metrics/generate.json").read_text())["cached"] == 14
+
+        wrong = run("dvc repro -f generate", repo, check=False, OPENAI_API_KEY="sk-wrong-key-123456")
+        assert wrong.returncode != 0 and "generate: " + url in wrong.stderr and "refused the API key" in wrong.stderr
+    for f in repo.rglob("*"):  # params, dvc.lock, metrics, caches, DVC's own files and logs
+        if f.is_file() and ".git" not in f.parts:
+            data = f.read_bytes()
+            assert key.encode() not in data and b"sk-wrong-key" not in data, f

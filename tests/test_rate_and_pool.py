@@ -1,10 +1,13 @@
-from vital.backends import OfflineBackend, make_backend
-from vital.generate import generate
+from vital.client import Client, ClientConfig
+from vital.generate import GenerateConfig, generate
+from vital.offline import OfflineBackend
 from vital.pool import build_pool, select_diverse
 from vital.rate import parse_score, rate
 from vital.schema import AppendLog
 
 import numpy as np
+
+OFFLINE = Client(ClientConfig())
 
 
 def test_parse_score_is_strict():
@@ -18,13 +21,14 @@ def test_parse_score_is_strict():
 
 def test_unparseable_rating_is_null_never_a_default(sample, tmp_path):
     records, image_dir = sample
-    convs, _, _ = generate(records[:2], image_dir, [], make_backend("offline"), AppendLog(tmp_path / "g.jsonl"), 3, 1, 0, {})
+    convs, *_ = generate(records[:2], image_dir, [], OFFLINE, AppendLog(tmp_path / "g.jsonl"), GenerateConfig())
 
     class Chatty(OfflineBackend):
         def complete(self, messages, task):
             return "I would rate this quite highly overall."
 
-    ratings, stats = rate(convs, {r.id: r for r in records}, image_dir, Chatty(), AppendLog(tmp_path / "r.jsonl"), {})
+    ratings, _, stats = rate(convs, {r.id: r for r in records}, image_dir, Client(ClientConfig(), Chatty()),
+                             AppendLog(tmp_path / "r.jsonl"), {})
     assert ratings and all(r.score is None for r in ratings)
     assert ratings[0].raw == "I would rate this quite highly overall."
     assert stats["unparsed"] == len(ratings) and stats["mean_score"] is None
@@ -32,9 +36,10 @@ def test_unparseable_rating_is_null_never_a_default(sample, tmp_path):
 
 def test_offline_rates_grounded_rounds_in_range(sample, tmp_path):
     records, image_dir = sample
-    convs, _, _ = generate(records, image_dir, [], make_backend("offline"), AppendLog(tmp_path / "g.jsonl"), 3, 1, 0, {})
-    ratings, stats = rate(convs, {r.id: r for r in records}, image_dir, make_backend("offline"),
-                          AppendLog(tmp_path / "r.jsonl"), {})
+    convs, *_ = generate(records, image_dir, [], OFFLINE, AppendLog(tmp_path / "g.jsonl"), GenerateConfig())
+    ratings, failures, stats = rate(convs, {r.id: r for r in records}, image_dir, OFFLINE,
+                                    AppendLog(tmp_path / "r.jsonl"), {})
+    assert not failures and stats["rated"] == stats["rounds"]
     assert len(ratings) == sum(len(c.conversations) // 2 for c in convs)
     assert all(0 <= r.score <= 10 for r in ratings) and len({r.score for r in ratings}) > 1
 
@@ -50,7 +55,7 @@ def test_select_diverse_takes_nearest_per_cluster():
 
 def test_pool_is_diverse_and_has_two_answers_per_question(sample, tmp_path):
     records, image_dir = sample
-    items, stats = build_pool(records, image_dir, make_backend("offline"), AppendLog(tmp_path / "p.jsonl"),
+    items, _, stats = build_pool(records, image_dir, OFFLINE, AppendLog(tmp_path / "p.jsonl"),
                               clusters=4, per_cluster=2, questions_per_figure=2, image_weight=1.0, seed=0)
     assert 4 <= stats["figures"] <= 8 and len(items) == 2 * stats["figures"]  # a cluster may hold one figure
     assert len({i.domain for i in items}) >= 3  # not all of one kind

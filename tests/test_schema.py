@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from vital.schema import AppendLog, read_jsonl, request_hash, write_atomic, write_jsonl
 
 
@@ -16,9 +18,17 @@ def test_append_log_survives_a_torn_last_line(tmp_path):
     with open(tmp_path / "cache.jsonl", "a") as f:  # what kill -9 mid-write leaves behind
         f.write('{"request_hash": "h2", "v"')
     assert set(log.load("request_hash")) == {"h1"}
-    log.append({"request_hash": "h3", "v": 3})  # starts on a fresh line
+    log.append({"request_hash": "h3", "v": 3})  # the torn bytes are cut off first
     log.close()
     assert set(log.load("request_hash")) == {"h1", "h3"}
+    assert "h2" not in (tmp_path / "cache.jsonl").read_text()
+
+
+def test_append_log_reports_corruption_in_the_middle_with_file_and_line(tmp_path):
+    p = tmp_path / "cache.jsonl"
+    p.write_text('{"request_hash": "h1"}\n{"request_hash": "h2", garbage\n{"request_hash": "h3"}\n')
+    with pytest.raises(ValueError, match=f"{p}:2: corrupt record"):
+        AppendLog(p).load("request_hash")
 
 
 def test_write_atomic_replaces_whole_file(tmp_path):

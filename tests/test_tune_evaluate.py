@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from vital import evaluate, tune
-from vital.backends import OfflineBackend, make_backend
+from vital.client import Client, ClientConfig
+from vital.offline import OfflineBackend
 from vital.schema import IMAGE_TOKEN
 
 
@@ -88,14 +89,14 @@ def test_judge_relative_score_and_unparsed_replies(sample):
     vqa, chat = evaluate.sample_eval_sets(records)
     assert {v["answer_type"] for v in vqa} == {"CLOSED", "OPEN"} and len(chat) == len(records)
     perfect = {c["question_id"]: c["gpt4_answer"] for c in chat}
-    m = evaluate.judge_chat(chat, perfect, make_backend("offline"), image_dir)
+    m = evaluate.judge_chat(chat, perfect, Client(ClientConfig()), image_dir)
     assert m["relative_score"] == 100.0 and m["judged"] == len(chat)
     poor = {c["question_id"]: "no idea" for c in chat}
-    assert evaluate.judge_chat(chat, poor, make_backend("offline"), image_dir)["relative_score"] < 50
+    assert evaluate.judge_chat(chat, poor, Client(ClientConfig()), image_dir)["relative_score"] < 50
 
     class Rambling(OfflineBackend):
         def complete(self, messages, task):
             return "Both answers are fine."
 
-    m = evaluate.judge_chat(chat, perfect, Rambling(), image_dir)
+    m = evaluate.judge_chat(chat, perfect, Client(ClientConfig(), Rambling()), image_dir)
     assert m["judge_unparsed"] == len(chat) and m["relative_score"] is None

@@ -1,200 +1,331 @@
-"""Model backends shared by every model-facing step (annotation_pool, generate, rate, evaluate's judge).
+"""Model backends: chat messages (OpenAI format) in, one reply out. Shared by every model-facing step
+(annotation_pool, generate, rate, evaluate's judge), which build the same messages for every backend.
 
-A backend turns chat messages (OpenAI format) into a reply string. Each step builds the same messages
-for every backend, so the prompts, the request hash and the reply parsing are shared.
+- `offline` (offline.py): deterministic, no model; the embedded default.
+- `openai`: the official SDK's async client against any OpenAI-compatible endpoint: OpenAI, Azure OpenAI
+  (`api_version` set), vLLM, Ollama, LM Studio (`base_url`). The key comes from the environment only
+  (`OPENAI_API_KEY`, or `AZURE_OPENAI_API_KEY` for Azure) and is never written anywhere.
+- `transformers`: a local image-text-to-text model (AutoProcessor + AutoModelForImageTextToText) by path
+  or hub name, batched, on the GPU when there is one.
 
-- `offline`: deterministic, no model. It reads the figure text out of the prompt and writes a
-  caption-grounded reply (generate), a heuristic rubric score (rate, judge) or a pair of candidate
-  answers (annotation_pool). Every artifact it touches says `backend: offline`.
-- `openai`: any OpenAI-compatible endpoint (OpenAI, Azure, vLLM, Ollama, LM Studio). Arrives with issue #3.
-- `transformers`: a local image-text-to-text model. Arrives with issue #3.
+A backend raises one of three errors, which tell the client (client.py) what to do: `Retryable` (429,
+5xx, timeout, malformed response: back off and try again), `RequestFailed` (this request can never
+succeed: record it and go on) and `Fatal` (no request can succeed, e.g. a refused key: stop and say why).
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import io
+import os
 import re
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from tqdm import tqdm
-
-from .schema import AppendLog, request_hash
-
-STOPWORDS = set("""a an the and or of in on at to for with without from by is are was were be been this that these
-those it its as there their which who what where when how why can could may might does do did has have had into
-onto than then both also such any each other image shows showing shown seen visible""".split())
-OVERCONFIDENT = ("definitely", "certainly", "without a doubt", "100%", "always", "never", "undoubtedly")
-HEDGES = ("may", "might", "suggest", "consistent with", "likely", "would be needed", "appears", "could")
+from PIL import Image
 
 
-def stable_int(*parts: str) -> int:
-    return int(hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:8], 16)
+@dataclass
+class Reply:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"  # "length": the reply was cut at max_tokens
 
 
-def content_words(text: str) -> list[str]:
-    return [w for w in re.findall(r"[a-z][a-z\-]+", text.lower()) if len(w) > 3 and w not in STOPWORDS]
-
-
-def split_sentences(text: str) -> list[str]:
-    text = re.sub(r"\s*\((?:Fig\.?|Figure)\s*[\w\.]+\)", "", text)  # "(Figure 3)" adds nothing to an answer
-    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.strip()) > 3]
-
-
-class BackendUnavailable(RuntimeError):
+class BackendError(Exception):
     pass
 
 
-def make_backend(name: str):
-    if name == "offline":
+class Retryable(BackendError):
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestFailed(BackendError):
+    pass
+
+
+class Fatal(BackendError):
+    pass
+
+
+def make_backend(cfg):
+    """The backend named by `cfg.backend` (a ClientConfig)."""
+    if cfg.backend == "offline":
+        from .offline import OfflineBackend
         return OfflineBackend()
-    if name in ("openai", "transformers"):
-        raise BackendUnavailable(
-            f"backend {name!r} is not implemented yet (it arrives with issue #3: generation at scale). "
-            "Use backend: offline for now; the README shows the params the real backend will read.")
-    raise BackendUnavailable(f"unknown backend {name!r}; choose offline, openai or transformers")
+    if cfg.backend == "openai":
+        return OpenAIBackend(cfg.model, cfg.base_url, cfg.api_version, cfg.timeout_s, cfg.api_key_env)
+    if cfg.backend == "transformers":
+        return TransformersBackend(cfg.model, cfg.batch_size, cfg.device)
+    raise Fatal(f"unknown backend {cfg.backend!r}; choose offline, openai or transformers")
 
 
-def section(text: str, name: str) -> str:
-    """The value of a `Name: value` block of a prompt (see generate.figure_text, rate.rating_messages)."""
-    m = re.search(rf"^{name}:\s*(.*?)(?=^\w[\w \-]*:|\Z)", text, flags=re.M | re.S)
-    return m.group(1).strip() if m else ""
+# ---------------------------------------------------------------- images in requests
 
-
-class OfflineBackend:
-    name = "offline"
-    # the offline "model" is this file: editing it changes the name, so cached replies are not reused
-    model = "offline-" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:8]
-
-    def complete(self, messages: list[dict], task: str) -> str:
-        prompt = _last_user_text(messages)
-        return {"generate": self._generate, "rate": self._rate, "judge": self._rate,
-                "pool_answers": self._pool_answers}[task](prompt)
-
-    # -- generate: a caption-grounded multi-turn conversation in the `User:`/`Assistant:` format
-    def _generate(self, prompt: str) -> str:
-        caption, mentions = section(prompt, "Caption"), section(prompt, "In-text mentions")
-        rounds = qa_from_text(caption, mentions)
-        n = 3 + stable_int(caption) % 3  # 3-5 rounds
-        return "\n".join(f"User: {q}\nAssistant: {a}" for q, a in rounds[:n])
-
-    # -- rate / judge: a documented heuristic rubric (see `heuristic_score`), score on the first line
-    def _rate(self, prompt: str) -> str:
-        context = section(prompt, "Caption") + " " + section(prompt, "In-text mentions")
-        question, answer = section(prompt, "Question"), section(prompt, "Answer")
-        score, why = heuristic_score(context, question, answer)
-        return f"{score}\n{why}"
-
-    # -- annotation_pool: two candidate answers to one question, in `A:` / `B:` lines
-    def _pool_answers(self, prompt: str) -> str:
-        caption, mentions = section(prompt, "Caption"), section(prompt, "In-text mentions")
-        question = section(prompt, "Question")
-        grounded = dict(qa_from_text(caption, mentions)).get(question) or split_sentences(caption)[0]
-        style = stable_int(caption, question) % 3
-        if style == 0:  # generic, overconfident: the kind of answer clinicians reject
-            other = "This is a normal study and there is definitely no abnormality to report."
-        elif style == 1:  # terse but correct
-            other = " ".join(grounded.split()[:10]).rstrip(",;") + "."
-        else:  # hedged restatement
-            other = f"It is hard to be sure from a single image, but it may show the following: {grounded[0].lower()}{grounded[1:]}"
-        swap = stable_int(question, caption, "swap") % 2
-        a, b = (other, grounded) if swap else (grounded, other)
-        return f"A: {a}\nB: {b}"
-
-
-def _last_user_text(messages: list[dict]) -> str:
-    content = [m for m in messages if m["role"] == "user"][-1]["content"]
-    if isinstance(content, str):
-        return content
-    return "\n".join(p["text"] for p in content if p.get("type") == "text")
-
-
-def qa_from_text(caption: str, mentions: str) -> list[tuple[str, str]]:
-    """Deterministic Q&A rounds grounded in a caption and its in-text mentions (offline generator)."""
-    sents = split_sentences(caption)
-    mention_sents = split_sentences(mentions)
-    first = sents[0].rstrip(".") if sents else caption
-    kind = re.split(r"\s(?:showing|displayed|with|from|of a|in which)\s|,", first, maxsplit=1)[0]
-    rest = first[len(kind):].strip(" ,")
-    if rest.startswith("showing ") and len(rest) > 20:  # "X showing <findings>"
-        findings = rest[8].upper() + rest[9:] + "."
-    else:
-        findings = sents[1] if len(sents) > 1 else first + "."
-    qa = [("What kind of image is this?", f"This image is {_article(kind)} {kind[0].lower() + kind[1:]}."),
-          ("What are the main findings in this image?", findings)]
-    for s in sents[1:]:
-        if s != findings:
-            qa.append(("What else can be seen in the image?", s))
-    for s in mention_sents:
-        qa.append(("What is the clinical significance of this appearance?",
-                   f"The appearance may be explained as follows: {s[0].lower() + s[1:]} "
-                   "Confirmation would rely on the full clinical picture."))
-    qa.append(("Can a diagnosis be made from this image alone?",
-               "Not with certainty: the image supports the description above, but a diagnosis would need "
-               "clinical correlation and, where appropriate, further imaging or tissue sampling."))
-    return qa
-
-
-def _article(phrase: str) -> str:
-    return "an" if phrase[:1].lower() in "aeiou" else "a"
-
-
-def heuristic_score(context: str, question: str, answer: str) -> tuple[int, str]:
-    """Offline stand-in for the paper's rubric (relevance, grounding, precision, clarity, calibration).
-
-    +4 x share of the answer's content words found in the caption/mentions (grounding)
-    +2 if the answer has 8-60 words, -2 if fewer than 4 (depth, clarity)
-    +1 if the question is a question; +1 if the answer hedges where appropriate
-    -2 for overconfident wording; -3 for leaking the source ("the caption says") or refusing
-    base 2; clamped to 0..10.
-    """
-    words = content_words(answer)
-    ctx = set(content_words(context))
-    grounding = sum(w in ctx for w in words) / len(words) if words else 0.0
-    n = len(answer.split())
-    low = answer.lower()
-    score = 2 + 4 * grounding
-    score += 2 if 8 <= n <= 60 else (-2 if n < 4 else 0)
-    score += 1 if question.strip().endswith("?") else 0
-    score += 1 if any(h in low for h in HEDGES) else 0
-    score -= 2 if any(o in low for o in OVERCONFIDENT) else 0
-    score -= 3 if re.search(r"\b(the )?(caption|context|text) (says|states|mentions)|i cannot|i'm sorry", low) else 0
-    final = int(round(min(10, max(0, score))))
-    return final, f"grounding={grounding:.2f} words={n}"
-
-
-# ---------------------------------------------------------------- shared request machinery
-
-def image_part(path: str | Path) -> dict:
-    """An OpenAI `image_url` content part carrying the image as a base64 data URL."""
+def image_part(path: str | Path, max_side: int = 0) -> dict:
+    """An OpenAI `image_url` content part: the image as a base64 data URL, shrunk to fit `max_side` (0: as is)."""
     data = Path(path).read_bytes()
-    mime = "image/png" if data[:4] == b"\x89PNG" else "image/jpeg"
+    png = data[:4] == b"\x89PNG"
+    if max_side:
+        with Image.open(io.BytesIO(data)) as im:
+            if max(im.size) > max_side:
+                im.thumbnail((max_side, max_side))
+                buf = io.BytesIO()
+                if png:
+                    im.save(buf, "PNG")
+                else:
+                    im.convert("RGB").save(buf, "JPEG", quality=90)
+                data = buf.getvalue()
+    mime = "image/png" if png else "image/jpeg"
     return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}}
 
 
-def run_cached(requests: list[tuple[str, list[dict]]], backend, log: AppendLog, task: str,
-               sampling: dict, make_row, desc: str) -> tuple[dict, dict]:
-    """Send each (key, messages) request unless its hash is already in `log`; return make_row(...) by key.
+def parts(content) -> list[dict]:
+    """A message's content as a list of parts (a plain string is one text part)."""
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
-    The hash covers model, messages and sampling params, so a rerun pays for nothing it already has and
-    a changed figure or param re-requests only what it affects. The log keeps the raw reply (appended
-    and fsynced as soon as it arrives); the record is rebuilt from it by `make_row(key, reply, hash)`,
-    so two keys with identical requests share one reply but keep their own ids.
-    """
-    done = log.load("request_hash")
-    out, stats = {}, {"requests": 0, "cached": 0}
+
+def decode_image(url: str) -> Image.Image:
+    if not url.startswith("data:"):
+        raise RequestFailed(f"local models take images as data URLs, got {url[:40]!r}")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+
+
+# ---------------------------------------------------------------- openai
+
+def redact(text: str) -> str:
+    """Text with anything that looks like a credential removed (servers echo part of a refused key; URLs
+    can carry user:password)."""
+    for var, value in os.environ.items():
+        if len(value) >= 8 and re.search(r"KEY|TOKEN|SECRET", var):
+            text = text.replace(value, "***")
+    text = re.sub(r"://[^/@\s]+@", "://***@", text)
+    return re.sub(r"(sk-|key[=: ]+)[\w\-*.]{4,}", r"\1***", text)
+
+
+def retry_after(headers) -> float | None:
+    """Seconds the server asks us to wait: `retry-after-ms`, or `retry-after` in seconds or as an HTTP date."""
+    if headers is None:
+        return None
+    if headers.get("retry-after-ms"):
+        try:
+            return float(headers["retry-after-ms"]) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
     try:
-        for key, messages in tqdm(requests, desc=desc, unit="req", disable=None):
-            h = request_hash({"model": backend.model, "messages": messages, "sampling": sampling})
-            if h in done:
-                stats["cached"] += 1
-                reply = done[h]["reply"]
+        return float(value)
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def reply_from_body(body) -> Reply:
+    """A Reply from a chat.completion body (online, or a line of a batch output file)."""
+    try:
+        choice, usage = body["choices"][0], body.get("usage") or {}
+        return Reply(choice["message"].get("content") or "", usage.get("prompt_tokens") or 0,
+                     usage.get("completion_tokens") or 0, choice.get("finish_reason") or "stop")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise Retryable(f"malformed response: {redact(str(body)[:120])!r}") from None
+
+
+class OpenAIBackend:
+    """The key is read from `api_key_env` (OPENAI_API_KEY by default; AZURE_OPENAI_API_KEY for Azure) and
+    sent only to `base_url`: give a server you do not trust a variable of its own."""
+    name = "openai"
+
+    def __init__(self, model: str, base_url: str | None, api_version: str | None, timeout_s: float,
+                 api_key_env: str = "OPENAI_API_KEY"):
+        self.model, self.base_url, self.api_version, self.timeout_s = model, base_url, api_version, timeout_s
+        self.api_key_env = "AZURE_OPENAI_API_KEY" if api_version and api_key_env == "OPENAI_API_KEY" else api_key_env
+        self.where = redact(base_url or "api.openai.com")
+        self.identity = f"openai:{model}"  # the same model name on another server is another model
+        self._key()  # fail before any work when there is no key
+        self._client = None
+
+    def _key(self) -> str:
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            if not self.base_url:
+                raise Fatal(f"backend openai: no API key. Set {self.api_key_env} in the environment (never in "
+                            "params or a tracked file), or set base_url to a local server that needs none")
+            key = "unused"  # vLLM, Ollama and LM Studio accept any key
+        return key
+
+    @property
+    def client(self):
+        """The SDK's async client, made inside the running event loop (each `Client.run` has its own loop)."""
+        import openai
+
+        if self._client is None:
+            # aiohttp as the transport: the SDK's advice for high concurrency (httpx's pool costs ~1 ms a request)
+            common = dict(api_key=self._key(), max_retries=0, timeout=self.timeout_s,
+                          http_client=openai.DefaultAioHttpClient(timeout=self.timeout_s))
+            if self.api_version:  # Azure OpenAI: base_url is the resource endpoint
+                self._client = openai.AsyncAzureOpenAI(azure_endpoint=self.base_url, api_version=self.api_version,
+                                                       **common)
             else:
-                reply = backend.complete(messages, task)
-                done[h] = {"request_hash": h, "backend": backend.name, "model": backend.model, "task": task,
-                           "reply": reply}
-                log.append(done[h])
-                stats["requests"] += 1
-            out[key] = make_row(key, reply, h)
-    finally:
-        log.close()
-    return out, stats
+                self._client = openai.AsyncOpenAI(base_url=self.base_url, **common)
+        return self._client
+
+    async def acomplete(self, messages: list[dict], task: str, sampling: dict) -> Reply:
+        import httpx2
+
+        # The SDK's low-level post: same auth, base_url, Azure routing, timeouts and errors as
+        # `chat.completions.create`, without its typed-params transform (~2 ms of CPU a request).
+        response = await self.call(self.client.post, "/chat/completions", cast_to=httpx2.Response,
+                                   body={"model": self.model, "messages": messages, **sampling})
+        try:
+            body = response.json()
+        except ValueError:  # a body that is not JSON (a proxy's error page, a cut connection)
+            raise Retryable(f"malformed response: {redact(response.text[:120])!r}") from None
+        return reply_from_body(body)
+
+    async def call(self, method, *args, **kwargs):
+        """An SDK call with its errors mapped to Retryable / RequestFailed / Fatal, credentials redacted."""
+        import openai
+
+        try:
+            return await method(*args, **kwargs)
+        except openai.APITimeoutError as e:  # the aiohttp transport reports a refused connection as one too
+            cause = str(e.__cause__ or "")
+            raise Retryable(f"cannot reach {self.where}: {redact(cause)}" if "connect" in cause.lower()
+                            else "timeout") from None
+        except openai.APIConnectionError as e:
+            raise Retryable(f"cannot reach {self.where}: {redact(str(e.__cause__ or e))}") from None
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            raise Fatal(f"{self.where} refused the API key (HTTP {e.status_code}): check {self.api_key_env} in the "
+                        f"environment. Server said: {redact(e.message)}") from None
+        except openai.NotFoundError as e:
+            raise Fatal(f"{self.where}: model {self.model!r} or the endpoint was not found (HTTP 404); check the "
+                        f"model and base_url params. Server said: {redact(e.message)}") from None
+        except openai.APIStatusError as e:
+            if e.status_code == 429 and getattr(e, "code", None) == "insufficient_quota":
+                raise Fatal(f"{self.where}: quota exhausted (429 insufficient_quota); add credit and rerun") from None
+            if e.status_code in (408, 409, 429) or e.status_code >= 500:
+                raise Retryable(f"HTTP {e.status_code}: {redact(e.message)}", retry_after(e.response.headers)) from None
+            raise RequestFailed(f"HTTP {e.status_code}: {redact(e.message)}") from None
+        except openai.APIResponseValidationError as e:
+            raise Retryable(f"malformed response: {redact(str(e))[:120]}") from None
+        except ValueError as e:  # the request could not even be made (a bad base_url): no request can
+            raise Fatal(f"{self.where}: {redact(str(e))}; check base_url") from None
+
+    async def aclose(self):
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+# ---------------------------------------------------------------- transformers
+
+def _fingerprint(model: str) -> str:
+    """Names, sizes and times of a local model's files (a hub name is its own fingerprint)."""
+    path = Path(model)
+    if not path.is_dir():
+        return "hub"
+    stats = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in path.iterdir() if f.is_file())
+    return hashlib.sha256(repr(stats).encode()).hexdigest()[:12]
+
+
+class TransformersBackend:
+    """A local vision-language model. Requests that arrive together are generated as one padded batch."""
+    name = "transformers"
+
+    def __init__(self, model: str, batch_size: int, device: str = "auto"):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.model = model
+        self.identity = f"transformers:{model}@{_fingerprint(model)}"  # retrained weights: new replies
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(self.device).eval()
+        self.processor = AutoProcessor.from_pretrained(model)
+        tok = self.processor.tokenizer
+        tok.padding_side = "left"  # generation continues from the right edge
+        if tok.pad_token is None:  # many causal LMs have none; padding with EOS is the usual choice
+            tok.pad_token = tok.eos_token
+        self.batch_size = batch_size
+        self.batch_sizes: list[int] = []  # what was generated together, for metrics and tests
+        self._queue = self._server = None
+
+    async def acomplete(self, messages: list[dict], task: str, sampling: dict) -> Reply:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._server = asyncio.create_task(self._serve())
+        done = asyncio.get_running_loop().create_future()
+        await self._queue.put((messages, sampling, done))
+        return await done
+
+    async def _serve(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + 0.02  # wait briefly for the batch to fill
+            while len(batch) < self.batch_size:
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), max(0.0, deadline - loop.time())))
+                except asyncio.TimeoutError:
+                    break
+            try:
+                replies = await asyncio.to_thread(self._generate, [b[0] for b in batch], batch[0][1])
+            except Exception as e:  # a processor or model error fails these requests, not the run
+                for *_, done in batch:
+                    done.set_exception(RequestFailed(f"{type(e).__name__}: {e}"))
+                continue
+            for (*_, done), reply in zip(batch, replies):
+                done.set_result(reply)
+
+    def _generate(self, requests: list[list[dict]], sampling: dict) -> list[Reply]:
+        import torch
+
+        prompts, images = [], []
+        for messages in requests:
+            chat = []
+            for m in messages:
+                content = []
+                for p in parts(m["content"]):
+                    if p["type"] == "image_url":
+                        images.append(decode_image(p["image_url"]["url"]))
+                        content.append({"type": "image"})
+                    else:
+                        content.append({"type": "text", "text": p["text"]})
+                content.sort(key=lambda p: p["type"] != "image")  # LLaVA puts the image first
+                chat.append({"role": m["role"], "content": content})
+            prompts.append(self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+        enc = self.processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
+        enc.pop("token_type_ids", None)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        if "pixel_values" in enc:
+            enc["pixel_values"] = enc["pixel_values"].to(self.net.dtype)
+        tok = self.processor.tokenizer
+        max_new = int(sampling.get("max_tokens", 512))
+        temperature = float(sampling.get("temperature", 0) or 0)
+        with torch.no_grad():
+            out = self.net.generate(**enc, max_new_tokens=max_new, do_sample=temperature > 0,
+                                    temperature=temperature if temperature > 0 else None,
+                                    pad_token_id=tok.pad_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]
+        self.batch_sizes.append(len(requests))
+        replies = []
+        for row, prompt_len in zip(new, enc["attention_mask"].sum(1).tolist()):
+            n = int((row != tok.pad_token_id).sum())
+            replies.append(Reply(tok.decode(row, skip_special_tokens=True).strip(), int(prompt_len), n,
+                                 "length" if n >= max_new else "stop"))
+        return replies
+
+    async def aclose(self):
+        if self._server:
+            self._server.cancel()
+            self._queue = self._server = None

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .backends import qa_from_text
+from .offline import qa_from_text
 from .rate import parse_score, rating_messages
 from .schema import IMAGE_TOKEN, CorpusRecord
 from .tune import user_turn
@@ -93,7 +93,8 @@ def judge_chat(items: list[dict], preds: dict[str, str], judge, image_root: Path
         for answer in (it["gpt4_answer"], preds[it["question_id"]]):
             msgs = rating_messages(it["fig_caption"], [it["fig_inline_mention"]], it["text"], answer,
                                    image_root / it["image"])
-            scores.append(parse_score(judge.complete(msgs, "judge")))
+            reply = judge.complete(msgs, "judge")  # None: the request failed
+            scores.append(parse_score(reply) if reply is not None else None)
         if None in scores:
             unparsed += 1
             continue

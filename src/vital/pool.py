@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.cluster import KMeans
 
-from .backends import image_part, qa_from_text, run_cached
+from .backends import image_part
+from .client import Requests
+from .offline import qa_from_text
 from .encoders import encode_images, encode_texts
 from .generate import figure_text
 from .schema import AppendLog, CorpusRecord, PoolItem
@@ -49,37 +51,40 @@ def parse_ab(reply: str) -> tuple[str, str] | None:
     return (a.group(1).strip(), b.group(1).strip()) if a and b else None
 
 
-def build_pool(records: list[CorpusRecord], image_root: Path, backend, log: AppendLog, clusters: int,
-               per_cluster: int, questions_per_figure: int, image_weight: float, seed: int):
+def build_pool(records: list[CorpusRecord], image_root: Path, client, log: AppendLog, clusters: int,
+               per_cluster: int, questions_per_figure: int, image_weight: float, seed: int, max_image_side: int = 0):
+    """(pool items, failures, stats)."""
     emb = figure_embeddings(records, image_root, image_weight)
     picked = select_diverse(emb, clusters, per_cluster, seed)
-    requests, meta = [], {}
+    items = []
     for i, cluster in picked:
         r = records[i]
         questions = dict.fromkeys(q for q, _ in qa_from_text(r.caption, " ".join(r.inline_mentions)))
-        for k, q in enumerate(list(questions)[:questions_per_figure]):  # unique questions, in order
-            qid = f"{r.id}:q{k}"
-            meta[qid] = (r, cluster, q)
-            requests.append((qid, [{"role": "system", "content": POOL_PROMPT},
-                                   {"role": "user", "content": [
-                                       {"type": "text", "text": figure_text(r.caption, r.inline_mentions) + f"\nQuestion: {q}"},
-                                       image_part(image_root / r.image)]}]))
+        items += [(f"{r.id}:q{k}", (r, cluster, q)) for k, q in enumerate(list(questions)[:questions_per_figure])]
+    meta = dict(items)
 
-    def make_row(key, reply, h):
-        return reply, h
+    def build(x):
+        r, _, q = x
+        return [{"role": "system", "content": POOL_PROMPT},
+                {"role": "user", "content": [
+                    {"type": "text", "text": figure_text(r.caption, r.inline_mentions) + f"\nQuestion: {q}"},
+                    image_part(image_root / r.image, max_image_side)]}]
 
-    rows, stats = run_cached(requests, backend, log, "pool_answers", {}, make_row, desc="annotation_pool")
-    items, unparsed = [], []
-    for qid, _ in requests:
-        reply, h = rows[qid]
-        ab = parse_ab(reply)
+    rows, stats, failures = client.run(Requests(items, build), log, "pool_answers", {}, lambda k, e: e,
+                                       "annotation_pool")
+    pool, unparsed = [], []
+    for qid, _ in items:
+        if qid not in rows:
+            continue  # failed: listed in failures
+        entry = rows[qid]
+        ab = parse_ab(entry["reply"])
         if ab is None:
             unparsed.append(qid)
             continue
         r, cluster, q = meta[qid]
-        items.append(PoolItem(question_id=qid, figure_id=r.id, image=r.image, domain=r.domain, caption=r.caption,
-                              inline_mentions=r.inline_mentions, cluster=cluster, question=q,
-                              answer_a=ab[0], answer_b=ab[1], backend=backend.name, request_hash=h))
-    stats.update(figures=len(picked), clusters=min(clusters, len(records)), questions=len(items),
+        pool.append(PoolItem(question_id=qid, figure_id=r.id, image=r.image, domain=r.domain, caption=r.caption,
+                             inline_mentions=r.inline_mentions, cluster=cluster, question=q,
+                             answer_a=ab[0], answer_b=ab[1], backend=client.name, request_hash=entry["request_hash"]))
+    stats.update(figures=len(picked), clusters=min(clusters, len(records)), questions=len(pool),
                  unparsed_replies=len(unparsed))
-    return items, stats
+    return pool, failures, stats

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .backends import image_part, run_cached
+from .backends import image_part
+from .client import Requests
 from .generate import figure_text
 from .schema import AppendLog, Conversation, CorpusRecord, Rating, rounds
 
@@ -32,31 +33,33 @@ def parse_score(reply: str) -> int | None:
     return int(m.group(1))
 
 
-def rating_messages(caption: str, mentions: list[str], question: str, answer: str, image_path: Path) -> list[dict]:
+def rating_messages(caption: str, mentions: list[str], question: str, answer: str, image_path: Path,
+                    max_image_side: int = 0) -> list[dict]:
     text = f"{figure_text(caption, mentions)}\nQuestion: {question}\nAnswer: {answer}"
     return [{"role": "system", "content": RUBRIC},
-            {"role": "user", "content": [{"type": "text", "text": text}, image_part(image_path)]}]
+            {"role": "user", "content": [{"type": "text", "text": text}, image_part(image_path, max_image_side)]}]
 
 
-def rate(conversations: list[Conversation], records: dict[str, CorpusRecord], image_root: Path, backend,
-         log: AppendLog, sampling: dict):
-    requests, meta = [], {}
+def rate(conversations: list[Conversation], records: dict[str, CorpusRecord], image_root: Path, client,
+         log: AppendLog, sampling: dict, max_image_side: int = 0, batch_state: AppendLog | None = None):
+    """(ratings, failures, stats): one rating per Q&A round; a failed request has no rating, only a failure."""
+    items = []
     for c in conversations:
         rec = records[c.id]
-        for k, (q, a) in enumerate(rounds(c.conversations)):
-            cid = f"{c.id}#{k}"
-            meta[cid] = (c.id, k)
-            requests.append((cid, rating_messages(rec.caption, rec.inline_mentions, q, a, image_root / c.image)))
+        items += [(f"{c.id}#{k}", (c, k, rec, q, a)) for k, (q, a) in enumerate(rounds(c.conversations))]
+    meta = dict(items)
+    requests = Requests(items, lambda x: rating_messages(x[2].caption, x[2].inline_mentions, x[3], x[4],
+                                                         image_root / x[0].image, max_image_side))
 
-    def make_row(key, reply, h):
-        conv_id, k = meta[key]
-        return Rating(candidate_id=key, conversation_id=conv_id, round=k, score=parse_score(reply),
-                      judge=backend.model, backend=backend.name, raw=reply, request_hash=h)
+    def make_row(key, entry):
+        c, k = meta[key][:2]
+        return Rating(candidate_id=key, conversation_id=c.id, round=k, score=parse_score(entry["reply"]),
+                      judge=client.model, backend=client.name, raw=entry["reply"], request_hash=entry["request_hash"])
 
-    rows, stats = run_cached(requests, backend, log, "rate", sampling, make_row, desc="rate")
-    ratings = [rows[key] for key, _ in requests]
+    rows, stats, failures = client.run(requests, log, "rate", sampling, make_row, "rate", batch_state)
+    ratings = [rows[key] for key, _ in items if key in rows]
     scores = [r.score for r in ratings if r.score is not None]
     hist = {str(s): scores.count(s) for s in range(11)}
-    stats.update(rounds=len(ratings), unparsed=sum(r.score is None for r in ratings),
+    stats.update(rounds=len(items), rated=len(ratings), unparsed=sum(r.score is None for r in ratings),
                  mean_score=round(sum(scores) / len(scores), 3) if scores else None, score_histogram=hist)
-    return ratings, stats
+    return ratings, failures, stats

@@ -101,6 +101,16 @@ class Rating:
 
 
 @dataclass
+class Failure:
+    """A model request that did not succeed after `max_attempts` (or can never succeed). A rerun retries it."""
+    request_hash: str
+    keys: list[str]  # the records that asked for it (conversation ids, candidate ids, question ids)
+    task: str
+    error: str
+    attempts: int
+
+
+@dataclass
 class PreferencePair:
     a_id: str
     b_id: str
@@ -170,41 +180,63 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 class AppendLog:
     """Append-only JSONL: one flushed and fsynced line per finished record, so `kill -9` loses nothing
-    that was finished. A torn last line (the process died mid-write) is ignored on reload."""
+    that was finished. A torn last line (the process died mid-write) is ignored on reload and cut off
+    before the next append; a bad line anywhere else is corruption, reported with file:line."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = None
 
-    def load(self, key: str) -> dict[str, dict]:
-        done: dict[str, dict] = {}
+    def rows(self) -> list[dict]:
         if not self.path.exists():
-            return done
+            return []
+        rows = []
         with open(self.path, encoding="utf-8") as f:
-            for line in f:
+            for n, line in enumerate(f, 1):
+                if not line.endswith("\n"):
+                    break  # torn write from an interrupted run: that record is simply redone
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # torn write from an interrupted run; that request is simply redone
-                done[row[key]] = row
-        return done
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{self.path}:{n}: corrupt record ({e.msg}). Delete that line: the requests "
+                                     "it held are sent again on the next run") from None
+        return rows
 
-    def append(self, row: Any) -> None:
+    def load(self, key: str) -> dict[str, dict]:
+        return {row[key]: row for row in self.rows()}
+
+    def append(self, row: Any, sync: bool = True) -> None:
+        """Write one record; with sync=False the caller calls `sync()` after a group of them."""
         if self._f is None:
-            self._repair_tail()
+            self._cut_torn_tail()
             self._f = open(self.path, "a", encoding="utf-8")
         self._f.write(dumps(row) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        if sync:
+            self.sync()
 
-    def _repair_tail(self) -> None:
-        # a line torn by kill -9 has no newline; start ours on a fresh line
-        if self.path.exists() and self.path.stat().st_size:
-            with open(self.path, "rb+") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    f.write(b"\n")
+    def sync(self) -> None:
+        if self._f:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+
+    def _cut_torn_tail(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb+") as f:
+            data_end = f.seek(0, os.SEEK_END)
+            pos = data_end
+            while pos > 0:  # back to the last newline
+                step = min(4096, pos)
+                f.seek(pos - step)
+                chunk = f.read(step)
+                i = chunk.rfind(b"\n")
+                if i >= 0:
+                    pos = pos - step + i + 1
+                    break
+                pos -= step
+            if pos != data_end:
+                f.truncate(pos)
 
     def close(self) -> None:
         if self._f:

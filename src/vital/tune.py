@@ -22,6 +22,14 @@ from PIL import Image
 from .schema import IMAGE_TOKEN
 
 TINY = "tiny-random"
+# LLaVA v1 conversation format as a chat template, so the tiny model can serve as a `transformers` backend too
+LLAVA_V1_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{{ '\\n' }}"
+    "{% else %}{{ 'USER' if m['role'] == 'user' else 'ASSISTANT' }}: "
+    "{% for p in m['content'] %}{{ '<image>\\n' if p['type'] == 'image' else p['text'] }}{% endfor %}{{ '\\n' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 
 
 @dataclass
@@ -50,7 +58,8 @@ def build_tiny_llava(seed: int = 0):
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = LlavaProcessor(image_processor=image_proc, tokenizer=tok, patch_size=8,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_V1_TEMPLATE)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32),

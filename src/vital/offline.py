@@ -1,0 +1,146 @@
+"""The `offline` backend: deterministic, no model, the embedded default that lets `dvc repro` run anywhere.
+
+It reads the figure text out of the prompt and writes a caption-grounded reply (generate), a heuristic
+rubric score (rate, judge) or a pair of candidate answers (annotation_pool). Every artifact it touches
+says `backend: offline`, and its "model" name carries a hash of this file, so editing the offline logic
+never reuses a cached reply.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from .backends import Reply, parts
+
+STOPWORDS = set("""a an the and or of in on at to for with without from by is are was were be been this that these
+those it its as there their which who what where when how why can could may might does do did has have had into
+onto than then both also such any each other image shows showing shown seen visible""".split())
+OVERCONFIDENT = ("definitely", "certainly", "without a doubt", "100%", "always", "never", "undoubtedly")
+HEDGES = ("may", "might", "suggest", "consistent with", "likely", "would be needed", "appears", "could")
+
+
+def stable_int(*parts: str) -> int:
+    return int(hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:8], 16)
+
+
+def content_words(text: str) -> list[str]:
+    return [w for w in re.findall(r"[a-z][a-z\-]+", text.lower()) if len(w) > 3 and w not in STOPWORDS]
+
+
+def split_sentences(text: str) -> list[str]:
+    text = re.sub(r"\s*\((?:Fig\.?|Figure)\s*[\w\.]+\)", "", text)  # "(Figure 3)" adds nothing to an answer
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.strip()) > 3]
+
+
+def section(text: str, name: str) -> str:
+    """The value of a `Name: value` block of a prompt (see generate.figure_text, rate.rating_messages)."""
+    m = re.search(rf"^{name}:\s*(.*?)(?=^\w[\w \-]*:|\Z)", text, flags=re.M | re.S)
+    return m.group(1).strip() if m else ""
+
+
+class OfflineBackend:
+    name = "offline"
+    # the offline "model" is this file: editing it changes the name, so cached replies are not reused
+    model = "offline-" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:8]
+    identity = model
+
+    async def acomplete(self, messages: list[dict], task: str, sampling: dict):
+        return Reply(self.complete(messages, task))
+
+    async def aclose(self):
+        pass
+
+    def complete(self, messages: list[dict], task: str) -> str:
+        prompt = _last_user_text(messages)
+        return {"generate": self._generate, "rate": self._rate, "judge": self._rate,
+                "pool_answers": self._pool_answers}[task](prompt)
+
+    # -- generate: a caption-grounded multi-turn conversation in the `User:`/`Assistant:` format
+    def _generate(self, prompt: str) -> str:
+        caption, mentions = section(prompt, "Caption"), section(prompt, "In-text mentions")
+        rounds = qa_from_text(caption, mentions)
+        n = 3 + stable_int(caption) % 3  # 3-5 rounds
+        return "\n".join(f"User: {q}\nAssistant: {a}" for q, a in rounds[:n])
+
+    # -- rate / judge: a documented heuristic rubric (see `heuristic_score`), score on the first line
+    def _rate(self, prompt: str) -> str:
+        context = section(prompt, "Caption") + " " + section(prompt, "In-text mentions")
+        question, answer = section(prompt, "Question"), section(prompt, "Answer")
+        score, why = heuristic_score(context, question, answer)
+        return f"{score}\n{why}"
+
+    # -- annotation_pool: two candidate answers to one question, in `A:` / `B:` lines
+    def _pool_answers(self, prompt: str) -> str:
+        caption, mentions = section(prompt, "Caption"), section(prompt, "In-text mentions")
+        question = section(prompt, "Question")
+        grounded = dict(qa_from_text(caption, mentions)).get(question) or split_sentences(caption)[0]
+        style = stable_int(caption, question) % 3
+        if style == 0:  # generic, overconfident: the kind of answer clinicians reject
+            other = "This is a normal study and there is definitely no abnormality to report."
+        elif style == 1:  # terse but correct
+            other = " ".join(grounded.split()[:10]).rstrip(",;") + "."
+        else:  # hedged restatement
+            other = f"It is hard to be sure from a single image, but it may show the following: {grounded[0].lower()}{grounded[1:]}"
+        swap = stable_int(question, caption, "swap") % 2
+        a, b = (other, grounded) if swap else (grounded, other)
+        return f"A: {a}\nB: {b}"
+
+
+def _last_user_text(messages: list[dict]) -> str:
+    content = [m for m in messages if m["role"] == "user"][-1]["content"]
+    return "\n".join(p["text"] for p in parts(content) if p["type"] == "text")
+
+
+def qa_from_text(caption: str, mentions: str) -> list[tuple[str, str]]:
+    """Deterministic Q&A rounds grounded in a caption and its in-text mentions (offline generator)."""
+    sents = split_sentences(caption)
+    mention_sents = split_sentences(mentions)
+    first = sents[0].rstrip(".") if sents else caption
+    kind = re.split(r"\s(?:showing|displayed|with|from|of a|in which)\s|,", first, maxsplit=1)[0]
+    rest = first[len(kind):].strip(" ,")
+    if rest.startswith("showing ") and len(rest) > 20:  # "X showing <findings>"
+        findings = rest[8].upper() + rest[9:] + "."
+    else:
+        findings = sents[1] if len(sents) > 1 else first + "."
+    qa = [("What kind of image is this?", f"This image is {_article(kind)} {kind[0].lower() + kind[1:]}."),
+          ("What are the main findings in this image?", findings)]
+    for s in sents[1:]:
+        if s != findings:
+            qa.append(("What else can be seen in the image?", s))
+    for s in mention_sents:
+        qa.append(("What is the clinical significance of this appearance?",
+                   f"The appearance may be explained as follows: {s[0].lower() + s[1:]} "
+                   "Confirmation would rely on the full clinical picture."))
+    qa.append(("Can a diagnosis be made from this image alone?",
+               "Not with certainty: the image supports the description above, but a diagnosis would need "
+               "clinical correlation and, where appropriate, further imaging or tissue sampling."))
+    return qa
+
+
+def _article(phrase: str) -> str:
+    return "an" if phrase[:1].lower() in "aeiou" else "a"
+
+
+def heuristic_score(context: str, question: str, answer: str) -> tuple[int, str]:
+    """Offline stand-in for the paper's rubric (relevance, grounding, precision, clarity, calibration).
+
+    +4 x share of the answer's content words found in the caption/mentions (grounding)
+    +2 if the answer has 8-60 words, -2 if fewer than 4 (depth, clarity)
+    +1 if the question is a question; +1 if the answer hedges where appropriate
+    -2 for overconfident wording; -3 for leaking the source ("the caption says") or refusing
+    base 2; clamped to 0..10.
+    """
+    words = content_words(answer)
+    ctx = set(content_words(context))
+    grounding = sum(w in ctx for w in words) / len(words) if words else 0.0
+    n = len(answer.split())
+    low = answer.lower()
+    score = 2 + 4 * grounding
+    score += 2 if 8 <= n <= 60 else (-2 if n < 4 else 0)
+    score += 1 if question.strip().endswith("?") else 0
+    score += 1 if any(h in low for h in HEDGES) else 0
+    score -= 2 if any(o in low for o in OVERCONFIDENT) else 0
+    score -= 3 if re.search(r"\b(the )?(caption|context|text) (says|states|mentions)|i cannot|i'm sorry", low) else 0
+    final = int(round(min(10, max(0, score))))
+    return final, f"grounding={grounding:.2f} words={n}"
