@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -123,7 +124,7 @@ def test_vital_summary_prints_one_screen(repo):
 
 @pytest.mark.slow
 def test_an_openai_compatible_server_drives_generate_and_rate_and_no_key_is_left_behind(repo):
-    key = "sk-e2e-NEVER-WRITE-ME-0042"
+    key = f"sk-e2e-{uuid.uuid4().hex}"  # made here, so that no file holds it unless the run wrote it
     with FakeOpenAI(api_key=key, latency=0.01) as fake:
         url = fake.base_url
         out = run(f"dvc exp run rate -S generate.backend=openai -S generate.base_url={url} "
@@ -141,9 +142,11 @@ def test_an_openai_compatible_server_drives_generate_and_rate_and_no_key_is_left
         assert fake.calls["POST /v1/chat/completions"] == sent
         assert json.loads((repo / "metrics/generate.json").read_text())["cached"] == 14
 
-        wrong = run("dvc repro -f generate", repo, check=False, OPENAI_API_KEY="sk-wrong-key-123456")
+        wrong_key = f"sk-wrong-{uuid.uuid4().hex}"
+        wrong = run("dvc exp run generate -S generate.temperature=0.2", repo, check=False,
+                    OPENAI_API_KEY=wrong_key)  # a new param: requests, and a refused key
         assert wrong.returncode != 0 and "generate: " + url in wrong.stderr and "refused the API key" in wrong.stderr
     for f in repo.rglob("*"):  # params, dvc.lock, metrics, caches, DVC's own files and logs
         if f.is_file() and ".git" not in f.parts:
             data = f.read_bytes()
-            assert key.encode() not in data and b"sk-wrong-key" not in data, f
+            assert key.encode() not in data and wrong_key.encode() not in data, f

@@ -18,7 +18,8 @@ failures, cost ledger.
   If nothing succeeds (20 failures and no reply, or every request failed) the run stops with the first error.
 - Batch mode (`mode: batch`, openai only): the OpenAI Batch API at half price; see batch.py.
 - The ledger: requests, tokens and cost of this run (price table `prices`, USD per million tokens), and
-  what every reply in the cache cost.
+  what every reply in the cache cost. It counts the usage the server reports for the replies kept: a reply
+  that arrived unreadable and was retried, and providers' discounts for cached prompt tokens, are not in it.
 """
 from __future__ import annotations
 

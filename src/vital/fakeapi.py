@@ -131,6 +131,11 @@ def _key(body: dict) -> str:
 class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # many clients connect at once
 
+    def handle_error(self, request, client_address):
+        import sys
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is not news
+            super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
