@@ -7,6 +7,8 @@ Prints, measured side by side in one run:
 - requests/s of the client (openai backend, request cache, fsync per reply) at concurrency 1, 8 and 64, as a
   ratio to the ideal concurrency / latency, and to a sequential one-request-at-a-time loop (the paper's
   released code: the SDK called in a loop, the whole output JSON rewritten after every record);
+- the same client with a bare aiohttp backend instead of the SDK at concurrency 64: the floor that the
+  client's own machinery allows, to show what the SDK's per-request CPU costs on this machine;
 - bookkeeping per record at `--records` records (hash, cache lookup, append + fsync, row), with a backend
   that answers instantly, on a first run and on a rerun that finds everything cached.
 Goals (issue #3): >= 0.9 of ideal and >= 30x sequential at concurrency 64; <= 1 ms a record.
@@ -33,9 +35,31 @@ def messages(i: int) -> list[dict]:
                                         "In-text mentions: (none)"}]
 
 
-def timed_client(base_url: str, n: int, concurrency: int, tmp: Path) -> float:
-    client = Client(ClientConfig(backend="openai", model="bench", base_url=base_url, concurrency=concurrency))
-    log = AppendLog(tmp / f"cache-{concurrency}.jsonl")
+class BareAiohttp:
+    """A chat-completions backend with no SDK: aiohttp and json only (reference row, not project code)."""
+    name, model = "bare", "bench"
+
+    def __init__(self, base_url: str):
+        self.url, self.session = base_url + "/chat/completions", None
+
+    async def acomplete(self, messages, task, sampling):
+        import aiohttp
+        if self.session is None:
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        async with self.session.post(self.url, json={"model": self.model, "messages": messages}) as r:
+            body = await r.json()
+        return Reply(body["choices"][0]["message"]["content"])
+
+    async def aclose(self):
+        if self.session:
+            await self.session.close()
+            self.session = None
+
+
+def timed_client(base_url: str, n: int, concurrency: int, tmp: Path, backend=None) -> float:
+    client = Client(ClientConfig(backend="openai", model="bench", base_url=base_url, concurrency=concurrency),
+                    backend)
+    log = AppendLog(tmp / f"cache-{concurrency}-{client.name}.jsonl")
     t = time.perf_counter()
     rows, stats, failures = client.run(Requests([(str(i), i) for i in range(n)], messages), log, "generate", {},
                                        lambda k, e: None, f"concurrency {concurrency}")
@@ -100,6 +124,8 @@ def main():
                 ideal = c / args.latency
                 print(f"client concurrency {c:3d} {rate:8.1f} req/s  {rate / ideal:5.2f} of ideal ({ideal:.0f}/s)  "
                       f"{rate / seq:6.1f}x sequential")
+            rate = timed_client(base_url, args.requests, 64, tmp, BareAiohttp(base_url))
+            print(f"bare aiohttp, c=64     {rate:8.1f} req/s  {rate / (64 / args.latency):5.2f} of ideal (reference: no SDK)")
             first, rerun = bookkeeping(args.records, tmp)
             print(f"bookkeeping at {args.records} records: {first:.3f} ms/record first run, {rerun:.3f} ms/record rerun")
     finally:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field, fields
@@ -316,6 +317,7 @@ class Client:
         costs = [self.cost(e) for e in cache.values()]
         unpriced = sorted({e["model"] for e, c in zip(cache.values(), costs) if c is None})
         if unpriced or not priced:
-            print(f"[ledger] no price for {', '.join(unpriced or [self.model])} in llm.prices: cost is reported as null")
+            print(f"[ledger] no price for {', '.join(unpriced or [self.model])} in llm.prices: cost is reported as null",
+                  file=sys.stderr)
         return {**dict(stats), "mode": self.cfg.mode, "cost_usd": round(self._spent, 4) if priced else None,
                 "cache_replies": len(cache), "cache_cost_usd": None if unpriced else round(sum(costs), 4)}
