@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import asdict
 
@@ -17,10 +18,11 @@ from vital.batch import BatchesInFlight
 from vital.client import Client, ClientConfig
 from vital.fakeapi import FAULTS, FakeOpenAI
 from vital.generate import GenerateConfig, generate
+from vital.offline import OfflineBackend
 from vital.rate import rate
 from vital.schema import AppendLog, CorpusRecord, read_jsonl
 
-KEY = "sk-test-DO-NOT-LEAK-4242"
+KEY = f"sk-test-{uuid.uuid4().hex}"  # made at run time: no tracked file holds anything like a key
 PRICES = {"gpt-4o": [2.5, 10.0]}
 
 
@@ -99,7 +101,7 @@ def test_faults_are_retried_or_recorded_and_a_rerun_finishes_the_rest(sample, tm
         assert len(convs2) + len(rejected2) == len(records)
 
 
-def test_retry_after_is_honoured_and_requests_per_minute_paces(sample, tmp_path, key):
+def test_retry_after_is_honoured_and_client_side_limits_pace_requests(sample, tmp_path, key):
     records, image_dir = sample
     with FakeOpenAI(fault_rate=0.5, faults=("429",), retry_after_ms=300) as fake:
         run_generate(openai_client(fake, concurrency=4, max_attempts=10), records[:6], image_dir, tmp_path / "a.jsonl")
@@ -108,23 +110,35 @@ def test_retry_after_is_honoured_and_requests_per_minute_paces(sample, tmp_path,
             by_key[r["key"]].append(r)
         gaps = [b["t"] - a["t"] for rows in by_key.values() for a, b in zip(rows, rows[1:]) if a["fault"] == "429"]
         assert gaps and min(gaps) >= 0.29  # backoff alone would be ~0.01 s
-    with FakeOpenAI() as fake:
-        run_generate(openai_client(fake, concurrency=8, requests_per_minute=600), records[:8], image_dir,
-                     tmp_path / "b.jsonl")
-        times = sorted(r["t"] for r in fake.log)
-        assert times[-1] - times[0] >= 7 * 0.09  # 600/min: one every 0.1 s (unpaced, all 8 arrive at once)
+
+    class Stamping(OfflineBackend):  # when each request leaves the client
+        sent = []
+
+        async def acomplete(self, messages, task, sampling):
+            self.sent.append(time.monotonic())
+            return await super().acomplete(messages, task, sampling)
+
+    for limits, spacing in [({"requests_per_minute": 600}, 0.1), ({"tokens_per_minute": 6_000_000}, None)]:
+        backend = Stamping()
+        backend.sent = []
+        client = Client(ClientConfig(concurrency=8, **limits), backend)
+        run_generate(client, records[:6], image_dir, tmp_path / f"{spacing}.jsonl", max_tokens=2000)
+        gaps = [b - a for a, b in zip(backend.sent, backend.sent[1:])]
+        if spacing is None:  # each request is estimated at >= 2,000 tokens (max_tokens) + its image: >= 27 ms apart
+            spacing = (2000 + 765) * 60 / 6_000_000
+        assert min(gaps) >= spacing * 0.98, (limits, gaps)
 
 
 def test_a_refused_key_stops_the_run_clearly_and_is_never_written(sample, tmp_path, monkeypatch):
     records, image_dir = sample
-    wrong = "sk-wrong-SECRETSECRET-9876"
+    wrong = f"sk-wrong-{uuid.uuid4().hex}-SECRET-zqzq"
     monkeypatch.setenv("OPENAI_API_KEY", wrong)
     with FakeOpenAI(api_key=KEY) as fake:
         with pytest.raises(Fatal) as e:
             run_generate(openai_client(fake), records[:3], image_dir, tmp_path / "c.jsonl")
     message = str(e.value)
     assert fake.base_url in message and "refused the API key (HTTP 401)" in message and "OPENAI_API_KEY" in message
-    assert "SECRET" not in message and "9876" not in message
+    assert "SECRET" not in message and "zqzq" not in message  # the server echoed the key's last characters
     assert not (tmp_path / "c.jsonl").exists() or "SECRET" not in (tmp_path / "c.jsonl").read_text()
 
 
@@ -133,6 +147,7 @@ import sys
 from pathlib import Path
 from vital.client import Client, ClientConfig
 from vital.generate import GenerateConfig, generate
+from vital.offline import OfflineBackend
 from vital.schema import AppendLog, CorpusRecord, read_jsonl
 records = [CorpusRecord(**r) for r in read_jsonl(sys.argv[1])]
 client = Client(ClientConfig(backend="openai", model="gpt-4o", base_url=sys.argv[3], concurrency=4))
@@ -224,7 +239,6 @@ def test_transformers_backend_generates_in_batches_with_a_tiny_llava(sample, tmp
     assert all(row["backend"] == "transformers" and row["reply"] for row in read_jsonl(tmp_path / "c.jsonl"))
     assert stats["completion_tokens"] > 0 and stats["cost_usd"] == 0.0
 
-    from vital.offline import OfflineBackend
     good, *_ = generate(records[:2], image_dir, [], Client(ClientConfig(), OfflineBackend()), AppendLog(tmp_path / "g.jsonl"),
                         GenerateConfig())
     ratings, failures, stats = rate(good, {r.id: r for r in records}, image_dir, client, AppendLog(tmp_path / "r.jsonl"),
