@@ -8,7 +8,9 @@ export TRANSFORMERS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install repro test test-fast
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install browser repro test test-fast
 
 install: $(VENV)/.installed
 
@@ -22,8 +24,14 @@ repro: install
 	$(BIN)/dvc repro
 	$(BIN)/vital summary
 
-test: install
-	$(BIN)/python -m pytest
+# the annotation app's browser test drives Debian's headless Chromium through chromium-driver
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
+test: install browser
+	VITAL_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"

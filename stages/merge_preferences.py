@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 from common import load, params, write_metrics
 
-from vital.preferences import clinician_pairs, model_pairs
+from vital.preferences import check_votes, clinician_pairs, model_pairs, rater_agreement
 from vital.schema import PoolItem, PreferencePair, Rating, Vote
 
 
@@ -18,6 +18,10 @@ def main():
     t0, p = time.time(), params("merge_preferences")
     pool = {x.question_id: x for x in load("data/annotation/pool.jsonl", PoolItem)}
     votes = load(p["clinician"], Vote)
+    try:
+        check_votes(votes, p["clinician"])
+    except ValueError as e:
+        raise SystemExit(f"merge_preferences: {e}") from None
     ratings = load("data/candidates/ratings.jsonl", Rating)
     cpairs, ccounts = clinician_pairs(votes, pool, p["clinician_weight"], p["clinician_holdout"], p["seed"])
     mpairs, mcounts = model_pairs(ratings, p["model_pairs"], p["seed"])
@@ -30,7 +34,8 @@ def main():
         "pairs": len(df), "clinician_pairs": len(cpairs), "model_pairs": len(mpairs),
         "clinician_train": int(by.get(("clinician", "train"), 0)),
         "clinician_holdout": int(by.get(("clinician", "holdout"), 0)),
-        "clinician_weight": p["clinician_weight"], "clinician_votes": ccounts, "ratings": mcounts}, t0)
+        "clinician_weight": p["clinician_weight"], "clinician_votes": ccounts, "ratings": mcounts,
+        "rater_clinician_agreement": rater_agreement(cpairs, load("data/candidates/pool_ratings.jsonl", Rating))}, t0)
 
 
 if __name__ == "__main__":

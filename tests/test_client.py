@@ -241,7 +241,7 @@ def test_transformers_backend_generates_in_batches_with_a_tiny_llava(sample, tmp
 
     good, *_ = generate(records[:2], image_dir, [], Client(ClientConfig(), OfflineBackend()), AppendLog(tmp_path / "g.jsonl"),
                         GenerateConfig())
-    ratings, failures, stats = rate(good, {r.id: r for r in records}, image_dir, client, AppendLog(tmp_path / "r.jsonl"),
+    ratings, _, failures, stats = rate(good, {r.id: r for r in records}, image_dir, client, AppendLog(tmp_path / "r.jsonl"),
                                     {"max_tokens": 4})
     assert ratings and all(r.score is None or 0 <= r.score <= 10 for r in ratings)
     assert stats["unparsed"] == sum(r.score is None for r in ratings)

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from vital import release, selector
-from vital.preferences import clinician_pairs, model_pairs
+from vital.preferences import answers_hash, check_votes, clinician_pairs, model_pairs, rater_agreement
 from vital.schema import IMAGE_TOKEN, Conversation, PoolItem, Rating, Vote
 
 
@@ -18,11 +18,44 @@ def test_clinician_pairs_acceptable_over_unacceptable_with_holdout():
     votes += [Vote("q0", "dr2", True, True), Vote("q1", "dr2", False, False), Vote("gone", "dr", True, False)]
     pairs, counts = clinician_pairs(votes, _pool(10), weight=100, holdout=0.3, seed=0)
     assert len(pairs) == 10
-    assert counts == {"votes": 13, "not_in_pool": 1, "no_preference": 2, "annotators_disagree": 0}
+    assert counts == {"votes": 13, "not_in_pool": 1, "stale": 0, "unverified": 12, "no_preference": 2,
+                      "annotators_disagree": 0}
     assert all(p.weight == 100 and p.source == "clinician" for p in pairs)
     by_q = {p.a_id: p for p in pairs}
     assert by_q["q0:A"].label == 1 and by_q["q1:A"].label == 0  # q0: A acceptable, q1: B acceptable
     assert sum(p.split == "holdout" for p in pairs) == 3
+
+
+def test_app_votes_picks_and_stale_votes():
+    pool = _pool(3)
+    pool["q2"].answer_b = "a regenerated answer"  # the pool changed after q2 was judged
+    old = answers_hash(_pool(3)["q2"])
+    votes = [Vote("q0", "dr", None, None, preference="B", answers_hash=answers_hash(pool["q0"])),
+             Vote("q1", "dr", None, None, preference="tie", answers_hash=answers_hash(pool["q1"])),
+             Vote("q2", "dr", True, False, answers_hash=old)]
+    pairs, counts = clinician_pairs(votes, pool, weight=5, holdout=0, seed=0)
+    assert [(p.a_id, p.label) for p in pairs] == [("q0:A", 0)]  # B preferred
+    assert (counts["stale"], counts["no_preference"], counts["unverified"]) == (1, 1, 0)
+
+
+def test_bad_votes_name_the_line():
+    with pytest.raises(ValueError, match=r"votes.jsonl:2: annotator 'dr' voted on 'q0' already at line 1"):
+        check_votes([Vote("q0", "dr", True, False), Vote("q0", "dr", False, True)], "votes.jsonl")
+    with pytest.raises(ValueError, match=r"votes.jsonl:1: the vote marks neither"):
+        check_votes([Vote("q0", "dr", True, None)], "votes.jsonl")
+    with pytest.raises(ValueError, match=r"votes.jsonl:1: preference 'C'"):
+        check_votes([Vote("q0", "dr", None, None, preference="C")], "votes.jsonl")
+
+
+def test_rater_agreement_with_clinicians_counts_ties_and_unscored_apart():
+    votes = [Vote(f"q{i}", "dr", i % 2 == 0, i % 2 == 1) for i in range(4)]  # q0, q2: A; q1, q3: B
+    pairs, _ = clinician_pairs(votes, _pool(4), weight=1, holdout=0.5, seed=0)
+    scores = {"q0": (8, 3), "q1": (9, 2), "q2": (5, 5), "q3": (None, 4)}  # agree, disagree, tie, unscored
+    ratings = [Rating(f"{q}:{side}", q, 0, s, "j", "offline", "", "h")
+               for q, (a, b) in scores.items() for side, s in (("A", a), ("B", b))]
+    m = rater_agreement(pairs, ratings)
+    assert m["all"] == {"pairs": 4, "agree": 1, "rater_ties": 1, "unscored": 1, "agreement": 0.5}
+    assert m["holdout"]["pairs"] == 2
 
 
 def test_overlapping_annotators_majority_and_cancelling_votes_are_no_pair():

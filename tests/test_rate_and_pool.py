@@ -27,7 +27,7 @@ def test_unparseable_rating_is_null_never_a_default(sample, tmp_path):
         def complete(self, messages, task):
             return "I would rate this quite highly overall."
 
-    ratings, _, stats = rate(convs, {r.id: r for r in records}, image_dir, Client(ClientConfig(), Chatty()),
+    ratings, _, _, stats = rate(convs, {r.id: r for r in records}, image_dir, Client(ClientConfig(), Chatty()),
                              AppendLog(tmp_path / "r.jsonl"), {})
     assert ratings and all(r.score is None for r in ratings)
     assert ratings[0].raw == "I would rate this quite highly overall."
@@ -37,7 +37,7 @@ def test_unparseable_rating_is_null_never_a_default(sample, tmp_path):
 def test_offline_rates_grounded_rounds_in_range(sample, tmp_path):
     records, image_dir = sample
     convs, *_ = generate(records, image_dir, [], OFFLINE, AppendLog(tmp_path / "g.jsonl"), GenerateConfig())
-    ratings, failures, stats = rate(convs, {r.id: r for r in records}, image_dir, OFFLINE,
+    ratings, _, failures, stats = rate(convs, {r.id: r for r in records}, image_dir, OFFLINE,
                                     AppendLog(tmp_path / "r.jsonl"), {})
     assert not failures and stats["rated"] == stats["rounds"]
     assert len(ratings) == sum(len(c.conversations) // 2 for c in convs)

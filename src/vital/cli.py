@@ -73,5 +73,68 @@ def validate_corpus(path: Path = typer.Argument(..., help="fig_captions .json/.j
     raise typer.Exit(1 if result.rejected else 0)
 
 
+annotate = typer.Typer(help="The clinician annotation app (see src/vital/annotate.py).", no_args_is_help=True)
+app.add_typer(annotate, name="annotate")
+DB = typer.Option(Path("data/annotation/annotations.sqlite"), "--db", help="the annotation database (SQLite)")
+POOL = typer.Option(Path("data/annotation/pool.jsonl"), "--pool", help="the pool the annotation_pool stage wrote")
+
+
+@annotate.command("add-user")
+def annotate_add_user(name: str = typer.Argument(..., help="annotator name, e.g. dr_lee"), db: Path = DB):
+    """Create an annotator and print their secret token (shown once: hand it over privately)."""
+    from .annotate import AnnotationError, add_user
+
+    try:
+        token = add_user(db, name)
+    except AnnotationError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"annotator {name} added to {db}. Token (shown once):\n{token}")
+
+
+@annotate.command("serve")
+def annotate_serve(pool: Path = POOL, db: Path = DB,
+                   images: Path = typer.Option(Path("data/corpus/images"), help="the corpus image folder"),
+                   conversations: Path = typer.Option(Path("data/candidates/conversations.jsonl"),
+                                                      help="generated conversations, to flag as demonstrations"),
+                   overlap: int = typer.Option(2, help="how many annotators judge each question"),
+                   host: str = typer.Option("127.0.0.1", help="0.0.0.0 to serve your network (use HTTPS in front)"),
+                   port: int = typer.Option(8090)):
+    """Serve the annotation app until Ctrl-C."""
+    from .annotate import App, AnnotationError, make_app_server
+
+    try:
+        server = make_app_server(App(pool, db, images, overlap, conversations), host, port)
+    except AnnotationError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"annotation app on http://{host}:{server.server_port}/ (pool {pool}, database {db}); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
+
+
+@annotate.command("export")
+def annotate_export(db: Path = DB, pool: Path = POOL,
+                    out: Path = typer.Option(Path("data/annotation"), help="folder for clinician.jsonl, demos.jsonl")):
+    """Write clinician.jsonl, demos.jsonl and annotation_summary.json (agreement included), sorted."""
+    from .annotate import AnnotationError, export
+
+    try:
+        summary = export(db, pool, out)
+    except AnnotationError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{summary['votes']} votes by {summary['annotators']} annotators on {summary['questions']} of "
+               f"{summary['pool_questions']} questions -> {out / 'clinician.jsonl'}")
+    typer.echo(f"{summary['demonstrations']} demonstrations -> {out / 'demos.jsonl'}")
+    typer.echo(f"agreement ({summary['agreement_measure']}, {summary['shared_questions']} shared questions): "
+               f"{summary['agreement']}")
+    if summary["stale_votes"]:
+        typer.echo(f"warning: {summary['stale_votes']} votes judged answers that have changed since; "
+                   "merge_preferences skips them (counted as stale)")
+
+
 if __name__ == "__main__":
     app()

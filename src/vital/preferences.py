@@ -3,9 +3,13 @@
 Unit ids name what the selector scores: `<question_id>:A` / `:B` for a pool answer and
 `<conversation_id>#<round>` for a generated round.
 - clinician pair: for each question, the answer annotators marked acceptable over the one they did
-  not (majority over annotators), weight `clinician_weight`; both acceptable or both not is no pair.
-  A share `clinician_holdout` of the questions is held out (split "holdout") to measure alignment,
-  never trained on.
+  not, or picked (majority over annotators), weight `clinician_weight`; both acceptable, both not, or a
+  tie is no pair. A share `clinician_holdout` of the questions is held out (split "holdout") to
+  measure alignment, never trained on. A vote on answers that have changed since (its `answers_hash`
+  differs from the pool's) is skipped and counted as stale; a vote for a question not in the pool is
+  counted; an annotator voting twice on one question is an error naming both lines.
+- rater agreement: on the clinician pairs, how often the rater's scores of the two pool answers order
+  them as clinicians did (the paper's comparison of a GPT-4 judge with clinicians).
 - model pair: `model_pairs` pairs of rated rounds drawn with `seed`, weight 1; only rounds with
   different, parsed scores form pairs (ties and nulls never do).
 """
@@ -13,22 +17,59 @@ from __future__ import annotations
 
 import random
 
-from .schema import PoolItem, PreferencePair, Rating, Vote
+from .schema import PoolItem, PreferencePair, Rating, Vote, request_hash
+
+
+def answers_hash(item: PoolItem) -> str:
+    """What a vote judged: the question and both answers. A regenerated pool with other answers differs."""
+    return request_hash([item.question, item.answer_a, item.answer_b])[:16]
+
+
+def vote_label(v: Vote) -> str:
+    """A / B / tie: what a vote says about the pair (the explicit pick, or the acceptability marks)."""
+    if v.preference:
+        return v.preference
+    if v.a_acceptable != v.b_acceptable:
+        return "A" if v.a_acceptable else "B"
+    return "tie"
+
+
+def check_votes(votes: list[Vote], source: str) -> None:
+    """Each vote says something, and each annotator votes once per question; errors name source:line."""
+    seen: dict[tuple[str, str], int] = {}
+    for n, v in enumerate(votes, 1):
+        if v.preference not in (None, "A", "B", "tie"):
+            raise ValueError(f"{source}:{n}: preference {v.preference!r}: use A, B, tie or leave it out")
+        if v.preference is None and (v.a_acceptable is None or v.b_acceptable is None):
+            raise ValueError(f"{source}:{n}: the vote marks neither both answers nor a preference")
+        key = (v.question_id, v.annotator)
+        if key in seen:
+            raise ValueError(f"{source}:{n}: annotator {v.annotator!r} voted on {v.question_id!r} already at line "
+                             f"{seen[key]}; keep one of the two votes")
+        seen[key] = n
 
 
 def clinician_pairs(votes: list[Vote], pool: dict[str, PoolItem], weight: float, holdout: float, seed: int):
-    """One pair per question: the answer more annotators found acceptable over the other.
-    Votes with no preference (both or neither acceptable) and questions where annotators cancel out
-    are not pairs: ties never are."""
-    counts = {"votes": len(votes), "not_in_pool": 0, "no_preference": 0, "annotators_disagree": 0}
+    """One pair per question: the answer more annotators preferred over the other. Votes with no
+    preference and questions where annotators cancel out are not pairs: ties never are."""
+    counts = {"votes": len(votes), "not_in_pool": 0, "stale": 0, "unverified": 0, "no_preference": 0,
+              "annotators_disagree": 0}
     net: dict[str, int] = {}  # +1 per "A over B" vote, -1 per "B over A"
     for v in votes:
-        if v.question_id not in pool:
+        item = pool.get(v.question_id)
+        if item is None:
             counts["not_in_pool"] += 1  # the figure was not pooled this time; the vote is kept, just unused
-        elif v.a_acceptable == v.b_acceptable:
+            continue
+        if v.answers_hash is None:
+            counts["unverified"] += 1  # written by hand, not by the app: used, and counted
+        elif v.answers_hash != answers_hash(item):
+            counts["stale"] += 1  # judged other answers (an older pool): never merged
+            continue
+        label = vote_label(v)
+        if label == "tie":
             counts["no_preference"] += 1
         else:
-            net[v.question_id] = net.get(v.question_id, 0) + (1 if v.a_acceptable else -1)
+            net[v.question_id] = net.get(v.question_id, 0) + (1 if label == "A" else -1)
     counts["annotators_disagree"] = sum(n == 0 for n in net.values())
     decided = sorted(q for q, n in net.items() if n)
     held = set(random.Random(seed).sample(decided, int(round(holdout * len(decided)))))
@@ -53,3 +94,25 @@ def model_pairs(ratings: list[Rating], n_pairs: int, seed: int):
         pairs.append(PreferencePair(a_id=a.candidate_id, b_id=b.candidate_id, label=int(a.score > b.score),
                                     weight=1.0, source="model"))
     return pairs, {"rated_rounds": len(ratings), "null_scores": len(ratings) - len(scored)}
+
+
+def rater_agreement(pairs: list[PreferencePair], pool_ratings: list[Rating]) -> dict:
+    """Share of clinician pairs the rater orders the same way (its scores of answer A and B), on the held-out
+    pairs and on all; pairs the rater scores equal (ties) or could not score (null) are counted apart."""
+    score = {r.candidate_id: r.score for r in pool_ratings}
+    out = {}
+    for split in ("holdout", "all"):
+        chosen = [p for p in pairs if p.source == "clinician" and (split == "all" or p.split == split)]
+        agree = ties = unscored = 0
+        for p in chosen:
+            a, b = score.get(p.a_id), score.get(p.b_id)
+            if a is None or b is None:
+                unscored += 1
+            elif a == b:
+                ties += 1
+            else:
+                agree += int((a > b) == bool(p.label))
+        decided = len(chosen) - ties - unscored
+        out[split] = {"pairs": len(chosen), "agree": agree, "rater_ties": ties, "unscored": unscored,
+                      "agreement": round(agree / decided, 4) if decided else None}
+    return out

@@ -12,7 +12,7 @@ from pathlib import Path
 from .backends import image_part
 from .client import Requests
 from .generate import figure_text
-from .schema import AppendLog, Conversation, CorpusRecord, Rating, rounds
+from .schema import AppendLog, Conversation, CorpusRecord, PoolItem, Rating, rounds
 
 RUBRIC = (
     "You are a clinician evaluating a question-answer pair about a biomedical figure, to decide whether "
@@ -41,25 +41,36 @@ def rating_messages(caption: str, mentions: list[str], question: str, answer: st
 
 
 def rate(conversations: list[Conversation], records: dict[str, CorpusRecord], image_root: Path, client,
-         log: AppendLog, sampling: dict, max_image_side: int = 0, batch_state: AppendLog | None = None):
-    """(ratings, failures, stats): one rating per Q&A round; a failed request has no rating, only a failure."""
-    items = []
+         log: AppendLog, sampling: dict, max_image_side: int = 0, batch_state: AppendLog | None = None,
+         pool: list[PoolItem] = ()):
+    """(ratings, pool_ratings, failures, stats): one rating per generated Q&A round, and one per pool answer
+    (`<question_id>:A` / `:B`, to compare the rater with clinicians). A failed request has no rating, only a
+    failure. Every unit: (candidate id, conversation id, round, caption, mentions, question, answer, image)."""
+    units = []
     for c in conversations:
         rec = records[c.id]
-        items += [(f"{c.id}#{k}", (c, k, rec, q, a)) for k, (q, a) in enumerate(rounds(c.conversations))]
-    meta = dict(items)
-    requests = Requests(items, lambda x: rating_messages(x[2].caption, x[2].inline_mentions, x[3], x[4],
-                                                         image_root / x[0].image, max_image_side))
+        units += [(f"{c.id}#{k}", c.id, k, rec.caption, rec.inline_mentions, q, a, c.image)
+                  for k, (q, a) in enumerate(rounds(c.conversations))]
+    n_rounds = len(units)
+    for p in pool:
+        units += [(f"{p.question_id}:{side}", p.question_id, 0, p.caption, p.inline_mentions, p.question, answer,
+                   p.image) for side, answer in (("A", p.answer_a), ("B", p.answer_b))]
+    requests = Requests([(u[0], u) for u in units], lambda u: rating_messages(u[3], u[4], u[5], u[6],
+                                                                              image_root / u[7], max_image_side))
+    meta = {u[0]: u for u in units}
 
     def make_row(key, entry):
-        c, k = meta[key][:2]
-        return Rating(candidate_id=key, conversation_id=c.id, round=k, score=parse_score(entry["reply"]),
+        _, conversation_id, k = meta[key][:3]
+        return Rating(candidate_id=key, conversation_id=conversation_id, round=k, score=parse_score(entry["reply"]),
                       judge=client.model, backend=client.name, raw=entry["reply"], request_hash=entry["request_hash"])
 
     rows, stats, failures = client.run(requests, log, "rate", sampling, make_row, "rate", batch_state)
-    ratings = [rows[key] for key, _ in items if key in rows]
+    ratings = [rows[u[0]] for u in units[:n_rounds] if u[0] in rows]
+    pool_ratings = [rows[u[0]] for u in units[n_rounds:] if u[0] in rows]
     scores = [r.score for r in ratings if r.score is not None]
     hist = {str(s): scores.count(s) for s in range(11)}
-    stats.update(rounds=len(items), rated=len(ratings), unparsed=sum(r.score is None for r in ratings),
-                 mean_score=round(sum(scores) / len(scores), 3) if scores else None, score_histogram=hist)
-    return ratings, failures, stats
+    stats.update(rounds=n_rounds, rated=len(ratings), unparsed=sum(r.score is None for r in ratings),
+                 mean_score=round(sum(scores) / len(scores), 3) if scores else None, score_histogram=hist,
+                 pool_answers=len(units) - n_rounds, pool_answers_rated=len(pool_ratings),
+                 pool_unparsed=sum(r.score is None for r in pool_ratings))
+    return ratings, pool_ratings, failures, stats

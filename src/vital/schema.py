@@ -68,12 +68,16 @@ class Demo:
 
 @dataclass
 class Vote:
-    """One clinician judgement of a pool question: is each candidate answer acceptable?"""
+    """One clinician judgement of a pool question: is each candidate answer acceptable (the paper's
+    question), or which one is better (`preference`: "A" | "B" | "tie")."""
     question_id: str
     annotator: str
-    a_acceptable: bool
-    b_acceptable: bool
+    a_acceptable: bool | None
+    b_acceptable: bool | None
     note: str = ""
+    preference: str | None = None
+    answers_hash: str | None = None  # what was judged (annotate.answers_hash); None: written by hand
+    voted_at: str | None = None
 
 
 @dataclass
