@@ -6,12 +6,14 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from http.cookiejar import CookieJar
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -98,7 +100,9 @@ class Annotator:
         return re.search(r'name="question_id" value="([^"]+)"', self.page()[1]).group(1)
 
     def vote(self, **form):
-        form = {"csrf": self.csrf(), "question_id": self.current(), **form}
+        html = self.page()[1]
+        hidden = dict(re.findall(r'name="(csrf|question_id|answers_hash)" value="([^"]*)"', html))
+        form = {**hidden, **form}
         status, body = self.request("/vote", form)
         return status, body.decode()
 
@@ -118,7 +122,9 @@ def test_sign_in_vote_resume_and_export_like_a_clinician(serve, pool, tmp_path):
     assert dr.vote(a="acceptable", b="not", comment="B misses the opacity")[0] == 200
     assert dr.vote(preference="B", demo="1")[0] == 200
     status, html = dr.vote(comment="forgot to mark")  # neither marks nor a pick: asked again, nothing saved
-    assert status == 400 and "Mark both answers" in html and items[2].question in html
+    assert status == 400 and "Either mark both answers" in html and items[2].question in html
+    status, html = dr.vote(a="acceptable", b="not", preference="B")  # contradicting itself: asked again
+    assert status == 400 and "(not both)" in html
 
     again = Annotator(s.url)  # another day, another browser: resumes where they left off
     again.login(token)
@@ -155,7 +161,8 @@ def test_no_write_without_a_token_or_the_form_token_and_no_cross_site_posts(serv
     assert connect(tmp_path / "db.sqlite").execute("SELECT COUNT(*) FROM votes").fetchone()[0] == 0
     status, body = dr.request("/vote", {**vote, "question_id": "not-in-pool", "csrf": dr.csrf()})
     assert status == 400 and b"not in this pool" in body
-    assert dr.request("/vote", {**vote, "csrf": dr.csrf()}, {"Origin": s.url})[0] == 200  # same origin is fine
+    form = dict(re.findall(r'name="(csrf|question_id|answers_hash)" value="([^"]*)"', dr.page()[1]))
+    assert dr.request("/vote", {**vote, **form}, {"Origin": s.url})[0] == 200  # same origin is fine
 
 
 def test_no_annotator_can_read_another_annotators_votes(serve, tmp_path):
@@ -221,6 +228,74 @@ def test_overlap_decides_how_many_annotators_see_a_question(serve, pool, tmp_pat
     drs[0].vote(a="acceptable", b="not")
     drs[1].vote(a="acceptable", b="not")
     assert drs[2].current() == items[1].question_id  # q0 has its two annotators already
+
+
+def test_a_regenerated_pool_asks_changed_questions_again_and_old_pages_cannot_vote(serve, pool, tmp_path):
+    path, image_dir, items = pool
+    token = add_user(tmp_path / "db.sqlite", "dr_a")
+    s = serve(overlap=1)
+    dr = Annotator(s.url)
+    dr.login(token)
+    old_page = dr.page()[1]
+    dr.vote(a="acceptable", b="not")
+    dr.vote(a="acceptable", b="not")
+    changed = [PoolItem(**{**i.__dict__, "answer_b": "regenerated"}) if i is items[0] else i for i in items]
+    write_jsonl(path, changed)
+    s2 = serve(overlap=1)  # the app restarted on the new pool
+    dr2 = Annotator(s2.url)
+    dr2.login(token)
+    assert items[0].question in dr2.page()[1] and "1 / 6 done" in dr2.page()[1]  # q0's answers changed: again
+    stale_form = dict(re.findall(r'name="(csrf|question_id|answers_hash)" value="([^"]*)"', old_page))
+    status, html = dr2.request("/vote", {**stale_form, "csrf": dr2.csrf(), "a": "not", "b": "acceptable"})
+    assert status == 409 and b"changed since the page was shown" in html
+
+
+def test_overlap_is_enforced_on_writes_too(serve, pool, tmp_path):
+    _, _, items = pool
+    tokens = [add_user(tmp_path / "db.sqlite", f"dr_{i}") for i in range(2)]
+    s = serve(overlap=1)
+    a, b = Annotator(s.url), Annotator(s.url)
+    a.login(tokens[0])
+    b.login(tokens[1])
+    page_b = b.page()[1]  # b is shown q0 too, before a saves
+    a.vote(a="acceptable", b="not")
+    form = dict(re.findall(r'name="(csrf|question_id|answers_hash)" value="([^"]*)"', page_b))
+    status, html = b.request("/vote", {**form, "a": "not", "b": "acceptable"})
+    assert status == 409 and items[1].question.encode() in html
+    assert connect(tmp_path / "db.sqlite").execute("SELECT COUNT(*) FROM votes").fetchone()[0] == 1
+
+
+def test_sessions_end_and_bad_requests_are_refused(pool, tmp_path):
+    path, image_dir, _ = pool
+    token = add_user(tmp_path / "db.sqlite", "dr_a")
+    s = Server(App(path, tmp_path / "db.sqlite", image_dir, session_hours=0))  # every session has expired
+    try:
+        dr = Annotator(s.url)
+        dr.login(token)
+        assert dr.page()[0] == 401
+        for length in ("-1", "abc", "10000000"):
+            req = urllib.request.Request(s.url + "/login", data=b"token=x", headers={"Content-Length": length})
+            try:
+                code = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10).status
+            except urllib.error.HTTPError as e:
+                code = e.code
+            assert code == 400, length
+    finally:
+        s.close()
+    s = Server(App(path, tmp_path / "db.sqlite", image_dir))
+    try:
+        dr = Annotator(s.url)
+        dr.login(token)
+        assert dr.page()[0] == 200
+        conn = connect(tmp_path / "db.sqlite")
+        conn.execute("DELETE FROM annotators WHERE name = 'dr_a'")  # access withdrawn
+        assert dr.page()[0] == 401
+    finally:
+        s.close()
+    with pytest.raises(AnnotationError, match="at least one annotator"):
+        App(path, tmp_path / "db.sqlite", image_dir, overlap=0)
+    with pytest.raises(AnnotationError, match="dvc repro generate"):
+        App(path, tmp_path / "db.sqlite", image_dir, conversations=tmp_path / "missing.jsonl")
 
 
 def test_export_refuses_votes_from_another_pool_and_reports_stale_ones(serve, pool, tmp_path):
@@ -387,9 +462,11 @@ def test_a_clinician_annotates_three_items_in_headless_chromium(serve, pool, tmp
 
 def test_vital_annotate_serve_starts_the_app_from_the_command_line(pool, tmp_path):
     path, image_dir, _ = pool
-    proc = subprocess.Popen([shutil.which("vital") or "vital", "annotate", "serve", "--pool", str(path), "--db",
-                             str(tmp_path / "db.sqlite"), "--images", str(image_dir), "--port", "0"],
+    vital = Path(sys.executable).parent / "vital"  # this venv's command
+    proc = subprocess.Popen([str(vital), "annotate", "serve", "--pool", str(path), "--db", str(tmp_path / "db.sqlite"),
+                             "--images", str(image_dir), "--conversations", "", "--port", "0"],
                             stdout=subprocess.PIPE, text=True)
+    threading.Timer(60, proc.kill).start()  # never hang the suite
     try:
         url = re.search(r"http://\S+/", proc.stdout.readline()).group(0)
         status, body = Annotator(url.rstrip("/")).request("/")
@@ -407,3 +484,15 @@ def test_a_bad_pool_file_is_refused_with_file_and_line(pool, tmp_path):
     (tmp_path / "old.jsonl").write_text('{"question_id": "q0", "question": "an older pool format"}\n')
     with pytest.raises(AnnotationError, match=r"old.jsonl:1: not a pool item"):
         App(tmp_path / "old.jsonl", tmp_path / "db.sqlite", image_dir)
+
+
+def test_behind_a_proxy_only_the_public_origin_may_post(pool, tmp_path):
+    path, image_dir, _ = pool
+    token = add_user(tmp_path / "db.sqlite", "dr_a")
+    s = Server(App(path, tmp_path / "db.sqlite", image_dir, public_origin="https://annotate.example.org/"))
+    try:
+        dr = Annotator(s.url)
+        assert dr.request("/login", {"token": token}, {"Origin": s.url})[0] == 403  # the proxy's Host is not it
+        assert dr.request("/login", {"token": token}, {"Origin": "https://annotate.example.org"})[0] == 200
+    finally:
+        s.close()

@@ -41,8 +41,12 @@ def test_app_votes_picks_and_stale_votes():
 def test_bad_votes_name_the_line():
     with pytest.raises(ValueError, match=r"votes.jsonl:2: annotator 'dr' voted on 'q0' already at line 1"):
         check_votes([Vote("q0", "dr", True, False), Vote("q0", "dr", False, True)], "votes.jsonl")
-    with pytest.raises(ValueError, match=r"votes.jsonl:1: the vote marks neither"):
+    with pytest.raises(ValueError, match=r"votes.jsonl:1: a vote marks both answers .* not neither and not both"):
         check_votes([Vote("q0", "dr", True, None)], "votes.jsonl")
+    with pytest.raises(ValueError, match=r"votes.jsonl:1: a vote marks both"):
+        check_votes([Vote("q0", "dr", True, False, preference="B")], "votes.jsonl")
+    with pytest.raises(ValueError, match=r"votes.jsonl:1: a_acceptable is 'no'"):
+        check_votes([Vote("q0", "dr", "no", True)], "votes.jsonl")
     with pytest.raises(ValueError, match=r"votes.jsonl:1: preference 'C'"):
         check_votes([Vote("q0", "dr", None, None, preference="C")], "votes.jsonl")
 

@@ -13,10 +13,12 @@ conversation as a demonstration for its modality. Keyboard: 1/2 answer A accepta
 a/b/t preference, d demonstration, Enter save. Progress is shown; signing in again resumes.
 
 Each question goes to at most `overlap` annotators. Every vote records who, when, and a hash of the
-answers judged, so a vote on answers that have since changed is never merged silently.
+answers judged: after the pool is regenerated, changed questions are asked again, a page showing old
+answers cannot vote, and an old vote is never merged silently.
 
-Security: tokens are stored hashed; a session cookie is HttpOnly and SameSite=Strict; every form
-carries a per-session CSRF token and cross-origin posts are refused; there is no page that shows
+Security: tokens are stored hashed; a session cookie is HttpOnly and SameSite=Strict and expires
+(`session_hours`, or when the annotator is removed); every form carries a per-session CSRF token and
+cross-origin posts are refused (`public_origin` behind a proxy); there is no page that shows
 another annotator's votes; images are served by question id from the pool only; votes are written in
 transactions (SQLite, WAL), so annotators voting at once lose nothing.
 """
@@ -136,12 +138,13 @@ button.primary{background:#1d6fd8;color:#fff;border:0;border-radius:6px;padding:
 <main><div class="card" id="finished"><h2>All done, thank you.</h2><p>{{ done }} questions judged.</p></div></main>
 {% else %}
 <main>
-<section class="figure"><div class="card"><img src="/image/{{ item.question_id }}" alt="figure {{ item.figure_id }}"></div>
+<section class="figure"><div class="card"><img src="/image/{{ item.question_id|urlencode }}" alt="figure {{ item.figure_id }}"></div>
 <div class="card"><strong>Caption.</strong> {{ item.caption }}</div>
 {% if item.inline_mentions %}<div class="card"><strong>In-text mention.</strong> {{ item.inline_mentions|join(" ") }}</div>{% endif %}
 </section>
 <form class="vote" method="post" action="/vote" id="vote">
 <input type="hidden" name="csrf" value="{{ csrf }}"><input type="hidden" name="question_id" value="{{ item.question_id }}">
+<input type="hidden" name="answers_hash" value="{{ answers_hash }}">
 <div class="card"><strong>Question.</strong> <span id="question">{{ item.question }}</span>
 <small>({{ item.domain }}, {{ item.question_id }})</small></div>
 {% for side, text in [("a", item.answer_a), ("b", item.answer_b)] %}
@@ -186,13 +189,21 @@ document.addEventListener("keydown", (e) => {
 class App:
     """A WSGI app over the pool and the annotation database."""
 
-    def __init__(self, pool: Path, db: Path, images: Path, overlap: int = 1, conversations: Path | None = None):
+    def __init__(self, pool: Path, db: Path, images: Path, overlap: int = 1, conversations: Path | None = None,
+                 public_origin: str | None = None, session_hours: float = 12):
+        if overlap < 1:
+            raise AnnotationError(f"overlap {overlap}: each question needs at least one annotator")
+        if not Path(images).is_dir():
+            raise AnnotationError(f"image folder {images} does not exist (run `dvc repro corpus`, or pass --images)")
+        if conversations and not Path(conversations).exists():
+            raise AnnotationError(f"{conversations} does not exist: run `dvc repro generate` to offer generated "
+                                  "conversations as demonstrations, or pass --conversations ''")
         self.pool = load_pool(pool)
         self.order = list(self.pool)
-        self.db, self.images, self.overlap = db, images.resolve(), overlap
-        self.conversations = {}
-        if conversations and Path(conversations).exists():
-            self.conversations = {r["id"]: r["conversations"] for r in read_jsonl(conversations)}
+        self.hashes = {q: answers_hash(item) for q, item in self.pool.items()}
+        self.db, self.images, self.overlap = db, Path(images).resolve(), overlap
+        self.public_origin, self.session_s = public_origin, session_hours * 3600
+        self.conversations = {r["id"]: r["conversations"] for r in read_jsonl(conversations)} if conversations else {}
         connect(db).close()  # create the schema before the first request
         self._local = threading.local()
 
@@ -203,21 +214,33 @@ class App:
         return self._local.conn
 
     def session(self, environ) -> sqlite3.Row | None:
+        """The signed-in session: a known cookie, not expired, of an annotator who still exists."""
         jar = cookies.SimpleCookie(environ.get("HTTP_COOKIE", ""))
         sid = jar["vital_session"].value if "vital_session" in jar else None
-        return self.conn().execute("SELECT * FROM sessions WHERE sid = ?", (sid,)).fetchone() if sid else None
+        if not sid:
+            return None
+        row = self.conn().execute("SELECT s.* FROM sessions s JOIN annotators a ON a.name = s.annotator "
+                                  "WHERE s.sid = ?", (sid,)).fetchone()
+        age = datetime.now(timezone.utc) - datetime.fromisoformat(row["created"]) if row else None
+        return row if row and age.total_seconds() < self.session_s else None
+
+    def open_questions(self, annotator: str) -> tuple[list[str], set[str]]:
+        """(questions this annotator may judge, in pool order; those they have judged). A vote counts only
+        if it judged the answers the pool holds now: after a pool changes, its questions are asked again."""
+        mine, others = set(), {}
+        for r in self.conn().execute("SELECT question_id, annotator, answers_hash FROM votes"):
+            if self.hashes.get(r["question_id"]) != r["answers_hash"]:
+                continue  # stale, or not in this pool
+            if r["annotator"] == annotator:
+                mine.add(r["question_id"])
+            else:
+                others[r["question_id"]] = others.get(r["question_id"], 0) + 1
+        return [q for q in self.order if q not in mine and others.get(q, 0) < self.overlap], mine
 
     def next_item(self, annotator: str) -> tuple[PoolItem | None, int, int]:
-        """The first question this annotator has not judged and fewer than `overlap` others have."""
-        rows = self.conn().execute("SELECT question_id, annotator FROM votes").fetchall()
-        mine = {r["question_id"] for r in rows if r["annotator"] == annotator}
-        others: dict[str, int] = {}
-        for r in rows:
-            if r["annotator"] != annotator:
-                others[r["question_id"]] = others.get(r["question_id"], 0) + 1
-        open_ = [q for q in self.order if q not in mine and others.get(q, 0) < self.overlap]
-        done = len(mine & set(self.pool))
-        return (self.pool[open_[0]] if open_ else None), done, done + len(open_)
+        """The first open question, and progress: judged / (judged + open)."""
+        open_, mine = self.open_questions(annotator)
+        return (self.pool[open_[0]] if open_ else None), len(mine), len(mine) + len(open_)
 
     # -- WSGI
     def __call__(self, environ, start_response):
@@ -248,17 +271,24 @@ class App:
         except AnnotationError as e:
             return self.respond(start_response, "400 Bad Request", str(e), "text/plain")
 
-    @staticmethod
-    def same_origin(environ) -> bool:
-        """A browser's cross-site post names another origin (or "null"); refuse it before reading the form."""
+    def same_origin(self, environ) -> bool:
+        """A browser's cross-site post names another origin (or "null"); refuse it before reading the form.
+        Behind a proxy that rewrites Host, `public_origin` (e.g. https://annotate.example.org) is the one."""
         origin = environ.get("HTTP_ORIGIN")
-        return origin is None or origin.split("://", 1)[-1] == environ.get("HTTP_HOST")
+        if origin is None:
+            return True
+        if self.public_origin:
+            return origin == self.public_origin.rstrip("/")
+        return origin.split("://", 1)[-1] == environ.get("HTTP_HOST")
 
     @staticmethod
     def form(environ) -> dict[str, str]:
-        size = int(environ.get("CONTENT_LENGTH") or 0)
-        if size > 100_000:
-            raise AnnotationError("form too large")
+        try:
+            size = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            raise AnnotationError("bad Content-Length") from None
+        if not 0 <= size <= 100_000:
+            raise AnnotationError("form too large (or a bad Content-Length)")
         body = environ["wsgi.input"].read(size).decode("utf-8", "replace")
         return {k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()}
 
@@ -281,19 +311,27 @@ class App:
         flagged = self.conn().execute("SELECT 1 FROM demos WHERE figure_id = ? AND annotator = ?",
                                       (item.figure_id, sess["annotator"])).fetchone() is not None
         return self.page(start_response, "vote", sess=sess, item=item, done=done, total=total, error=error,
-                         conversation=self.conversations.get(item.figure_id), flagged=flagged, status=status)
+                         conversation=self.conversations.get(item.figure_id), flagged=flagged, status=status,
+                         answers_hash=self.hashes[item.question_id])
 
     def vote(self, start_response, sess, form):
         qid = form.get("question_id", "")
         item = self.pool.get(qid)
         if item is None:
             raise AnnotationError(f"question {qid!r} is not in this pool")
+        open_, mine = self.open_questions(sess["annotator"])
+        if qid not in open_ and qid not in mine:  # judged by `overlap` others already
+            return self.annotate(start_response, sess, status="409 Conflict",
+                                 error="Enough annotators have judged that question meanwhile; here is the next one.")
+        if form.get("answers_hash") != self.hashes[qid]:  # the page showed other answers (the pool changed)
+            return self.annotate(start_response, sess, status="409 Conflict",
+                                 error="The answers of that question changed since the page was shown; judge them again.")
         a, b, pref = form.get("a"), form.get("b"), form.get("preference") or None
         if pref not in (None, "A", "B", "tie") or a not in (None, "acceptable", "not") or b not in (None, "acceptable", "not"):
             raise AnnotationError("unexpected form values")
-        if pref is None and (a is None or b is None):
+        if (pref is None) == (a is None or b is None) or (pref is not None and (a or b)):
             return self.annotate(start_response, sess, status="400 Bad Request",
-                                 error="Mark both answers acceptable or not, or pick A, B or tie.")
+                                 error="Either mark both answers acceptable or not, or pick A, B or tie (not both).")
         acc = {None: None, "acceptable": 1, "not": 0}
         with self.conn():  # one transaction: the vote and the demonstration flag land together or not at all
             c = self.conn()
@@ -303,7 +341,7 @@ class App:
                          b_acceptable = excluded.b_acceptable, preference = excluded.preference,
                          comment = excluded.comment, answers_hash = excluded.answers_hash, voted_at = excluded.voted_at""",
                       (qid, sess["annotator"], acc[a], acc[b], pref, form.get("comment", "").strip(),
-                       answers_hash(item), now()))
+                       self.hashes[qid], now()))
             conv = self.conversations.get(item.figure_id)
             if form.get("demo") and conv:
                 c.execute("INSERT OR REPLACE INTO demos VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -351,6 +389,8 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 30  # a client that stops sending does not hold a thread for ever
+
     def log_message(self, *args):
         pass
 
@@ -377,7 +417,8 @@ def export(db: Path, pool_path: Path, out_dir: Path) -> dict:
                  b_acceptable=None if v["b_acceptable"] is None else bool(v["b_acceptable"]),
                  preference=v["preference"], note=v["comment"], answers_hash=v["answers_hash"], voted_at=v["voted_at"])
             for v in votes]
-    stale = sum(v.answers_hash != answers_hash(pool[v.question_id]) for v in rows)
+    current = [v for v in rows if v.answers_hash == answers_hash(pool[v.question_id])]
+    stale = len(rows) - len(current)
     by_figure: dict[str, list] = {}
     for d in demos:
         by_figure.setdefault(d["figure_id"], []).append(d)
@@ -390,7 +431,7 @@ def export(db: Path, pool_path: Path, out_dir: Path) -> dict:
     summary = {"votes": len(rows), "annotators": len({v.annotator for v in rows}), "questions": len({v.question_id for v in rows}),
                "pool_questions": len(pool), "stale_votes": stale, "demonstrations": len(demo_rows),
                "demonstrations_by_domain": {d: sum(x.domain == d for x in demo_rows) for d in sorted({x.domain for x in demo_rows})},
-               **agreement(rows)}
+               **agreement(current)}  # agreement on what the pool holds now
     write_json(out_dir / "annotation_summary.json", summary)
     return summary
 

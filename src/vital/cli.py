@@ -95,16 +95,21 @@ def annotate_add_user(name: str = typer.Argument(..., help="annotator name, e.g.
 @annotate.command("serve")
 def annotate_serve(pool: Path = POOL, db: Path = DB,
                    images: Path = typer.Option(Path("data/corpus/images"), help="the corpus image folder"),
-                   conversations: Path = typer.Option(Path("data/candidates/conversations.jsonl"),
-                                                      help="generated conversations, to flag as demonstrations"),
+                   conversations: str = typer.Option("data/candidates/conversations.jsonl",
+                                                     help="generated conversations to flag as demonstrations; '' for none"),
                    overlap: int = typer.Option(2, help="how many annotators judge each question"),
                    host: str = typer.Option("127.0.0.1", help="0.0.0.0 to serve your network (use HTTPS in front)"),
-                   port: int = typer.Option(8090)):
+                   port: int = typer.Option(8090),
+                   public_origin: str = typer.Option(None, help="behind a proxy: the URL annotators open, e.g. "
+                                                                 "https://annotate.example.org"),
+                   session_hours: float = typer.Option(12, help="a sign-in lasts this long")):
     """Serve the annotation app until Ctrl-C."""
     from .annotate import App, AnnotationError, make_app_server
 
     try:
-        server = make_app_server(App(pool, db, images, overlap, conversations), host, port)
+        app_ = App(pool, db, images, overlap, Path(conversations) if conversations else None, public_origin,
+                   session_hours)
+        server = make_app_server(app_, host, port)
     except AnnotationError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

@@ -40,8 +40,13 @@ def check_votes(votes: list[Vote], source: str) -> None:
     for n, v in enumerate(votes, 1):
         if v.preference not in (None, "A", "B", "tie"):
             raise ValueError(f"{source}:{n}: preference {v.preference!r}: use A, B, tie or leave it out")
-        if v.preference is None and (v.a_acceptable is None or v.b_acceptable is None):
-            raise ValueError(f"{source}:{n}: the vote marks neither both answers nor a preference")
+        for field in ("a_acceptable", "b_acceptable"):
+            if getattr(v, field) not in (None, True, False):
+                raise ValueError(f"{source}:{n}: {field} is {getattr(v, field)!r}: use true, false or leave it out")
+        marks = (v.a_acceptable, v.b_acceptable)
+        if (v.preference is None) == (None in marks) or (v.preference is not None and marks != (None, None)):
+            raise ValueError(f"{source}:{n}: a vote marks both answers (a_acceptable, b_acceptable) or gives a "
+                             "preference, not neither and not both")
         key = (v.question_id, v.annotator)
         if key in seen:
             raise ValueError(f"{source}:{n}: annotator {v.annotator!r} voted on {v.question_id!r} already at line "
