@@ -3,14 +3,17 @@
     dvc repro filter
     dvc exp run -S filter.ratio=0.5
 """
+import json
 import time
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 from common import CORPUS_IMAGES, load, params, write_metrics
 
 from vital import release, selector
-from vital.schema import Conversation, CorpusRecord, write_json
+from vital.encoders import _minilm
+from vital.schema import Conversation, CorpusRecord, write_atomic, write_json, write_jsonl
 
 
 def main():
@@ -23,7 +26,19 @@ def main():
     keep = release.select_top(conv_scores, p["ratio"])
     by_id = {c.id: c for c in conversations}
     out = [release.to_llava(by_id[i], conv_scores[i]) for i in keep]
+    report = release.validate(out, CORPUS_IMAGES)
+    if report["problems"]:  # never release what a trainer would choke on
+        raise SystemExit("filter: the release has problems: " + "; ".join(f"{i}: {w}" for i, w in report["problems"][:5]))
     write_json("data/release/instructions.json", out)
+    pd.DataFrame(out).to_parquet("data/release/instructions.parquet", index=False)
+    write_json("data/release/llamafactory.json", [release.to_llamafactory(r) for r in out])
+    write_json("data/release/dataset_info.json", release.LLAMAFACTORY_DATASET_INFO)
+    write_jsonl("data/release/trl.jsonl", [release.to_trl(r) for r in out])
+    tok = _minilm()[0]
+    tokens = [len(tok(" ".join(t["value"] for t in r["conversations"]))["input_ids"]) for r in out]
+    card = release.data_card(out, len(conversations), p, json.loads(Path("models/selector/config.json").read_text()),
+                             "MiniLM WordPiece", tokens)
+    write_atomic("data/release/DATA_CARD.md", card)
     write_metrics("filter", {"candidates": len(conversations), "kept": len(out), "ratio": p["ratio"],
                              "rounds_kept": sum(len(r["conversations"]) // 2 for r in out),
                              "kept_by_domain": dict(sorted(Counter(r["domain"] for r in out).items())),

@@ -76,6 +76,11 @@ def test_dag_runs_offline_end_to_end_then_experiment_reruns_only_downstream(repo
         assert turns[0]["value"].startswith(f"{IMAGE_TOKEN}\n")
         assert sum(t["value"].count(IMAGE_TOKEN) for t in turns) == 1
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+    out = run("vital validate release data/release/instructions.json --image-dir data/corpus/images", repo).stdout
+    assert "12 records" in out and "0 problems" in out
+    assert len((repo / "data/release/trl.jsonl").read_text().splitlines()) == 12
+    assert len(json.loads((repo / "data/release/llamafactory.json").read_text())) == 12
+    assert "12 instruction conversations kept of 14 candidates" in (repo / "data/release/DATA_CARD.md").read_text()
     assert (repo / "models/vlm/adapter/adapter_model.safetensors").exists()
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
     assert "tiny random" in ev["model"] and ev["judge"] == "offline"

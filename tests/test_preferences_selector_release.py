@@ -1,3 +1,4 @@
+import json
 import numpy as np
 import pandas as pd
 import pytest
@@ -133,3 +134,60 @@ def test_release_rejects_malformed_conversations():
     bad.conversations = bad.conversations[1:]
     with pytest.raises(AssertionError, match="must start with a human turn"):
         release.to_llava(bad, 0.0)
+
+
+def _official(n=3):
+    """Records in the shape of the published BioMed-VITAL JSON: `<image>` at the end of the first turn."""
+    return [{"id": f"PMC{i}_fig1", "image": f"PMC{i}_fig1.jpg", "conversations": [
+        {"from": "human", "value": "What does the figure show?\n<image>"}, {"from": "gpt", "value": "A CT scan."},
+        {"from": "human", "value": "Any lesion?"}, {"from": "gpt", "value": "A small hypodense lesion."}]}
+        for i in range(n)]
+
+
+def test_validate_release_accepts_the_official_shape_and_names_each_problem(tmp_path):
+    from typer.testing import CliRunner
+
+    from vital.cli import app
+
+    ok = release.validate(_official())
+    assert ok["problems"] == [] and ok["image_token_placement"] == {"end": 3} and ok["rounds"] == 6
+    bad = _official(7)
+    bad[1]["id"] = bad[0]["id"]
+    bad[2]["conversations"] = bad[2]["conversations"][::-1]
+    bad[3]["conversations"] = []
+    bad[4]["image"] = "../../etc/passwd"
+    bad[5]["conversations"][2]["value"] += " <image>"
+    bad[6]["conversations"][1]["value"] = "  "
+    assert release.validate(bad)["problems"] == [
+        ("PMC0_fig1", "duplicate id"),
+        ("PMC2_fig1", "turns do not alternate human/gpt starting with human"),
+        ("PMC2_fig1", "<image> appears 1 times; it belongs once, in the first human turn"),
+        ("PMC3_fig1", "no conversation (needs at least one human/gpt round)"),
+        ("PMC4_fig1", "image path '../../etc/passwd' must be relative, inside the image folder"),
+        ("PMC5_fig1", "<image> appears 2 times; it belongs once, in the first human turn"),
+        ("PMC6_fig1", "an empty turn")]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    result = CliRunner().invoke(app, ["validate", "release", str(tmp_path / "bad.json")])
+    assert result.exit_code == 1 and "7 records" in result.output and "PMC4_fig1: image path" in result.output
+    (tmp_path / "ok.json").write_text(json.dumps(_official()))
+    (tmp_path / "images").mkdir()
+    result = CliRunner().invoke(app, ["validate", "release", str(tmp_path / "ok.json"), "--image-dir",
+                                      str(tmp_path / "images")])
+    assert result.exit_code == 1 and "PMC0_fig1: image 'PMC0_fig1.jpg' not found" in result.output
+    (tmp_path / "trunc.json").write_text(json.dumps(_official())[:-20])
+    assert CliRunner().invoke(app, ["validate", "release", str(tmp_path / "trunc.json")]).exit_code == 2
+
+
+def test_release_exports_for_llamafactory_and_trl_keep_every_turn():
+    r = release.to_llava(Conversation("c1", "c1.png", "mri", [
+        {"from": "human", "value": "Modality?"}, {"from": "gpt", "value": "MRI."},
+        {"from": "human", "value": "Where?"}, {"from": "gpt", "value": "Liver."}], "offline", "m", "h"), 0.5)
+    lf = release.to_llamafactory(r)
+    assert lf["images"] == ["c1.png"] and lf["messages"][0] == {"role": "user", "content": "<image>\nModality?"}
+    assert [m["role"] for m in lf["messages"]] == ["user", "assistant"] * 2
+    trl = release.to_trl(r)
+    assert trl["messages"][0]["content"] == [{"type": "image"}, {"type": "text", "text": "Modality?"}]
+    assert trl["messages"][3]["content"] == [{"type": "text", "text": "Liver."}] and trl["images"] == ["c1.png"]
+    card = release.data_card([r], 2, {"ratio": 0.5}, {"backbone": "b"}, "words", [5])
+    assert "1 instruction conversations kept of 2 candidates" in card and "| mri | 1 |" in card
+    assert "offline:m" in card and '"backbone": "b"' in card

@@ -73,6 +73,31 @@ def validate_corpus(path: Path = typer.Argument(..., help="fig_captions .json/.j
     raise typer.Exit(1 if result.rejected else 0)
 
 
+@validate.command("release")
+def validate_release(path: Path = typer.Argument(..., help="a LLaVA-format instructions JSON (ours, or the "
+                                                          "official BioMed-VITAL 60K/80K file)"),
+                     image_dir: Path = typer.Option(None, "--image-dir", help="also check every image exists here"),
+                     show: int = typer.Option(20, help="how many problems to list")):
+    """Check an instruction-tuning file the way `tune` reads it; exit 1 if any record has a problem."""
+    from .release import validate
+
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        typer.echo(f"error: {path}: cannot read it as JSON ({e})", err=True)
+        raise typer.Exit(2)
+    report = validate(records, image_dir)
+    typer.echo(f"{path}: {report['records']} records, {report['rounds']} rounds, "
+               f"{len(report['problems'])} problems")
+    typer.echo("domains: " + ", ".join(f"{d}={n}" for d, n in report["domains"].items()))
+    typer.echo("<image> placement: " + ", ".join(f"{k}={n}" for k, n in report["image_token_placement"].items()))
+    for rid, why in report["problems"][:show]:
+        typer.echo(f"  {rid}: {why}")
+    if len(report["problems"]) > show:
+        typer.echo(f"  ... and {len(report['problems']) - show} more (--show N)")
+    raise typer.Exit(1 if report["problems"] else 0)
+
+
 annotate = typer.Typer(help="The clinician annotation app (see src/vital/annotate.py).", no_args_is_help=True)
 app.add_typer(annotate, name="annotate")
 DB = typer.Option(Path("data/annotation/annotations.sqlite"), "--db", help="the annotation database (SQLite)")

@@ -6,7 +6,10 @@ unique `id`, relative `image`, `domain`, `conversations` alternating human/gpt f
 """
 from __future__ import annotations
 
+import json
 import math
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -37,3 +40,123 @@ def to_llava(c: Conversation, score: float) -> dict:
     turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"
     return {"id": c.id, "image": c.image, "domain": c.domain, "conversations": turns,
             "selector_score": round(score, 6), "generator": f"{c.backend}:{c.model}"}
+
+
+# ---------------------------------------------------------------- checking a release
+
+def validate(records, image_root: Path | None = None) -> dict:
+    """Problems of a LLaVA-format instruction file, ours or the official BioMed-VITAL 60K/80K JSON.
+
+    A record needs a unique `id`, a relative `image` (no `..`), and `conversations` that alternate
+    human/gpt from a human turn, with no empty turn and `<image>` exactly once, in the first human
+    turn. Ours puts it at the start (`<image>\\n...`); others put it at the end, which is counted, not
+    a problem. With `image_root`, every image must exist there.
+    """
+    problems: list[tuple[str, str]] = []
+    ids: set[str] = set()
+    domains: Counter = Counter()
+    placement: Counter = Counter()
+    rounds = 0
+    if not isinstance(records, list):
+        return {"records": 0, "problems": [("(file)", "not a JSON array of records")], "domains": {},
+                "image_token_placement": {}, "rounds": 0}
+    for n, r in enumerate(records, 1):
+        rid = str(r.get("id")) if isinstance(r, dict) and r.get("id") is not None else f"(record {n})"
+
+        def bad(why):
+            problems.append((rid, why))
+
+        if not isinstance(r, dict):
+            bad("not a JSON object")
+            continue
+        if "id" not in r:
+            bad("no id")
+        elif rid in ids:
+            bad("duplicate id")
+        ids.add(rid)
+        image = r.get("image")
+        if not isinstance(image, str) or not image:
+            bad("no image")
+        elif Path(image).is_absolute() or ".." in Path(image).parts:
+            bad(f"image path {image!r} must be relative, inside the image folder")
+        elif image_root is not None and not (Path(image_root) / image).is_file():
+            bad(f"image {image!r} not found in {image_root}")
+        domains[str(r.get("domain", "(none)"))] += 1
+        turns = r.get("conversations")
+        if not isinstance(turns, list) or len(turns) < 2:
+            bad("no conversation (needs at least one human/gpt round)")
+            continue
+        if any(not isinstance(t, dict) or not isinstance(t.get("value"), str) for t in turns):
+            bad("a turn is not {from, value}")
+            continue
+        if [t.get("from") for t in turns] != ["human", "gpt"] * (len(turns) // 2) or len(turns) % 2:
+            bad("turns do not alternate human/gpt starting with human")
+        if any(not t["value"].replace(IMAGE_TOKEN, "").strip() for t in turns):
+            bad("an empty turn")
+        count = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
+        first = turns[0]["value"]
+        if count != 1 or IMAGE_TOKEN not in first:
+            bad(f"{IMAGE_TOKEN} appears {count} times; it belongs once, in the first human turn")
+        else:
+            placement["start" if first.startswith(IMAGE_TOKEN) else "end" if first.rstrip().endswith(IMAGE_TOKEN)
+                      else "middle"] += 1
+        rounds += len(turns) // 2
+    return {"records": len(records), "problems": problems, "domains": dict(sorted(domains.items())),
+            "image_token_placement": dict(sorted(placement.items())), "rounds": rounds}
+
+
+# ---------------------------------------------------------------- other trainers' formats
+# Image paths stay relative to the corpus image folder (LLaMA-Factory: `media_dir`; TRL: your collator).
+
+LLAMAFACTORY_DATASET_INFO = {"biomed_vital": {
+    "file_name": "llamafactory.json", "formatting": "sharegpt",
+    "columns": {"messages": "messages", "images": "images"},
+    "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}
+
+def _turn_text(t: dict) -> str:
+    return t["value"].replace(f"{IMAGE_TOKEN}\n", "").replace(IMAGE_TOKEN, "").strip()
+
+
+def to_llamafactory(r: dict) -> dict:
+    """LLaMA-Factory's sharegpt multimodal format: `messages` with `<image>` in the text, and `images`."""
+    messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                for t in r["conversations"]]
+    return {"messages": messages, "images": [r["image"]]}
+
+
+def to_trl(r: dict) -> dict:
+    """TRL's conversational vision format: typed content parts, the image as the first part."""
+    messages = []
+    for i, t in enumerate(r["conversations"]):
+        content = ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": _turn_text(t)}]
+        messages.append({"role": "user" if t["from"] == "human" else "assistant", "content": content})
+    return {"id": r["id"], "messages": messages, "images": [r["image"]]}
+
+
+def data_card(release: list[dict], candidates: int, params: dict, selector_info: dict, tokenizer_name: str,
+              tokens: list[int]) -> str:
+    """A markdown data card: what is in the release and what made it."""
+    by_domain = Counter(r["domain"] for r in release)
+    rounds = [len(r["conversations"]) // 2 for r in release]
+    scores = [r["selector_score"] for r in release]
+    hist, edges = np.histogram(scores, bins=min(10, max(1, len(set(scores))))) if scores else ([], [])
+
+    def stats(xs):
+        return f"min {min(xs)}, median {float(np.median(xs)):g}, mean {float(np.mean(xs)):.1f}, max {max(xs)}" if xs else "-"
+
+    lines = ["# BioMed-VITAL release: data card", "",
+             f"{len(release)} instruction conversations kept of {candidates} candidates "
+             f"(`filter` params: {json.dumps(params, sort_keys=True)}).", "",
+             "## Domains", "", "| domain | conversations |", "|---|---|",
+             *[f"| {d} | {n} |" for d, n in sorted(by_domain.items())], "",
+             "## Size", "", f"- rounds per conversation: {stats(rounds)}",
+             f"- tokens per conversation ({tokenizer_name}): {stats(tokens)}", "",
+             "## Selector scores of the kept conversations", "", "| from | to | conversations |", "|---|---|---|",
+             *[f"| {edges[i]:.4f} | {edges[i + 1]:.4f} | {int(h)} |" for i, h in enumerate(hist)], "",
+             "## Provenance", "",
+             f"- generator(s): {', '.join(sorted({r['generator'] for r in release}))}",
+             f"- selector: {json.dumps(selector_info, sort_keys=True)}",
+             "- format: LLaVA (`instructions.json`), also `instructions.parquet`, LLaMA-Factory sharegpt "
+             "(`llamafactory.json`) and TRL messages (`trl.jsonl`); images are relative to the corpus image folder.",
+             ""]
+    return "\n".join(lines)
