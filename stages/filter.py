@@ -2,6 +2,7 @@
 
     dvc repro filter
     dvc exp run -S filter.ratio=0.5
+    dvc exp run -S filter.top_k=60000 -S filter.balance_domains=true
 """
 import json
 import time
@@ -23,7 +24,8 @@ def main():
     units = selector.build_units(records, conversations, [])
     scores = selector.score(selector.load(Path("models/selector")), selector.featurize(units, CORPUS_IMAGES))
     conv_scores = release.conversation_scores(conversations, dict(zip(units.index, scores.tolist())))
-    keep = release.select_top(conv_scores, p["ratio"])
+    domains = {c.id: c.domain for c in conversations} if p["balance_domains"] else None
+    keep = release.select_top(conv_scores, p["ratio"], p["top_k"], domains)
     by_id = {c.id: c for c in conversations}
     out = [release.to_llava(by_id[i], conv_scores[i]) for i in keep]
     report = release.validate(out, CORPUS_IMAGES)
@@ -40,6 +42,7 @@ def main():
                              "MiniLM WordPiece", tokens)
     write_atomic("data/release/DATA_CARD.md", card)
     write_metrics("filter", {"candidates": len(conversations), "kept": len(out), "ratio": p["ratio"],
+                             "top_k": p["top_k"], "balance_domains": p["balance_domains"],
                              "rounds_kept": sum(len(r["conversations"]) // 2 for r in out),
                              "kept_by_domain": dict(sorted(Counter(r["domain"] for r in out).items())),
                              "generators": sorted({r["generator"] for r in out}),

@@ -125,8 +125,20 @@ def test_release_keeps_top_ratio_in_llava_format():
     assert rec["conversations"][0]["value"] == f"{IMAGE_TOKEN}\nq0?"
     assert sum(t["value"].count(IMAGE_TOKEN) for t in rec["conversations"]) == 1
     assert release.select_top(scores, 0.01) == ["c9"]
-    with pytest.raises(AssertionError, match="ratio"):
+    with pytest.raises(ValueError, match="filter.ratio must be in"):
         release.select_top(scores, 0)
+    with pytest.raises(ValueError, match="filter.top_k"):
+        release.select_top(scores, 0.5, -1)
+
+
+def test_top_k_and_domain_balance():
+    scores = {f"ct{i}": 10.0 + i for i in range(6)} | {f"mr{i}": float(i) for i in range(3)} | {"xr0": 0.5}
+    domains = {i: i[:2] for i in scores}
+    assert release.select_top(scores, 0.5, top_k=4) == ["ct5", "ct4", "ct3", "ct2"]  # the selector's favourite
+    # 6:3:1 of 4 -> 2.4, 1.2, 0.4: floors 2, 1, 0; the last place goes to a .4 remainder, the smaller domain
+    assert release.select_top(scores, 0.5, top_k=4, domains=domains) == ["ct5", "ct4", "mr2", "xr0"]
+    assert len(release.select_top(scores, 0.5, domains=domains)) == 5 and release.select_top(scores, 1, 99) == \
+        sorted(scores, key=lambda i: -scores[i])
 
 
 def test_release_rejects_malformed_conversations():

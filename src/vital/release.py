@@ -24,11 +24,28 @@ def conversation_scores(conversations: list[Conversation], unit_scores: dict[str
     return out
 
 
-def select_top(scores: dict[str, float], ratio: float) -> list[str]:
-    """Ids of the top `ratio` share (at least one), best first; ties broken by id for determinism."""
-    assert 0 < ratio <= 1, f"filter.ratio must be in (0, 1], got {ratio}"
-    k = max(1, math.ceil(ratio * len(scores)))
-    return [i for i, _ in sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+def select_top(scores: dict[str, float], ratio: float, top_k: int = 0, domains: dict[str, str] | None = None) -> list[str]:
+    """Ids of the best `top_k` (or, when it is 0, the top `ratio` share; at least one), best first, ties
+    broken by id. With `domains` ({id: domain}), each domain keeps its own share: the release keeps the
+    corpus's mix of modalities instead of the one the selector scores highest (largest remainder)."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"filter.ratio must be in (0, 1], got {ratio}")
+    if top_k < 0:
+        raise ValueError(f"filter.top_k must be 0 (use ratio) or positive, got {top_k}")
+    ranked = [i for i, _ in sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))]
+    k = min(len(ranked), top_k) if top_k else max(1, math.ceil(ratio * len(ranked)))
+    if not domains:
+        return ranked[:k]
+    groups: dict[str, list[str]] = {}
+    for i in ranked:
+        groups.setdefault(domains[i], []).append(i)
+    n = len(ranked)  # quotas in integers: k * size / n, the remainders going to the largest fractions
+    quota = {d: k * len(ids) // n for d, ids in groups.items()}
+    order = sorted(groups, key=lambda d: (-(k * len(groups[d]) % n), len(groups[d]), d))  # ties: smaller domain
+    for d in order[:k - sum(quota.values())]:
+        quota[d] += 1
+    kept = {i for d, ids in groups.items() for i in ids[:quota[d]]}
+    return [i for i in ranked if i in kept]
 
 
 def to_llava(c: Conversation, score: float) -> dict:
