@@ -12,6 +12,7 @@ from vital.client import Client, ClientConfig
 from vital.schema import AppendLog, read_jsonl, write_json
 
 CORPUS_IMAGES = Path("data/corpus/images")
+EMBEDDINGS = Path("data/cache/embeddings")  # a content-keyed cache shared by stages; not a DVC output
 
 
 def params(section: str) -> dict:

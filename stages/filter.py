@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
-from common import CORPUS_IMAGES, load, params, write_metrics
+from common import CORPUS_IMAGES, EMBEDDINGS, load, params, write_metrics
 
 from vital import release, selector
 from vital.encoders import _minilm
@@ -22,7 +22,7 @@ def main():
     records = {r.id: r for r in load("data/corpus/records.jsonl", CorpusRecord)}
     conversations = load("data/candidates/conversations.jsonl", Conversation)
     units = selector.build_units(records, conversations, [])
-    scores = selector.score(selector.load(Path("models/selector")), selector.featurize(units, CORPUS_IMAGES))
+    scores = selector.score(selector.load(Path("models/selector")), selector.featurize(units, CORPUS_IMAGES, EMBEDDINGS))
     conv_scores = release.conversation_scores(conversations, dict(zip(units.index, scores.tolist())))
     domains = {c.id: c.domain for c in conversations} if p["balance_domains"] else None
     keep = release.select_top(conv_scores, p["ratio"], p["top_k"], domains)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from common import CORPUS_IMAGES, load, params, write_metrics
+from common import CORPUS_IMAGES, EMBEDDINGS, load, params, write_metrics
 
 from vital import selector
 from vital.schema import Conversation, CorpusRecord, PoolItem
@@ -18,7 +18,7 @@ def main():
     records = {r.id: r for r in load("data/corpus/records.jsonl", CorpusRecord)}
     units = selector.build_units(records, load("data/candidates/conversations.jsonl", Conversation),
                                  load("data/annotation/pool.jsonl", PoolItem))
-    features = selector.featurize(units, CORPUS_IMAGES)
+    features = selector.featurize(units, CORPUS_IMAGES, EMBEDDINGS)
     pairs = pd.read_parquet("data/preferences/pairs.parquet")
     cfg = selector.TrainConfig(**{k: p[k] for k in selector.TrainConfig.__dataclass_fields__})
     model, history, stats = selector.train(features, pairs, {u: i for i, u in enumerate(units.index)}, cfg)

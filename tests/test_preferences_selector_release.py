@@ -203,3 +203,26 @@ def test_release_exports_for_llamafactory_and_trl_keep_every_turn():
     card = release.data_card([r], 2, {"ratio": 0.5}, {"backbone": "b"}, "words", [5])
     assert "1 instruction conversations kept of 2 candidates" in card and "| mri | 1 |" in card
     assert "offline:m" in card and '"backbone": "b"' in card
+
+
+def test_embedding_cache_encodes_each_text_and_image_once_across_runs(sample, tmp_path, monkeypatch):
+    from vital import encoders
+
+    records, image_dir = sample
+    recs = {r.id: r for r in records[:3]}
+    convs = [_conv(r.id) for r in records[:3]]
+    for c, r in zip(convs, records[:3]):
+        c.image = r.image
+    units = selector.build_units(recs, convs, [])
+    plain = selector.featurize(units, image_dir)
+    calls = []
+    real = encoders.encode_texts
+    monkeypatch.setattr(selector, "encode_texts", lambda texts: calls.append(len(texts)) or real(texts))
+    first = selector.featurize(units, image_dir, tmp_path / "emb")
+    assert np.allclose(first, plain, atol=1e-5) and calls == [len(set(units["text"]))]
+    again = selector.featurize(units, image_dir, tmp_path / "emb")  # another stage, another experiment
+    assert np.array_equal(again, first) and calls == [len(set(units["text"]))]
+    units.loc[units.index[0], "text"] += " changed"
+    selector.featurize(units, image_dir, tmp_path / "emb")
+    assert calls[-1] == 1  # only the changed text
+    assert len(list((tmp_path / "emb").glob("text-*.parquet"))) == 2 and not list((tmp_path / "emb").glob("*.tmp"))

@@ -8,10 +8,14 @@ the user has its weights (see `train_selector.backbone`).
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import uuid
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 TEXT_DIM = 384
@@ -61,3 +65,37 @@ def encode_images(paths: list[str | Path]) -> np.ndarray:
     if not paths:
         return np.zeros((0, IMAGE_DIM), np.float32)
     return np.stack([image_features(p) for p in paths])
+
+
+# ---------------------------------------------------------------- the embedding cache
+
+class EmbeddingCache:
+    """Vectors keyed by a hash of (encoder, content), in parquet parts under `root`, shared by stages and
+    experiments: each unique text and image is encoded once. A run adds one part with what it encoded
+    (written atomically), so an interrupted run loses nothing earlier runs stored."""
+
+    def __init__(self, root: Path | str, kind: str, encoder: str):
+        self.root, self.kind, self.encoder = Path(root), kind, encoder
+        self.vectors: dict[str, np.ndarray] = {}
+        for part in sorted(self.root.glob(f"{kind}-*.parquet")):
+            table = pd.read_parquet(part)
+            self.vectors.update(zip(table["key"], table["vector"]))
+
+    def key(self, content: bytes) -> str:
+        return hashlib.sha256(self.encoder.encode() + b"\x1f" + content).hexdigest()[:32]
+
+    def get_or_encode(self, contents: list[bytes], encode) -> np.ndarray:
+        """Vectors for `contents`; `encode(indices)` computes those not cached (each unique one once)."""
+        keys = [self.key(c) for c in contents]
+        missing = sorted({k: i for i, k in enumerate(keys) if k not in self.vectors}.values())
+        if missing:
+            new = encode(missing)
+            rows = {keys[i]: v for i, v in zip(missing, new)}
+            self.vectors.update(rows)
+            self.root.mkdir(parents=True, exist_ok=True)
+            part = self.root / f"{self.kind}-{uuid.uuid4().hex}.parquet"
+            tmp = part.with_suffix(".tmp")
+            pd.DataFrame({"key": list(rows), "vector": [v.astype(np.float32) for v in rows.values()]}).to_parquet(tmp)
+            os.replace(tmp, part)
+        self.hits, self.encoded = len(keys) - len(missing), len(missing)
+        return np.stack([np.asarray(self.vectors[k], dtype=np.float32) for k in keys]) if keys else None

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .encoders import IMAGE_DIM, TEXT_DIM, encode_images, encode_texts
+from .encoders import IMAGE_DIM, TEXT_DIM, EmbeddingCache, encode_images, encode_texts
 from .schema import Conversation, CorpusRecord, PoolItem, rounds
 
 BACKBONE = "minilm+imagefeat"
@@ -41,12 +41,20 @@ def build_units(records: dict[str, CorpusRecord], conversations: list[Conversati
     return pd.DataFrame(rows, columns=["id", "image", "text"]).drop_duplicates("id").set_index("id")
 
 
-def featurize(units: pd.DataFrame, image_root: Path) -> np.ndarray:
-    """(n, TEXT_DIM + IMAGE_DIM): each unique image is described once."""
-    text = encode_texts(units["text"].tolist())
-    uniq = sorted(set(units["image"]))
-    img = dict(zip(uniq, encode_images([image_root / u for u in uniq])))
-    return np.hstack([text, np.stack([img[u] for u in units["image"]])]).astype(np.float32)
+def featurize(units: pd.DataFrame, image_root: Path, cache_dir: Path | None = None) -> np.ndarray:
+    """(n, TEXT_DIM + IMAGE_DIM) frozen backbone features. With `cache_dir`, every unique text and image
+    is encoded once across epochs, stages and experiments (EmbeddingCache, keyed by content hash)."""
+    texts = units["text"].tolist()
+    paths = [image_root / u for u in units["image"]]
+    if cache_dir is None:
+        uniq = sorted(set(units["image"]))
+        img = dict(zip(uniq, encode_images([image_root / u for u in uniq])))
+        return np.hstack([encode_texts(texts), np.stack([img[u] for u in units["image"]])]).astype(np.float32)
+    text_cache = EmbeddingCache(cache_dir, "text", f"{BACKBONE}:text")
+    image_cache = EmbeddingCache(cache_dir, "image", f"{BACKBONE}:image")
+    text = text_cache.get_or_encode([t.encode() for t in texts], lambda idx: encode_texts([texts[i] for i in idx]))
+    images = image_cache.get_or_encode([p.read_bytes() for p in paths], lambda idx: encode_images([paths[i] for i in idx]))
+    return np.hstack([text, images]).astype(np.float32)
 
 
 class Selector(nn.Module):
