@@ -13,7 +13,7 @@ import pandas as pd
 from common import CORPUS_IMAGES, EMBEDDINGS, load, params, write_metrics
 
 from vital import release, selector
-from vital.encoders import _minilm
+from vital.encoders import count_tokens
 from vital.schema import Conversation, CorpusRecord, write_atomic, write_json, write_jsonl
 
 
@@ -36,8 +36,7 @@ def main():
     write_json("data/release/llamafactory.json", [release.to_llamafactory(r) for r in out])
     write_json("data/release/dataset_info.json", release.LLAMAFACTORY_DATASET_INFO)
     write_jsonl("data/release/trl.jsonl", [release.to_trl(r) for r in out])
-    tok = _minilm()[0]
-    tokens = [len(tok(" ".join(t["value"] for t in r["conversations"]))["input_ids"]) for r in out]
+    tokens = count_tokens([" ".join(t["value"] for t in r["conversations"]) for r in out])
     card = release.data_card(out, len(conversations), p, json.loads(Path("models/selector/config.json").read_text()),
                              "MiniLM WordPiece", tokens)
     write_atomic("data/release/DATA_CARD.md", card)

@@ -69,6 +69,11 @@ def serve(pool, tmp_path):
         s.close()
 
 
+def hidden(html: str) -> dict:
+    """The hidden fields of the vote form on a page: csrf, question_id, answers_hash."""
+    return dict(re.findall(r'name="(csrf|question_id|answers_hash)" value="([^"]*)"', html))
+
+
 class Annotator:
     """A browser-like client: cookies, forms, no network beyond 127.0.0.1."""
 
@@ -100,10 +105,7 @@ class Annotator:
         return re.search(r'name="question_id" value="([^"]+)"', self.page()[1]).group(1)
 
     def vote(self, **form):
-        html = self.page()[1]
-        hidden = dict(re.findall(r'name="(csrf|question_id|answers_hash)" value="([^"]*)"', html))
-        form = {**hidden, **form}
-        status, body = self.request("/vote", form)
+        status, body = self.request("/vote", {**hidden(self.page()[1]), **form})
         return status, body.decode()
 
 
@@ -161,7 +163,7 @@ def test_no_write_without_a_token_or_the_form_token_and_no_cross_site_posts(serv
     assert connect(tmp_path / "db.sqlite").execute("SELECT COUNT(*) FROM votes").fetchone()[0] == 0
     status, body = dr.request("/vote", {**vote, "question_id": "not-in-pool", "csrf": dr.csrf()})
     assert status == 400 and b"not in this pool" in body
-    form = dict(re.findall(r'name="(csrf|question_id|answers_hash)" value="([^"]*)"', dr.page()[1]))
+    form = hidden(dr.page()[1])
     assert dr.request("/vote", {**vote, **form}, {"Origin": s.url})[0] == 200  # same origin is fine
 
 
@@ -245,7 +247,7 @@ def test_a_regenerated_pool_asks_changed_questions_again_and_old_pages_cannot_vo
     dr2 = Annotator(s2.url)
     dr2.login(token)
     assert items[0].question in dr2.page()[1] and "1 / 6 done" in dr2.page()[1]  # q0's answers changed: again
-    stale_form = dict(re.findall(r'name="(csrf|question_id|answers_hash)" value="([^"]*)"', old_page))
+    stale_form = hidden(old_page)
     status, html = dr2.request("/vote", {**stale_form, "csrf": dr2.csrf(), "a": "not", "b": "acceptable"})
     assert status == 409 and b"changed since the page was shown" in html
 
@@ -259,7 +261,7 @@ def test_overlap_is_enforced_on_writes_too(serve, pool, tmp_path):
     b.login(tokens[1])
     page_b = b.page()[1]  # b is shown q0 too, before a saves
     a.vote(a="acceptable", b="not")
-    form = dict(re.findall(r'name="(csrf|question_id|answers_hash)" value="([^"]*)"', page_b))
+    form = hidden(page_b)
     status, html = b.request("/vote", {**form, "a": "not", "b": "acceptable"})
     assert status == 409 and items[1].question.encode() in html
     assert connect(tmp_path / "db.sqlite").execute("SELECT COUNT(*) FROM votes").fetchone()[0] == 1

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 from .backends import Fatal, Retryable, reply_from_body
+from .client import backoff
 from .schema import AppendLog
 
 ENDED = ("completed", "failed", "expired", "cancelled")
@@ -54,8 +54,7 @@ async def api_call(client, method, *args, **kwargs):
         except Retryable as e:
             if attempt == cfg.max_attempts:
                 raise Fatal(f"Batch API: {e} (after {attempt} attempts). Nothing is lost: rerun the stage to resume")
-            cap = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1))
-            await asyncio.sleep(max(e.retry_after or 0.0, cap / 2 + random.uniform(0, cap / 2)))
+            await asyncio.sleep(backoff(cfg, attempt, e.retry_after))
 
 
 async def run_batches(client, pending, sampling: dict, state: AppendLog, on_reply, on_failure) -> None:

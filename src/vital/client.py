@@ -99,6 +99,13 @@ class RateLimiter:
             await asyncio.sleep(start - now)
 
 
+def backoff(cfg: ClientConfig, attempt: int, retry_after: float | None) -> float:
+    """Seconds before retry `attempt + 1`: exponential with jitter (half fixed, half random), capped at
+    `max_backoff_s`, and never sooner than the server's Retry-After."""
+    cap = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1))
+    return max(retry_after or 0.0, cap / 2 + random.uniform(0, cap / 2))
+
+
 def estimate_tokens(messages: list[dict], sampling: dict) -> int:
     """Rough prompt size (4 characters a token, 765 an image, as a high-detail 512 px tile) plus max_tokens."""
     chars = images = 0
@@ -293,8 +300,7 @@ class Client:
                 if attempt == cfg.max_attempts:
                     return None, (f"gave up after {attempt} attempts: {e}", attempt)
                 stats["retries"] += 1
-                cap = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1))
-                await asyncio.sleep(max(e.retry_after or 0.0, cap / 2 + random.uniform(0, cap / 2)))
+                await asyncio.sleep(backoff(cfg, attempt, e.retry_after))
             except RequestFailed as e:
                 return None, (str(e), attempt)
         raise AssertionError("unreachable")

@@ -50,6 +50,12 @@ def encode_texts(texts: list[str], batch_size: int = 32, model_path: str | None 
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, TEXT_DIM), np.float32)
 
 
+def count_tokens(texts: list[str]) -> list[int]:
+    """MiniLM WordPiece tokens per text (the data card's size measure)."""
+    tok = _minilm()[0]
+    return [len(tok(t)["input_ids"]) for t in texts]
+
+
 def image_features(path: str | Path) -> np.ndarray:
     """(IMAGE_DIM,) float32: per-channel 16-bin histograms, an 8x8 grey thumbnail, mean edge energy."""
     with Image.open(path) as im:
