@@ -30,7 +30,7 @@ def units_and_pairs(n_pairs: int, image_dir: Path):
     rows = []
     for r in records:
         for k, (q, a) in enumerate(qa_from_text(r.caption, " ".join(r.inline_mentions))):
-            rows.append((f"{r.id}#{k}", r.image, selector.unit_text(r.caption, r.inline_mentions, q, a)))
+            rows.append((f"{r.id}#{k}", r.image, selector.unit_text(r.caption, r.inline_mentions, [(q, a)])))
     units = pd.DataFrame(rows, columns=["id", "image", "text"]).set_index("id")
     rng = np.random.default_rng(0)
     ids = list(units.index)
@@ -76,10 +76,14 @@ def main():
         encode_texts(units["text"].tolist()[:2])  # load the encoder before timing
 
         t = time.perf_counter()
-        features = selector.featurize(units, image_dir, Path(d) / "emb")  # once, into the cache
+        featurize = selector.Featurizer(selector.MiniLMBackbone(), image_dir, Path(d) / "emb")
+        features = torch.from_numpy(featurize(units))  # once, into the cache
         encode_once = time.perf_counter() - t
+        index = {u: i for i, u in enumerate(units.index)}
+        warm = selector.TrainConfig(epochs=1)  # one-time imports (torch.optim pulls in torch._dynamo) not timed
+        selector.train(lambda rows: features[rows], len(units), features.shape[1], pairs, index, warm)
         t = time.perf_counter()
-        selector.train(features, pairs, {u: i for i, u in enumerate(units.index)}, cfg)
+        selector.train(lambda rows: features[rows], len(units), features.shape[1], pairs, index, cfg)
         cached_epoch = (time.perf_counter() - t) / args.epochs
         reencode_epoch = epoch_reencoding(units, pairs, image_dir, cfg)
         print(f"{len(units)} units, {len(pairs)} pairs, batch {cfg.batch_size}")

@@ -1,10 +1,13 @@
 """DVC stage `filter`: score every candidate conversation and keep the top `filter.ratio` as the release.
 
+Candidates that cannot make a valid record (missing image, no rounds, broken turns) are skipped and listed in
+data/candidates/filter_skipped.jsonl. Scoring streams through the candidates with the selector's own backbone,
+unit and aggregate (models/selector/config.json).
+
     dvc repro filter
     dvc exp run -S filter.ratio=0.5
     dvc exp run -S filter.top_k=60000 -S filter.balance_domains=true
 """
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,10 +24,17 @@ def main():
     t0, p = time.time(), params("filter")
     records = {r.id: r for r in load("data/corpus/records.jsonl", CorpusRecord)}
     conversations = load("data/candidates/conversations.jsonl", Conversation)
-    units = selector.build_units(records, conversations, [])
-    scores = selector.score(selector.load(Path("models/selector")), selector.featurize(units, CORPUS_IMAGES, EMBEDDINGS))
-    conv_scores = release.conversation_scores(conversations, dict(zip(units.index, scores.tolist())))
-    domains = {c.id: c.domain for c in conversations} if p["balance_domains"] else None
+    candidates, skipped = release.screen(conversations, CORPUS_IMAGES)
+    write_jsonl("data/candidates/filter_skipped.jsonl", skipped)
+    if not candidates:
+        raise SystemExit(f"filter: none of the {len(conversations)} candidates is usable; see "
+                         "data/candidates/filter_skipped.jsonl")
+    try:
+        conv_scores, selector_info = selector.score_conversations(candidates, records, CORPUS_IMAGES, EMBEDDINGS,
+                                                                  Path("models/selector"))
+    except ValueError as e:
+        raise SystemExit(f"filter: {e}") from None
+    domains = {c.id: c.domain for c in candidates} if p["balance_domains"] else None
     keep = release.select_top(conv_scores, p["ratio"], p["top_k"], domains)
     by_id = {c.id: c for c in conversations}
     out = [release.to_llava(by_id[i], conv_scores[i]) for i in keep]
@@ -37,10 +47,10 @@ def main():
     write_json("data/release/dataset_info.json", release.LLAMAFACTORY_DATASET_INFO)
     write_jsonl("data/release/trl.jsonl", [release.to_trl(r) for r in out])
     tokens = count_tokens([" ".join(t["value"] for t in r["conversations"]) for r in out])
-    card = release.data_card(out, len(conversations), p, json.loads(Path("models/selector/config.json").read_text()),
-                             "MiniLM WordPiece", tokens)
+    card = release.data_card(out, len(conversations), p, selector_info, "MiniLM WordPiece", tokens)
     write_atomic("data/release/DATA_CARD.md", card)
-    write_metrics("filter", {"candidates": len(conversations), "kept": len(out), "ratio": p["ratio"],
+    write_metrics("filter", {"candidates": len(conversations), "skipped": len(skipped),
+                             "skipped_examples": skipped[:5], "kept": len(out), "ratio": p["ratio"],
                              "top_k": p["top_k"], "balance_domains": p["balance_domains"],
                              "rounds_kept": sum(len(r["conversations"]) // 2 for r in out),
                              "kept_by_domain": dict(sorted(Counter(r["domain"] for r in out).items())),

@@ -2,6 +2,8 @@
 
     dvc repro merge_preferences
     dvc exp run -S merge_preferences.clinician_weight=100
+
+Model pairs are built at the unit the selector scores: it reads `train_selector.unit` and `.aggregate` too.
 """
 import time
 from dataclasses import asdict
@@ -10,12 +12,12 @@ from pathlib import Path
 import pandas as pd
 from common import load, params, write_metrics
 
-from vital.preferences import check_votes, clinician_pairs, model_pairs, rater_agreement
+from vital.preferences import check_ratings, check_votes, clinician_pairs, model_pairs, rater_agreement
 from vital.schema import PoolItem, PreferencePair, Rating, Vote
 
 
 def main():
-    t0, p = time.time(), params("merge_preferences")
+    t0, p, sel = time.time(), params("merge_preferences"), params("train_selector")
     pool = {x.question_id: x for x in load("data/annotation/pool.jsonl", PoolItem)}
     votes = load(p["clinician"], Vote)
     try:
@@ -23,8 +25,13 @@ def main():
     except ValueError as e:
         raise SystemExit(f"merge_preferences: {e}") from None
     ratings = load("data/candidates/ratings.jsonl", Rating)
+    try:
+        check_ratings(ratings, "data/candidates/ratings.jsonl")
+    except ValueError as e:
+        raise SystemExit(f"merge_preferences: {e}") from None
     cpairs, ccounts = clinician_pairs(votes, pool, p["clinician_weight"], p["clinician_holdout"], p["seed"])
-    mpairs, mcounts = model_pairs(ratings, p["model_pairs"], p["seed"])
+    mpairs, mcounts = model_pairs(ratings, p["model_pairs"], p["seed"], p["model_holdout"], sel["unit"],
+                                  sel["aggregate"])
     pairs = cpairs + mpairs
     Path("data/preferences").mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame([asdict(x) for x in pairs], columns=list(PreferencePair.__dataclass_fields__))
@@ -34,6 +41,7 @@ def main():
         "pairs": len(df), "clinician_pairs": len(cpairs), "model_pairs": len(mpairs),
         "clinician_train": int(by.get(("clinician", "train"), 0)),
         "clinician_holdout": int(by.get(("clinician", "holdout"), 0)),
+        "model_holdout": int(by.get(("model", "holdout"), 0)), "unit": sel["unit"],
         "clinician_weight": p["clinician_weight"], "clinician_votes": ccounts, "ratings": mcounts,
         "rater_clinician_agreement": rater_agreement(cpairs, load("data/candidates/pool_ratings.jsonl", Rating))}, t0)
 

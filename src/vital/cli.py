@@ -18,8 +18,8 @@ HEADLINE = {
     "generate": ["backend", "conversations", "rounds", "rejected", "failed", "requests", "cached", "cost_usd"],
     "rate": ["backend", "rounds", "unparsed", "failed", "mean_score", "cost_usd"],
     "merge_preferences": ["clinician_pairs", "model_pairs", "clinician_weight"],
-    "train_selector": ["backbone", "train_pairs", "train_pair_accuracy", "clinician_alignment"],
-    "filter": ["candidates", "kept", "ratio"],
+    "train_selector": ["backbone", "train_pairs", "best_epoch", "holdout_model_accuracy", "clinician_alignment", "auc"],
+    "filter": ["candidates", "skipped", "kept", "ratio"],
     "tune": ["model", "steps", "final_loss"],
     "evaluate": ["closed_accuracy", "open_recall", "relative_score", "judge"],
 }

@@ -33,20 +33,24 @@ def _minilm(path: str | None = None):
     return tok, model
 
 
+def minilm_embed(tok, model, texts: list[str]):
+    """(n, 384) torch tensor of L2-normalised mean-pooled embeddings; differentiable when grad is enabled."""
+    import torch
+
+    enc = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    hidden = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
 def encode_texts(texts: list[str], batch_size: int = 32, model_path: str | None = None) -> np.ndarray:
     """(n, 384) float32, L2-normalised MiniLM sentence embeddings."""
     import torch
 
     tok, model = _minilm(model_path)
-    out = []
     with torch.inference_mode():
-        for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=256,
-                      return_tensors="pt")
-            hidden = model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        out = [minilm_embed(tok, model, texts[i:i + batch_size]).numpy() for i in range(0, len(texts), batch_size)]
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, TEXT_DIM), np.float32)
 
 

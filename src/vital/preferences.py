@@ -10,8 +10,10 @@ Unit ids name what the selector scores: `<question_id>:A` / `:B` for a pool answ
   counted; an annotator voting twice on one question is an error naming both lines.
 - rater agreement: on the clinician pairs, how often the rater's scores of the two pool answers order
   them as clinicians did (the paper's comparison of a GPT-4 judge with clinicians).
-- model pair: `model_pairs` pairs of rated rounds drawn with `seed`, weight 1; only rounds with
-  different, parsed scores form pairs (ties and nulls never do).
+- model pair: `model_pairs` pairs of rated units drawn with `seed`, weight 1; only units with different,
+  parsed scores form pairs (ties and nulls never do). A unit is a round, or with the selector's
+  `unit: conversation` a conversation scored by the `aggregate` of its rounds. A share `model_holdout` of
+  the pairs is held out (split "holdout") to measure the selector on unseen model pairs.
 """
 from __future__ import annotations
 
@@ -83,22 +85,50 @@ def clinician_pairs(votes: list[Vote], pool: dict[str, PoolItem], weight: float,
     return pairs, counts
 
 
-def model_pairs(ratings: list[Rating], n_pairs: int, seed: int):
-    scored = [r for r in ratings if r.score is not None]
+def check_ratings(ratings: list[Rating], source: str) -> None:
+    """A score is an integer 0..10 or null (the judge's reply did not parse); anything else names source:record."""
+    for n, r in enumerate(ratings, 1):
+        if r.score is not None and (isinstance(r.score, bool) or not isinstance(r.score, int) or not 0 <= r.score <= 10):
+            raise ValueError(f"{source}: record {n} ({r.candidate_id}): score {r.score!r} is not an integer 0..10 or "
+                             "null; rerun rate (dvc repro rate) or fix that record")
+
+
+def unit_scores(ratings: list[Rating], unit: str, aggregate: str) -> tuple[dict[str, float | None], int]:
+    """{unit id: score}: a round's score, or with unit "conversation" the `aggregate` (mean | min) of its rounds'
+    scores, null when any round's is null. Also the number of null units."""
+    if unit == "round":
+        scores = {r.candidate_id: r.score for r in ratings}
+    else:
+        by_conv: dict[str, list] = {}
+        for r in ratings:
+            by_conv.setdefault(r.conversation_id, []).append(r.score)
+        agg = {"mean": lambda s: sum(s) / len(s), "min": min}[aggregate]
+        scores = {c: None if None in s else agg(s) for c, s in by_conv.items()}
+    return scores, sum(v is None for v in scores.values())
+
+
+def model_pairs(ratings: list[Rating], n_pairs: int, seed: int, holdout: float = 0.0, unit: str = "round",
+                aggregate: str = "mean"):
+    """`n_pairs` distinct pairs of units with different, parsed scores (ties and nulls never form pairs), drawn
+    with `seed`; a share `holdout` of them is held out to measure the selector on unseen model pairs."""
+    scores, nulls = unit_scores(ratings, unit, aggregate)
+    scored = sorted((u, s) for u, s in scores.items() if s is not None)
     rng = random.Random(seed)
     pairs, seen = [], set()
-    distinct = len({r.score for r in scored})
+    distinct = len({s for _, s in scored})
     attempts = 0
     while len(pairs) < n_pairs and distinct > 1 and attempts < 50 * n_pairs:
         attempts += 1
-        a, b = rng.sample(scored, 2)
-        key = tuple(sorted((a.candidate_id, b.candidate_id)))
-        if a.score == b.score or key in seen:
+        (a, sa), (b, sb) = rng.sample(scored, 2)
+        key = tuple(sorted((a, b)))
+        if sa == sb or key in seen:
             continue
         seen.add(key)
-        pairs.append(PreferencePair(a_id=a.candidate_id, b_id=b.candidate_id, label=int(a.score > b.score),
-                                    weight=1.0, source="model"))
-    return pairs, {"rated_rounds": len(ratings), "null_scores": len(ratings) - len(scored)}
+        pairs.append(PreferencePair(a_id=a, b_id=b, label=int(sa > sb), weight=1.0, source="model"))
+    for p in rng.sample(pairs, int(round(holdout * len(pairs)))):
+        p.split = "holdout"
+    return pairs, {"rated_rounds": len(ratings), "null_scores": sum(r.score is None for r in ratings),
+                   "units": len(scores), "null_units": nulls}
 
 
 def rater_agreement(pairs: list[PreferencePair], pool_ratings: list[Rating]) -> dict:

@@ -1,6 +1,6 @@
 """Stage `filter`: score every candidate conversation and keep the top `ratio` as the release.
 
-A conversation's score is the mean of its rounds' selector scores. The release is LLaVA format:
+A conversation's score comes from the selector (selector.score_conversations). The release is LLaVA format:
 unique `id`, relative `image`, `domain`, `conversations` alternating human/gpt from human, with
 `<image>\\n` exactly once, at the start of the first human turn.
 """
@@ -14,14 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from .schema import IMAGE_TOKEN, Conversation
-
-
-def conversation_scores(conversations: list[Conversation], unit_scores: dict[str, float]) -> dict[str, float]:
-    out = {}
-    for c in conversations:
-        s = [unit_scores[f"{c.id}#{k}"] for k in range(len(c.conversations) // 2)]
-        out[c.id] = float(np.mean(s))
-    return out
 
 
 def select_top(scores: dict[str, float], ratio: float, top_k: int = 0, domains: dict[str, str] | None = None) -> list[str]:
@@ -48,15 +40,26 @@ def select_top(scores: dict[str, float], ratio: float, top_k: int = 0, domains: 
     return [i for i in ranked if i in kept]
 
 
-def to_llava(c: Conversation, score: float) -> dict:
+def to_llava(c: Conversation, score: float | None = None) -> dict:
+    """The LLaVA record of a candidate; `validate` says whether it is well formed."""
     turns = [dict(t) for t in c.conversations]
-    assert turns and turns[0]["from"] == "human", f"conversation {c.id}: must start with a human turn"
-    for i, t in enumerate(turns):
-        assert t["from"] == ("human" if i % 2 == 0 else "gpt"), f"conversation {c.id}: turns do not alternate"
-        assert IMAGE_TOKEN not in t["value"], f"conversation {c.id}: turn {i} already contains {IMAGE_TOKEN}"
-    turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"
+    if turns and isinstance(turns[0].get("value"), str):
+        turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"
     return {"id": c.id, "image": c.image, "domain": c.domain, "conversations": turns,
-            "selector_score": round(score, 6), "generator": f"{c.backend}:{c.model}"}
+            "selector_score": None if score is None else round(score, 6), "generator": f"{c.backend}:{c.model}"}
+
+
+def screen(conversations: list[Conversation], image_root: Path) -> tuple[list[Conversation], list[dict]]:
+    """Candidates that would make a valid release record, and the others with why (missing image, no
+    rounds, turns that do not alternate, an empty turn, a stray <image>): skipped and counted, not scored."""
+    ok, skipped = [], []
+    for c in conversations:
+        problems = validate([to_llava(c)], image_root)["problems"]
+        if problems:
+            skipped.append({"id": c.id, "problems": [why for _, why in problems]})
+        else:
+            ok.append(c)
+    return ok, skipped
 
 
 # ---------------------------------------------------------------- checking a release

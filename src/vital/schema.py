@@ -118,7 +118,7 @@ class Failure:
 class PreferencePair:
     a_id: str
     b_id: str
-    label: int  # 1: a preferred, 0: b preferred. Ties are never pairs.
+    label: int  # 1: a preferred, 0: b preferred. Ties are never pairs here; a selector masks any other label.
     weight: float
     source: str  # "clinician" | "model"
     split: str = "train"  # "train" | "holdout"

@@ -1,61 +1,226 @@
 """Stages `train_selector` and (scoring for) `filter`: the data selection model.
 
-A unit is one Q&A round in context: caption + in-text mentions + question + answer, and its image.
-Features are the MiniLM text embedding concatenated with the image descriptor (`encoders.py`);
-an MLP maps them to a score. Training minimises the weighted pairwise hinge loss
-    w * max(0, margin - (s_preferred - s_other))
-over clinician and model pairs. Backbone features are frozen and computed once per unique unit.
+Unit: what the selector scores. `unit: round` (the paper): caption + in-text mentions + one question + its answer,
+with the figure; id `<conversation>#<round>`. `unit: conversation`: caption + mentions + every round; id
+`<conversation>`. A clinician-judged pool answer is a one-round unit either way; id `<question_id>:A|B`.
+With `unit: round` a conversation's score is the `aggregate` (mean | min) of its rounds' scores.
+
+Backbone: `minilm` (the MiniLM text embedding + the image descriptor of encoders.py) or `biomedclip` (a Hugging
+Face dual encoder, VisionTextDualEncoderModel or CLIPModel format, from `backbone_model`: a path or hub name).
+Features are text and image embeddings side by side; an MLP head maps them to a score.
+
+Training minimises a weighted pairwise loss over preference pairs (label 1: a preferred, 0: b preferred; any other
+label, such as 0.5 for a tie, is masked and counted, never read as "b wins"):
+    hinge:    w * max(0, margin - (s_win - s_lose))
+    logistic: w * log(1 + exp(-(s_win - s_lose)))          (Bradley-Terry)
+with Adam. Frozen backbone (the default): every unique text and image is encoded once into the embedding cache
+and the epochs train the head alone. `finetune_backbone: true` trains the backbone too (lr `backbone_lr`), end to
+end as the paper did; its weights are saved next to the head and `filter` scores with them.
+
+After each epoch the held-out pairs are scored: model-pair accuracy, clinician alignment (the share of held-out
+clinician pairs ordered as clinicians ordered them), and over the held-out clinician answers (preferred ones as
+positives) ROC AUC, average precision (`map`) and the mean rank of preferred answers (0: top, 1: bottom): the
+filter cuts one global ranking, so a global ranking measure matters besides the per-pair one. The saved model is
+the best epoch by clinician alignment, then held-out model-pair accuracy, then the later epoch.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
+from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 
-from .encoders import IMAGE_DIM, TEXT_DIM, EmbeddingCache, encode_images, encode_texts
+from .encoders import IMAGE_DIM, TEXT_DIM, EmbeddingCache, _minilm, encode_images, minilm_embed
 from .schema import Conversation, CorpusRecord, PoolItem, rounds
 
-BACKBONE = "minilm+imagefeat"
+AGGREGATES = {"mean": np.mean, "min": np.min}
 
 
-def unit_text(caption: str, mentions: list[str], question: str, answer: str) -> str:
-    return f"{caption} {' '.join(mentions)} Question: {question} Answer: {answer}"
+@dataclass
+class TrainConfig:
+    backbone: str = "minilm"          # minilm | biomedclip
+    backbone_model: str | None = None  # biomedclip: path or hub name of a Hugging Face dual-encoder checkpoint
+    finetune_backbone: bool = False
+    backbone_lr: float = 1e-5
+    unit: str = "round"               # round | conversation
+    aggregate: str = "mean"           # mean | min: rounds -> conversation
+    loss: str = "hinge"               # hinge | logistic
+    margin: float = 1.0
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 64
+    hidden: int = 256
+    dropout: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        for key, allowed in (("backbone", ("minilm", "biomedclip")), ("unit", ("round", "conversation")),
+                             ("aggregate", tuple(AGGREGATES)), ("loss", ("hinge", "logistic"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"train_selector.{key} is {getattr(self, key)!r}; use one of {', '.join(allowed)}")
+        if self.backbone == "biomedclip" and not self.backbone_model:
+            raise ValueError("train_selector.backbone is biomedclip but backbone_model is empty: give the path or hub "
+                             "name of BiomedCLIP in Hugging Face dual-encoder format (see README)")
 
 
-def build_units(records: dict[str, CorpusRecord], conversations: list[Conversation],
-                pool: list[PoolItem]) -> pd.DataFrame:
-    """Every scorable unit: generated rounds and pool answers -> (id, image, text)."""
+# ---------------------------------------------------------------- units
+
+def unit_text(caption: str, mentions: list[str], qa: list[tuple[str, str]]) -> str:
+    return f"{caption} {' '.join(mentions)} " + " ".join(f"Question: {q} Answer: {a}" for q, a in qa)
+
+
+def build_units(records: dict[str, CorpusRecord], conversations: list[Conversation], pool: list[PoolItem],
+                unit: str = "round") -> pd.DataFrame:
+    """Every scorable unit: generated rounds (or conversations) and pool answers -> (id, image, text)."""
     rows = []
     for c in conversations:
-        r = records[c.id]
-        for k, (q, a) in enumerate(rounds(c.conversations)):
-            rows.append((f"{c.id}#{k}", c.image, unit_text(r.caption, r.inline_mentions, q, a)))
+        r, qa = records[c.id], rounds(c.conversations)
+        if unit == "conversation":
+            rows.append((c.id, c.image, unit_text(r.caption, r.inline_mentions, qa)))
+        else:
+            rows += [(f"{c.id}#{k}", c.image, unit_text(r.caption, r.inline_mentions, [x])) for k, x in enumerate(qa)]
     for p in pool:
         for side, ans in (("A", p.answer_a), ("B", p.answer_b)):
-            rows.append((f"{p.question_id}:{side}", p.image, unit_text(p.caption, p.inline_mentions, p.question, ans)))
+            rows.append((f"{p.question_id}:{side}", p.image,
+                         unit_text(p.caption, p.inline_mentions, [(p.question, ans)])))
     return pd.DataFrame(rows, columns=["id", "image", "text"]).drop_duplicates("id").set_index("id")
 
 
-def featurize(units: pd.DataFrame, image_root: Path, cache_dir: Path | None = None) -> np.ndarray:
-    """(n, TEXT_DIM + IMAGE_DIM) frozen backbone features. With `cache_dir`, every unique text and image
-    is encoded once across epochs, stages and experiments (EmbeddingCache, keyed by content hash)."""
-    texts = units["text"].tolist()
-    paths = [image_root / u for u in units["image"]]
-    if cache_dir is None:
-        uniq = sorted(set(units["image"]))
-        img = dict(zip(uniq, encode_images([image_root / u for u in uniq])))
-        return np.hstack([encode_texts(texts), np.stack([img[u] for u in units["image"]])]).astype(np.float32)
-    text_cache = EmbeddingCache(cache_dir, "text", f"{BACKBONE}:text")
-    image_cache = EmbeddingCache(cache_dir, "image", f"{BACKBONE}:image")
-    text = text_cache.get_or_encode([t.encode() for t in texts], lambda idx: encode_texts([texts[i] for i in idx]))
-    images = image_cache.get_or_encode([p.read_bytes() for p in paths], lambda idx: encode_images([paths[i] for i in idx]))
-    return np.hstack([text, images]).astype(np.float32)
+def conversation_score(c: Conversation, unit_scores: dict[str, float], unit: str, aggregate: str) -> float:
+    if unit == "conversation":
+        return float(unit_scores[c.id])
+    return float(AGGREGATES[aggregate]([unit_scores[f"{c.id}#{k}"] for k in range(len(c.conversations) // 2)]))
 
+
+# ---------------------------------------------------------------- backbones
+
+def _pooled(out) -> torch.Tensor:
+    """transformers 5 returns model outputs from get_*_features; older versions a tensor."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _weights_hash(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class MiniLMBackbone(nn.Module):
+    """The MiniLM text encoder (trainable when fine-tuning) + the fixed image descriptor."""
+    kind = "minilm"
+    dim = TEXT_DIM + IMAGE_DIM
+
+    def __init__(self, path: str | None = None, trainable: bool = False):
+        super().__init__()
+        self.tok, model = _minilm(path)
+        self.text = copy.deepcopy(model) if trainable else model  # never train the shared copy
+        self.identity = "minilm+imagefeat" if path is None else f"minilm+imagefeat@{_weights_hash(self.text)}"
+
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        return minilm_embed(self.tok, self.text, texts)
+
+    def image_features(self, paths: list[Path]) -> torch.Tensor:
+        return torch.from_numpy(encode_images(paths))
+
+    def save(self, out: Path) -> None:
+        self.text.save_pretrained(out)
+        self.tok.save_pretrained(out)
+
+
+class DualEncoderBackbone(nn.Module):
+    """BiomedCLIP (or any CLIP-style model) in Hugging Face format: normalised text and image projections."""
+    kind = "biomedclip"
+
+    def __init__(self, name: str):
+        super().__init__()
+        from transformers import AutoModel, AutoProcessor
+
+        try:
+            self.model = AutoModel.from_pretrained(name)
+            self.processor = AutoProcessor.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"train_selector.backbone_model {name!r}: cannot load it ({str(e).splitlines()[0]}). "
+                             "Give a local folder or hub name of a Hugging Face dual encoder "
+                             "(VisionTextDualEncoderModel or CLIPModel format)") from None
+        if not (hasattr(self.model, "get_text_features") and hasattr(self.model, "get_image_features")):
+            raise ValueError(f"train_selector.backbone_model {name!r} is a {type(self.model).__name__}, not a dual "
+                             "encoder with text and image projections (VisionTextDualEncoderModel or CLIPModel)")
+        self.dim = 2 * self.model.config.projection_dim
+        self.max_length = min(256, getattr(self.model.config.text_config, "max_position_embeddings", 256))
+        self.identity = f"biomedclip@{_weights_hash(self.model)}"  # the weights, wherever they were loaded from
+
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        enc = self.processor.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                       return_tensors="pt")
+        out = self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        return nn.functional.normalize(_pooled(out), dim=-1)
+
+    def image_features(self, paths: list[Path]) -> torch.Tensor:
+        images = []
+        for p in paths:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return nn.functional.normalize(_pooled(self.model.get_image_features(pixel_values=pixels)), dim=-1)
+
+    def save(self, out: Path) -> None:
+        self.model.save_pretrained(out)
+        self.processor.save_pretrained(out)
+
+
+def build_backbone(cfg: TrainConfig) -> nn.Module:
+    if cfg.backbone == "biomedclip":
+        return DualEncoderBackbone(cfg.backbone_model)
+    return MiniLMBackbone(trainable=cfg.finetune_backbone)
+
+
+def encode(backbone: nn.Module, units: pd.DataFrame, image_root: Path) -> torch.Tensor:
+    """Features of `units` with gradients (fine-tuning): text and image embeddings side by side."""
+    return torch.cat([backbone.text_features(units["text"].tolist()),
+                      backbone.image_features([image_root / u for u in units["image"]])], dim=1)
+
+
+def _batched(fn: Callable, items: list, batch_size: int = 32) -> np.ndarray:
+    with torch.inference_mode():
+        return np.concatenate([fn(items[i:i + batch_size]).float().numpy() for i in range(0, len(items), batch_size)])
+
+
+class Featurizer:
+    """Frozen features of units through one backbone: each unique text and image is encoded once across epochs,
+    stages and experiments (EmbeddingCache, keyed by the backbone's identity and the content)."""
+
+    def __init__(self, backbone: nn.Module, image_root: Path, cache_dir: Path):
+        self.backbone, self.image_root = backbone, Path(image_root)
+        self.texts = EmbeddingCache(cache_dir, "text", f"{backbone.identity}:text")
+        self.images = EmbeddingCache(cache_dir, "image", f"{backbone.identity}:image")
+
+    def __call__(self, units: pd.DataFrame) -> np.ndarray:
+        if units.empty:
+            return np.zeros((0, self.backbone.dim), np.float32)
+        texts, paths = units["text"].tolist(), [self.image_root / u for u in units["image"]]
+        text = self.texts.get_or_encode([t.encode() for t in texts],
+                                        lambda idx: _batched(self.backbone.text_features, [texts[i] for i in idx]))
+        image = self.images.get_or_encode([p.read_bytes() for p in paths],
+                                          lambda idx: _batched(self.backbone.image_features, [paths[i] for i in idx]))
+        return np.hstack([text, image]).astype(np.float32)
+
+
+def missing_images(units: pd.DataFrame, image_root: Path) -> list[str]:
+    return [u for u, image in units["image"].items() if not (Path(image_root) / image).is_file()]
+
+
+# ---------------------------------------------------------------- head and training
 
 class Selector(nn.Module):
     def __init__(self, in_dim: int = TEXT_DIM + IMAGE_DIM, hidden: int = 256, dropout: float = 0.1):
@@ -68,85 +233,172 @@ class Selector(nn.Module):
 
 
 def pair_tensors(pairs: pd.DataFrame, index: dict[str, int]):
-    """(preferred rows, other rows, weights) for pairs whose units are both known."""
-    keep = pairs["a_id"].isin(index) & pairs["b_id"].isin(index)
-    p = pairs[keep]
-    a = np.array([index[x] for x in p["a_id"]], dtype=np.int64)
-    b = np.array([index[x] for x in p["b_id"]], dtype=np.int64)
-    lab = p["label"].to_numpy().astype(bool)
-    win, lose = np.where(lab, a, b), np.where(lab, b, a)
-    return torch.from_numpy(win), torch.from_numpy(lose), torch.tensor(p["weight"].to_numpy(), dtype=torch.float32), int((~keep).sum())
+    """(preferred rows, other rows, weights, counts) for decided pairs whose units are both known."""
+    weight = pd.to_numeric(pairs["weight"], errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(weight) | (weight < 0)
+    if bad.any():
+        n = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"preference pair {n + 1} ({pairs['a_id'].iloc[n]} vs {pairs['b_id'].iloc[n]}): weight "
+                         f"{pairs['weight'].iloc[n]} is not a finite number >= 0; fix merge_preferences' inputs")
+    label = pd.to_numeric(pairs["label"], errors="coerce").to_numpy(dtype=float)
+    decided = np.isin(label, (0, 1))
+    known = (pairs["a_id"].isin(index) & pairs["b_id"].isin(index)).to_numpy()
+    keep = decided & known
+    a = np.array([index[x] for x in pairs["a_id"][keep]], dtype=np.int64)
+    b = np.array([index[x] for x in pairs["b_id"][keep]], dtype=np.int64)
+    win, lose = np.where(label[keep] == 1, a, b), np.where(label[keep] == 1, b, a)
+    counts = {"ties_masked": int((~decided).sum()), "missing_units": int((decided & ~known).sum())}
+    return torch.from_numpy(win), torch.from_numpy(lose), torch.tensor(weight[keep], dtype=torch.float32), counts
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 30
-    lr: float = 1e-3
-    batch_size: int = 64
-    margin: float = 1.0
-    hidden: int = 256
-    dropout: float = 0.1
-    seed: int = 0
+def pair_loss(s_win: torch.Tensor, s_lose: torch.Tensor, weight: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    diff = s_win - s_lose
+    per_pair = torch.clamp(cfg.margin - diff, min=0) if cfg.loss == "hinge" else nn.functional.softplus(-diff)
+    return (weight * per_pair).sum() / weight.sum().clamp(min=1e-12)
 
 
 def pair_accuracy(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor) -> float | None:
     if len(win) == 0:
         return None
-    return float((scores[win] > scores[lose]).float().mean())
+    return round(float((scores[win] > scores[lose]).float().mean()), 5)
 
 
-def train(features: np.ndarray, pairs: pd.DataFrame, index: dict[str, int], cfg: TrainConfig):
-    """Train on split=="train" pairs; report per-epoch loss, train accuracy and held-out alignment."""
+def ranking_metrics(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor) -> dict:
+    """AUC, average precision and mean rank (0 top .. 1 bottom) of preferred answers among held-out answers."""
+    if len(win) == 0:
+        return {"auc": None, "map": None, "mean_rank": None}
+    s = torch.cat([scores[win], scores[lose]]).numpy()
+    y = np.r_[np.ones(len(win)), np.zeros(len(lose))]
+    order = np.argsort(-s, kind="stable")
+    rank = np.empty(len(s))
+    rank[order] = np.arange(len(s)) / max(len(s) - 1, 1)
+    return {"auc": round(float(roc_auc_score(y, s)), 5), "map": round(float(average_precision_score(y, s)), 5),
+            "mean_rank": round(float(rank[: len(win)].mean()), 5)}
+
+
+def train(features: Callable[[torch.Tensor], torch.Tensor], n_units: int, in_dim: int, pairs: pd.DataFrame,
+          index: dict[str, int], cfg: TrainConfig, backbone: nn.Module | None = None):
+    """Train on split=="train" pairs; `features(unit rows)` gives the head's input (cached rows, or the
+    backbone's output with gradients when `backbone` is passed to be fine-tuned). Returns the best epoch's
+    head, the per-epoch history and counts."""
     torch.manual_seed(cfg.seed)
-    x = torch.from_numpy(features)
-    tr_w, tr_l, tr_wt, missing = pair_tensors(pairs[pairs["split"] == "train"], index)
-    ho_w, ho_l, _, _ = pair_tensors(pairs[pairs["split"] == "holdout"], index)
-    assert len(tr_w), "no training pairs: check merge_preferences output (data/preferences/pairs.parquet)"
-    model = Selector(features.shape[1], cfg.hidden, cfg.dropout)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    train_pairs, held = pairs[pairs["split"] == "train"], pairs[pairs["split"] == "holdout"]
+    tr_w, tr_l, tr_wt, counts = pair_tensors(train_pairs, index)
+    ho = {src: pair_tensors(held[held["source"] == src], index)[:2] for src in ("model", "clinician")}
+    if not len(tr_w):
+        raise ValueError("no training pairs: check merge_preferences' output (data/preferences/pairs.parquet)")
+    head = Selector(in_dim, cfg.hidden, cfg.dropout)
+    groups = [{"params": head.parameters(), "lr": cfg.lr}]
+    if backbone is not None:
+        groups.append({"params": [p for p in backbone.parameters() if p.requires_grad], "lr": cfg.backbone_lr})
+    opt = torch.optim.Adam(groups)
     gen = torch.Generator().manual_seed(cfg.seed)
-    history = []
-    for epoch in range(cfg.epochs):
-        model.train()
-        perm = torch.randperm(len(tr_w), generator=gen)
-        total = 0.0
+    history, best, best_key = [], None, None
+
+    def score_all() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([head(features(torch.arange(i, min(i + 1024, n_units)))) for i in range(0, n_units, 1024)])
+
+    for epoch in range(1, cfg.epochs + 1):
+        head.train()
+        if backbone is not None:
+            backbone.train()
+        perm, total = torch.randperm(len(tr_w), generator=gen), 0.0
         for i in range(0, len(perm), cfg.batch_size):
             j = perm[i:i + cfg.batch_size]
-            s_w, s_l = model(x[tr_w[j]]), model(x[tr_l[j]])
-            loss = (tr_wt[j] * torch.clamp(cfg.margin - (s_w - s_l), min=0)).sum() / tr_wt[j].sum()
+            rows, inverse = torch.unique(torch.cat([tr_w[j], tr_l[j]]), return_inverse=True)
+            s = head(features(rows))
+            loss = pair_loss(s[inverse[:len(j)]], s[inverse[len(j):]], tr_wt[j], cfg)
+            if not torch.isfinite(loss):
+                raise ValueError(f"train_selector: the loss became {loss.item()} in epoch {epoch}; lower "
+                                 f"train_selector.lr (now {cfg.lr})")
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item() * len(j)
-        model.eval()
-        with torch.no_grad():
-            s = model(x)
-        history.append({"epoch": epoch + 1, "train_loss": total / len(perm),
-                        "train_pair_accuracy": pair_accuracy(s, tr_w, tr_l),
-                        "clinician_alignment": pair_accuracy(s, ho_w, ho_l)})
-    return model, history, {"train_pairs": len(tr_w), "holdout_pairs": len(ho_w), "pairs_missing_units": missing}
+        head.eval()
+        if backbone is not None:
+            backbone.eval()
+        s = score_all()
+        row = {"epoch": epoch, "train_loss": round(total / len(perm), 6),
+               "train_pair_accuracy": pair_accuracy(s, tr_w, tr_l),
+               "holdout_model_accuracy": pair_accuracy(s, *ho["model"]),
+               "clinician_alignment": pair_accuracy(s, *ho["clinician"]), **ranking_metrics(s, *ho["clinician"])}
+        history.append(row)
+        key = (_or(row["clinician_alignment"]), _or(row["holdout_model_accuracy"]), epoch)
+        if best_key is None or key > best_key:
+            best_key = key
+            best = (copy.deepcopy(head.state_dict()), copy.deepcopy(backbone.state_dict()) if backbone else None)
+    head.load_state_dict(best[0])
+    if backbone is not None:
+        backbone.load_state_dict(best[1])
+    stats = {"train_pairs": len(tr_w), "holdout_model_pairs": len(ho["model"][0]),
+             "holdout_clinician_pairs": len(ho["clinician"][0]), "pairs_masked_ties": counts["ties_masked"],
+             "pairs_missing_units": counts["missing_units"], "best_epoch": best_key[2]}
+    return head.eval(), history, stats
 
 
-def save(model: Selector, out_dir: Path, cfg: TrainConfig) -> None:
+def _or(x: float | None) -> float:
+    return -1.0 if x is None else x
+
+
+# ---------------------------------------------------------------- saving, loading, scoring
+
+def save(head: Selector, backbone: nn.Module, out_dir: Path, cfg: TrainConfig, best_epoch: int) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out_dir / "selector.pt")
-    meta = {"backbone": BACKBONE, "in_dim": model.net[0].in_features, **cfg.__dict__}
+    torch.save(head.state_dict(), out_dir / "selector.pt")
+    if cfg.finetune_backbone:
+        backbone.save(out_dir / "backbone")
+        backbone = load_backbone(asdict(cfg), out_dir)  # its identity is now a hash of the tuned weights
+    meta = {**asdict(cfg), "backbone_identity": backbone.identity, "in_dim": head.net[0].in_features,
+            "best_epoch": best_epoch}
     (out_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
 
 
-def load(model_dir: Path) -> Selector:
+def load_backbone(meta: dict, model_dir: Path) -> nn.Module:
+    if meta["finetune_backbone"]:
+        path = str(model_dir / "backbone")
+        return DualEncoderBackbone(path) if meta["backbone"] == "biomedclip" else MiniLMBackbone(path)
+    return DualEncoderBackbone(meta["backbone_model"]) if meta["backbone"] == "biomedclip" else MiniLMBackbone()
+
+
+def load(model_dir: Path) -> tuple[Selector, nn.Module, dict]:
+    """The head, the backbone it was trained on, and its config; refuses a backbone that is not the same."""
     meta = json.loads((model_dir / "config.json").read_text())
-    if meta["backbone"] != BACKBONE:
-        raise ValueError(f"{model_dir}/config.json: selector was trained with backbone {meta['backbone']!r} "
-                         f"but this scorer uses {BACKBONE!r}; rerun train_selector with the same backbone")
-    model = Selector(meta["in_dim"], meta["hidden"], meta["dropout"])
-    model.load_state_dict(torch.load(model_dir / "selector.pt", weights_only=True))
-    return model.eval()
+    backbone = load_backbone(meta, model_dir)
+    if backbone.identity != meta["backbone_identity"] or backbone.dim != meta["in_dim"]:
+        raise ValueError(f"{model_dir}/config.json: the selector was trained on backbone {meta['backbone_identity']!r} "
+                         f"({meta['in_dim']} features) but it now loads as {backbone.identity!r} ({backbone.dim}): "
+                         "the backbone's weights changed. Rerun train_selector (dvc repro train_selector)")
+    head = Selector(meta["in_dim"], meta["hidden"], meta["dropout"])
+    head.load_state_dict(torch.load(model_dir / "selector.pt", weights_only=True))
+    return head.eval(), backbone.eval(), meta
 
 
-def score(model: Selector, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+def score(head: Selector, features: np.ndarray, batch_size: int = 8192) -> np.ndarray:
     out = []
     with torch.no_grad():
         for i in range(0, len(features), batch_size):
-            out.append(model(torch.from_numpy(features[i:i + batch_size])).numpy())
+            out.append(head(torch.from_numpy(features[i:i + batch_size])).numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def score_conversations(conversations: list[Conversation], records: dict[str, CorpusRecord], image_root: Path,
+                        cache_dir: Path, model_dir: Path, chunk: int = 4096) -> tuple[dict[str, float], dict]:
+    """{conversation id: score} with the trained selector, streaming `chunk` conversations at a time (features
+    are never all in memory). A non-finite score is an error naming the unit."""
+    head, backbone, meta = load(model_dir)
+    featurize = Featurizer(backbone, image_root, cache_dir)
+    out = {}
+    for i in range(0, len(conversations), chunk):
+        part = conversations[i:i + chunk]
+        units = build_units(records, part, [], meta["unit"])
+        s = score(head, featurize(units))
+        if not np.isfinite(s).all():
+            bad = units.index[~np.isfinite(s)]
+            raise ValueError(f"the selector in {model_dir} scored {len(bad)} unit(s) as NaN or infinite (first: "
+                             f"{bad[0]}); retrain it (dvc repro train_selector), e.g. with a lower train_selector.lr")
+        scores = dict(zip(units.index, s.tolist()))
+        out.update({c.id: conversation_score(c, scores, meta["unit"], meta["aggregate"]) for c in part})
+    return out, meta

