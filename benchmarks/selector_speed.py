@@ -7,7 +7,9 @@ Prints, measured side by side in one run:
 - seconds per training epoch with the frozen features encoded once (the embedding cache), and with both
   sides of every pair re-encoded through the MiniLM text encoder and the image descriptor every epoch
   (the paper's released code re-encodes through its encoder each epoch), same model, same pairs; the ratio;
-- seconds to score `--candidates` cached feature rows and take the top 10% (np.argpartition).
+- seconds to score `--candidates` cached feature rows and take the top 10% (np.argpartition);
+- the filter stage's whole path on `--conversations` 3-round conversations whose features are in the cache:
+  units, cache lookups, scoring in chunks, the mean per conversation, and the top 10% (select_top).
 Goals (issue #5): >= 100x per epoch; <= 10 s for 1M on two cores.
 """
 import argparse
@@ -19,8 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vital import selector
+from vital import release, selector
 from vital.corpus import build_sample
+from vital.encoders import EmbeddingCache
+from vital.schema import Conversation
 from vital.encoders import encode_images, encode_texts
 from vital.offline import qa_from_text
 
@@ -62,11 +66,37 @@ def epoch_reencoding(units, pairs, image_dir, cfg):
     return time.perf_counter() - t
 
 
+def filter_path(n: int, image_dir: Path, records, cache_dir: Path) -> float:
+    """Seconds for selector.score_conversations + select_top over n conversations with cached features."""
+    rng = np.random.default_rng(0)
+    recs, convs = {}, []
+    for i in range(n):
+        r = records[i % len(records)]
+        turns = [t for k in range(3) for t in ({"from": "human", "value": f"Question {k} on figure {i}?"},
+                                                {"from": "gpt", "value": f"Answer {k}, number {i}."})]
+        convs.append(Conversation(f"c{i}", r.image, r.domain, turns, "offline", "m", "h"))
+        recs[f"c{i}"] = r
+    backbone = selector.MiniLMBackbone()
+    units = selector.build_units(recs, convs, [])
+    cache = EmbeddingCache(cache_dir, "text", f"{backbone.identity}:text")  # warm it as earlier runs would have
+    keys = list(dict.fromkeys(cache.key(t.encode()) for t in units["text"]))
+    vectors = rng.standard_normal((len(keys), selector.TEXT_DIM), dtype=np.float32)
+    pd.DataFrame({"key": keys, "vector": list(vectors)}).to_parquet(cache_dir / "text-bench.parquet")
+    selector.Featurizer(backbone, image_dir, cache_dir)(units.drop_duplicates("image"))  # the few images
+    model_dir = cache_dir.parent / "selector"
+    selector.save(selector.Selector().eval(), backbone, model_dir, selector.TrainConfig(), 1)
+    t = time.perf_counter()
+    scores, _ = selector.score_conversations(convs, recs, image_dir, cache_dir, model_dir)
+    release.select_top(scores, 0.1)
+    return time.perf_counter() - t
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=300)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--candidates", type=int, default=1_000_000)
+    ap.add_argument("--conversations", type=int, default=100_000)
     args = ap.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
@@ -90,6 +120,13 @@ def main():
         print(f"encoding every unique unit once (into the cache): {encode_once:.2f} s")
         print(f"per epoch, cached features: {cached_epoch * 1000:.1f} ms; re-encoding every pair: "
               f"{reencode_epoch * 1000:.0f} ms; ratio {reencode_epoch / cached_epoch:.0f}x")
+
+        records = build_sample(image_dir, 256).records
+        (Path(d) / "emb2").mkdir()
+        elapsed = filter_path(args.conversations, image_dir, records, Path(d) / "emb2")
+        print(f"filter path (units, cache lookups, chunked scoring, mean per conversation, top 10%) for "
+              f"{args.conversations:,} cached conversations ({3 * args.conversations:,} rounds): {elapsed:.2f} s "
+              f"({3 * args.conversations / elapsed:,.0f} rounds/s)")
 
     model = selector.Selector(selector.TEXT_DIM + selector.IMAGE_DIM).eval()
     feats = np.random.default_rng(0).standard_normal((args.candidates, selector.TEXT_DIM + selector.IMAGE_DIM),

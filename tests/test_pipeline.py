@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -157,3 +158,117 @@ def test_an_openai_compatible_server_drives_generate_and_rate_and_no_key_is_left
         if f.is_file() and ".git" not in f.parts:
             data = f.read_bytes()
             assert key.encode() not in data and wrong_key.encode() not in data, f
+
+
+# The clinician-weight sweep as the README documents it (selector only: each experiment stops at train_selector
+# and starts from the embedding cache, so that two experiments take seconds, not the whole DAG each).
+SWEEP = "dvc exp run --queue train_selector -C data/cache/embeddings -S 'merge_preferences.clinician_weight=1,100'"
+SWEEP_SHOW = "dvc exp show --csv --drop '.*' --keep 'Experiment|State|.*clinician_weight|.*clinician_alignment'"
+
+
+def _processes_in(path: Path) -> list[int]:
+    """Ids of live processes whose working directory is inside `path`: a queue worker left behind (Linux only)."""
+    pids = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            cwd = Path(os.readlink(d / "cwd"))
+        except OSError:  # gone, a zombie, or not ours to read
+            continue
+        if cwd == path or path in cwd.parents:
+            pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_clinician_weight_sweep_runs_one_queued_experiment_per_weight(repo):
+    # PYTHONPATH=src: the stages import this copy's library (relative, so each experiment's own copy), not the
+    # editable install's ROOT/src, which may be mid-edit while the test runs
+    def sh(cmd, timeout=120, check=True):
+        return run(cmd, repo, check=check, timeout=timeout, PYTHONPATH="src")
+
+    sh("dvc repro train_selector", timeout=300)  # upstream stages cached; writes data/cache/embeddings
+    params_before = (repo / "params.yaml").read_bytes()
+    try:
+        queued = sh(SWEEP).stdout
+        assert queued.count("Queued experiment") == 2, queued
+        sh("dvc queue start")
+        deadline = time.monotonic() + 300
+        while re.search(r"\b(Queued|Running)\b", status := sh("dvc queue status").stdout):
+            assert time.monotonic() < deadline, f"the sweep still runs after 300 s:\n{status}"
+            time.sleep(4)  # each status call costs a CPU second, on the machine that runs the experiments
+        failed = re.findall(r"^\w+\s+(\S+)\s.*\bFailed\s*$", status, re.M)
+        assert not failed, status + "".join(sh(f"dvc queue logs {n}", check=False).stdout[-3000:] for n in failed)
+        shown = json.loads(sh("dvc exp show --json").stdout)
+        table = sh(SWEEP_SHOW).stdout
+    finally:  # no queue worker outlives the test (an idle one would otherwise wait 60 s for more work)
+        sh("dvc queue stop --kill", check=False, timeout=60)
+        deadline = time.monotonic() + 30
+        while (left := _processes_in(repo.resolve())) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in set(left) - {os.getpid()}:
+            os.kill(pid, 9)
+
+    exps = [e for base in shown for e in base.get("experiments") or []]
+    assert len(exps) == 2 and all(e["executor"]["state"] == "success" for e in exps), exps
+    by_weight = {}
+    for e in exps:
+        data = e["revs"][0]["data"]
+        w, metrics = data["params"]["params.yaml"]["data"]["merge_preferences"]["clinician_weight"], data["metrics"]
+        by_weight[w] = {f: metrics[f"metrics/{f}.json"]["data"] for f in ("merge_preferences", "train_selector")}
+    assert sorted(by_weight) == [1, 100]
+    for w, m in by_weight.items():
+        assert m["merge_preferences"]["clinician_weight"] == w  # each experiment merged with its own weight
+        a = m["train_selector"]["clinician_alignment"]
+        assert isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1, (w, a)
+    assert by_weight[1]["merge_preferences"] != by_weight[100]["merge_preferences"]
+
+    header, *rows = table.strip().splitlines()  # the README's table, as CSV
+    cols = header.split(",")
+    assert cols[:2] == ["Experiment", "State"] and "merge_preferences.clinician_weight" in cols
+    assert any(c.endswith("clinician_alignment") for c in cols), header
+    assert sum(",Success," in r for r in rows) == 2, table
+    assert (repo / "params.yaml").read_bytes() == params_before  # the sweep never touched the workspace
+
+
+@pytest.mark.slow
+def test_selector_experiments_biomedclip_finetuned_per_conversation_logistic(repo, tmp_path, tiny_biomedclip):
+    """A user with a (converted) BiomedCLIP switches backbone, unit, loss and fine-tuning by params alone."""
+    run("dvc repro train_selector", repo)
+    path = tiny_biomedclip(tmp_path / "biomedclip-hf")
+    out = run(f"dvc exp run filter -S train_selector.backbone=biomedclip -S train_selector.backbone_model={path} "
+              "-S train_selector.finetune_backbone=true -S train_selector.unit=conversation "
+              "-S train_selector.aggregate=min -S train_selector.loss=logistic -S train_selector.epochs=3", repo).stdout
+    assert ran(out) == ["merge_preferences", "train_selector", "filter"]  # pairs follow the selector's unit
+    m = json.loads((repo / "metrics/train_selector.json").read_text())
+    assert m["backbone"].startswith("biomedclip@") and m["finetune_backbone"] and m["unit"] == "conversation"
+    assert m["units"] == 14 + 2 * json.loads((repo / "metrics/annotation_pool.json").read_text())["questions"]
+    assert 1 <= m["best_epoch"] <= 3 and m["pairs_missing_units"] == 0
+    pairs = pd.read_parquet(repo / "data/preferences/pairs.parquet")
+    assert not pairs.loc[pairs.source == "model", "a_id"].str.contains("#").any()  # conversation pairs
+    epochs = pd.read_csv(repo / "metrics/train_selector_epochs.csv")
+    assert list(epochs["epoch"]) == [1, 2, 3] and {"auc", "map", "mean_rank", "holdout_model_accuracy"} <= set(epochs)
+    assert (repo / "models/selector/backbone/model.safetensors").exists()
+    card = (repo / "data/release/DATA_CARD.md").read_text()
+    assert '"backbone": "biomedclip"' in card and '"unit": "conversation"' in card
+
+    broken = run("dvc exp run filter -S train_selector.backbone=biomedclip -S train_selector.backbone_model=null",
+                 repo, check=False)
+    assert broken.returncode != 0 and "backbone is biomedclip but backbone_model is empty" in broken.stderr
+
+
+@pytest.mark.slow
+def test_candidates_whose_image_went_missing_are_skipped_and_counted(repo):
+    run("dvc repro filter", repo)
+    convs = [json.loads(x) for x in (repo / "data/candidates/conversations.jsonl").read_text().splitlines()]
+    (repo / "data/corpus/images" / convs[0]["image"]).unlink()
+    run("python stages/train_selector.py && python stages/filter.py", repo)
+    m = json.loads((repo / "metrics/train_selector.json").read_text())
+    rounds = len(convs[0]["conversations"]) // 2
+    assert m["units_missing_image"] >= rounds  # its rounds, and pool answers about the same figure
+    f = json.loads((repo / "metrics/filter.json").read_text())
+    assert f["skipped"] == 1 and f["skipped_examples"][0]["id"] == convs[0]["id"]
+    assert "not found" in f["skipped_examples"][0]["problems"][0]
+    skipped = [json.loads(x) for x in (repo / "data/candidates/filter_skipped.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in skipped] == [convs[0]["id"]]
+    release = json.loads((repo / "data/release/instructions.json").read_text())
+    assert convs[0]["id"] not in {r["id"] for r in release} and len(release) == 11  # ceil(0.8 * 13)

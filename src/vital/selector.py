@@ -208,12 +208,15 @@ class Featurizer:
     def __call__(self, units: pd.DataFrame) -> np.ndarray:
         if units.empty:
             return np.zeros((0, self.backbone.dim), np.float32)
-        texts, paths = units["text"].tolist(), [self.image_root / u for u in units["image"]]
+        texts = units["text"].tolist()
+        names = list(dict.fromkeys(units["image"]))  # each image file read and hashed once
+        paths = [self.image_root / n for n in names]
         text = self.texts.get_or_encode([t.encode() for t in texts],
                                         lambda idx: _batched(self.backbone.text_features, [texts[i] for i in idx]))
         image = self.images.get_or_encode([p.read_bytes() for p in paths],
                                           lambda idx: _batched(self.backbone.image_features, [paths[i] for i in idx]))
-        return np.hstack([text, image]).astype(np.float32)
+        row = {n: i for i, n in enumerate(names)}
+        return np.hstack([text, image[[row[u] for u in units["image"]]]]).astype(np.float32)
 
 
 def missing_images(units: pd.DataFrame, image_root: Path) -> list[str]:
