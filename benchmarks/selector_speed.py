@@ -8,8 +8,9 @@ Prints, measured side by side in one run:
   sides of every pair re-encoded through the MiniLM text encoder and the image descriptor every epoch
   (the paper's released code re-encodes through its encoder each epoch), same model, same pairs; the ratio;
 - seconds to score `--candidates` cached feature rows and take the top 10% (np.argpartition);
-- the filter stage's whole path on `--conversations` 3-round conversations whose features are in the cache:
-  units, cache lookups, scoring in chunks, the mean per conversation, and the top 10% (select_top).
+- the filter's scoring path on `--conversations` 3-round conversations whose features are in the cache:
+  loading the cache, units, lookups, scoring in chunks, the mean per conversation, and the top 10%
+  (selector.score_conversations + release.select_top; not screening or writing the release files).
 Goals (issue #5): >= 100x per epoch; <= 10 s for 1M on two cores.
 """
 import argparse
@@ -124,7 +125,7 @@ def main():
         records = build_sample(image_dir, 256).records
         (Path(d) / "emb2").mkdir()
         elapsed = filter_path(args.conversations, image_dir, records, Path(d) / "emb2")
-        print(f"filter path (units, cache lookups, chunked scoring, mean per conversation, top 10%) for "
+        print(f"filter scoring path (cache, units, lookups, chunked scoring, mean per conversation, top 10%) for "
               f"{args.conversations:,} cached conversations ({3 * args.conversations:,} rounds): {elapsed:.2f} s "
               f"({3 * args.conversations / elapsed:,.0f} rounds/s)")
 

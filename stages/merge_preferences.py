@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 from common import load, params, write_metrics
 
-from vital.preferences import check_ratings, check_votes, clinician_pairs, model_pairs, rater_agreement
-from vital.schema import PoolItem, PreferencePair, Rating, Vote
+from vital.preferences import check_ratings, check_votes, clinician_pairs, model_pairs, rater_agreement, unit_scores
+from vital.schema import Conversation, PoolItem, PreferencePair, Rating, Vote
 
 
 def main():
@@ -27,11 +27,13 @@ def main():
     ratings = load("data/candidates/ratings.jsonl", Rating)
     try:
         check_ratings(ratings, "data/candidates/ratings.jsonl")
+        scores = unit_scores(ratings, load("data/candidates/conversations.jsonl", Conversation), sel["unit"],
+                             sel["aggregate"])
     except ValueError as e:
         raise SystemExit(f"merge_preferences: {e}") from None
     cpairs, ccounts = clinician_pairs(votes, pool, p["clinician_weight"], p["clinician_holdout"], p["seed"])
-    mpairs, mcounts = model_pairs(ratings, p["model_pairs"], p["seed"], p["model_holdout"], sel["unit"],
-                                  sel["aggregate"])
+    mpairs, mcounts = model_pairs(scores, p["model_pairs"], p["seed"], p["model_holdout"])
+    mcounts = {"rated_rounds": len(ratings), "null_scores": sum(r.score is None for r in ratings), **mcounts}
     pairs = cpairs + mpairs
     Path("data/preferences").mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame([asdict(x) for x in pairs], columns=list(PreferencePair.__dataclass_fields__))

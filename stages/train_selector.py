@@ -9,10 +9,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 from common import CORPUS_IMAGES, EMBEDDINGS, load, params, write_metrics
 
-from vital import selector
+from vital import release, selector
 from vital.schema import Conversation, CorpusRecord, PoolItem
 
 
@@ -23,24 +22,16 @@ def main():
     except (TypeError, ValueError) as e:
         raise SystemExit(f"train_selector: {e}") from None
     records = {r.id: r for r in load("data/corpus/records.jsonl", CorpusRecord)}
-    units = selector.build_units(records, load("data/candidates/conversations.jsonl", Conversation),
-                                 load("data/annotation/pool.jsonl", PoolItem), cfg.unit)
+    candidates, skipped = release.screen(load("data/candidates/conversations.jsonl", Conversation), CORPUS_IMAGES)
+    units = selector.build_units(records, candidates, load("data/annotation/pool.jsonl", PoolItem), cfg.unit)
     missing = selector.missing_images(units, CORPUS_IMAGES)
-    units = units.drop(index=missing)  # their pairs are counted in pairs_missing_units
-    pairs = pd.read_parquet("data/preferences/pairs.parquet")
+    units = units.drop(index=missing)  # pairs naming them are counted in pairs_missing_units
+    if units.empty:
+        raise SystemExit(f"train_selector: no unit has its image in {CORPUS_IMAGES} ({len(missing)} missing); "
+                         "rerun the corpus stage (dvc repro -f corpus)")
     try:
-        backbone = selector.build_backbone(cfg)
-        if cfg.finetune_backbone:  # end to end: the backbone encodes each batch, with gradients
-            def features(rows):
-                return selector.encode(backbone, units.iloc[rows.tolist()], CORPUS_IMAGES)
-        else:  # frozen: every unique text and image encoded once (the embedding cache)
-            x = torch.from_numpy(selector.Featurizer(backbone, CORPUS_IMAGES, EMBEDDINGS)(units))
-
-            def features(rows):
-                return x[rows]
-        head, history, stats = selector.train(features, len(units), backbone.dim, pairs,
-                                              {u: i for i, u in enumerate(units.index)}, cfg,
-                                              backbone if cfg.finetune_backbone else None)
+        head, backbone, history, stats = selector.fit(units, pd.read_parquet("data/preferences/pairs.parquet"), cfg,
+                                                      CORPUS_IMAGES, EMBEDDINGS)
     except ValueError as e:
         raise SystemExit(f"train_selector: {e}") from None
     meta = selector.save(head, backbone, Path("models/selector"), cfg, stats["best_epoch"])
@@ -48,7 +39,7 @@ def main():
     best = history[stats["best_epoch"] - 1]
     write_metrics("train_selector", {
         "backbone": meta["backbone_identity"], "finetune_backbone": cfg.finetune_backbone, "unit": cfg.unit,
-        "loss": cfg.loss, "units": len(units), "units_missing_image": len(missing), **stats,
+        "loss": cfg.loss, "candidates_skipped": len(skipped), "units_missing_image": len(missing), **stats,
         **{k: v for k, v in best.items() if k != "epoch"}}, t0)
 
 

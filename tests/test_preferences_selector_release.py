@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from vital import release, selector
-from vital.preferences import answers_hash, check_ratings, check_votes, clinician_pairs, model_pairs, rater_agreement
+from vital.preferences import (answers_hash, check_ratings, check_votes, clinician_pairs, model_pairs, rater_agreement,
+                               unit_scores)
 from vital.schema import IMAGE_TOKEN, Conversation, PoolItem, Rating, Vote
 
 
@@ -72,9 +73,9 @@ def test_overlapping_annotators_majority_and_cancelling_votes_are_no_pair():
 
 def test_model_pairs_never_from_ties_or_nulls():
     ratings = [Rating(f"c#{i}", "c", i, s, "j", "offline", str(s), "h") for i, s in enumerate([3, 3, 7, None, 9, 9])]
-    pairs, counts = model_pairs(ratings, 50, seed=0)
-    score = {r.candidate_id: r.score for r in ratings}
-    assert pairs and counts["null_scores"] == 1
+    score = unit_scores(ratings, [], "round", "mean")
+    pairs, counts = model_pairs(score, 50, seed=0)
+    assert pairs and counts["null_units"] == 1
     for p in pairs:
         assert score[p.a_id] is not None and score[p.b_id] is not None and score[p.a_id] != score[p.b_id]
         assert p.label == int(score[p.a_id] > score[p.b_id]) and p.weight == 1.0
@@ -88,18 +89,33 @@ def _conv(cid, n=2):
     return Conversation(cid, f"{cid}.png", "mri", turns, "offline", "m", "h")
 
 
-def test_model_pairs_per_conversation_aggregate_rounds_and_hold_some_out():
-    scores = {"c1": [8, 2], "c2": [5, 5], "c3": [9, None], "c4": [4, 4]}  # mean 5, 5, null, 4; min 2, 5, -, 4
+def test_model_pairs_per_conversation_aggregate_rounds_and_never_a_partial_rating():
+    scores = {"c1": [8, 2], "c2": [5, 5], "c3": [9, None], "c4": [4, 4], "c5": [6]}  # c5's 2nd round: no rating
     ratings = [Rating(f"{c}#{k}", c, k, s, "j", "offline", "", "h") for c, ss in scores.items() for k, s in enumerate(ss)]
-    mean, counts = model_pairs(ratings, 50, seed=0, unit="conversation", aggregate="mean")
-    assert sorted(tuple(sorted((p.a_id, p.b_id))) for p in mean) == [("c1", "c4"), ("c2", "c4")]  # c1 = c2: a tie
-    assert counts == {"rated_rounds": 8, "null_scores": 1, "units": 4, "null_units": 1}
-    low, _ = model_pairs(ratings, 50, seed=0, unit="conversation", aggregate="min")
-    worst = {"c1": 2, "c2": 5, "c4": 4}
-    assert len(low) == 3 and all(p.label == int(worst[p.a_id] > worst[p.b_id]) for p in low)
-    rounds = [Rating(f"r#{i}", "r", i, i % 11, "j", "offline", "", "h") for i in range(40)]
-    pairs, _ = model_pairs(rounds, 100, seed=0, holdout=0.2)
-    assert len(pairs) == 100 and sum(p.split == "holdout" for p in pairs) == 20
+    convs = [_conv(c) for c in scores]  # two rounds each
+    mean = unit_scores(ratings, convs, "conversation", "mean")
+    assert mean == {"c1": 5, "c2": 5, "c3": None, "c4": 4, "c5": None}
+    pairs, counts = model_pairs(mean, 50, seed=0)
+    assert sorted(tuple(sorted((p.a_id, p.b_id))) for p in pairs) == [("c1", "c4"), ("c2", "c4")]  # c1 = c2: a tie
+    assert (counts["units"], counts["null_units"]) == (5, 2)
+    low = unit_scores(ratings, convs, "conversation", "min")
+    assert low == {"c1": 2, "c2": 5, "c3": None, "c4": 4, "c5": None}
+    with pytest.raises(ValueError, match="aggregate 'max'"):
+        unit_scores(ratings, convs, "conversation", "max")
+    with pytest.raises(ValueError, match="unit 'turn'"):
+        unit_scores(ratings, convs, "turn", "mean")
+
+
+def test_held_out_model_pairs_use_figures_never_trained_on():
+    ratings = [Rating(f"f{f}#{k}", f"f{f}", k, (f * 3 + k) % 11, "j", "offline", "", "h")
+               for f in range(20) for k in range(4)]
+    pairs, counts = model_pairs(unit_scores(ratings, [], "round", "mean"), 100, seed=0, holdout=0.2)
+    held = [p for p in pairs if p.split == "holdout"]
+    assert counts["holdout_figures"] == 4 and len(held) == 20 and len(pairs) == 100
+    figure = lambda u: u.split("#")[0]  # noqa: E731
+    held_figures = {figure(u) for p in held for u in (p.a_id, p.b_id)}
+    trained = {figure(u) for p in pairs if p.split == "train" for u in (p.a_id, p.b_id)}
+    assert len(held_figures) <= 4 and not held_figures & trained
 
 
 def test_a_rating_that_is_not_a_score_or_null_names_the_record():

@@ -46,16 +46,34 @@ def test_selector_learns_a_preference_with_either_loss_and_generalises(loss):
                                "clinician_alignment", "auc", "map", "mean_rank"}
 
 
-def test_the_best_held_out_epoch_is_kept_not_the_last():
+@pytest.mark.parametrize("finetune", [False, True])
+def test_the_best_held_out_epoch_is_kept_not_the_last(finetune):
     feats, pairs, index = _toy(n_pairs=300, holdout=60, seed=1)
     pairs.loc[pairs.index[:60], "source"] = "clinician"
     pairs.loc[pairs.index[60:], "label"] = 1 - pairs.loc[pairs.index[60:], "label"]  # training teaches the opposite
-    head, history, stats = _train(feats, pairs, index, epochs=15)
+    x = torch.from_numpy(feats)
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(D, D) if finetune else None  # stands in for a fine-tuned encoder
+
+    def features(rows):
+        return backbone(x[rows]) if finetune else x[rows]
+    head, history, stats = selector.train(features, len(feats), D, pairs, index,
+                                          selector.TrainConfig(epochs=15, backbone_lr=1e-3), backbone)
     aligned = [h["clinician_alignment"] for h in history]
-    assert stats["best_epoch"] == int(np.argmax(aligned)) + 1 and aligned[-1] < max(aligned)
-    s = selector.score(head, feats)
+    last_best = len(aligned) - aligned[::-1].index(max(aligned))  # on a tie, the later epoch
+    assert stats["best_epoch"] == last_best and aligned[-1] < max(aligned)
+    with torch.no_grad():
+        s = head(features(torch.arange(len(feats))))
     win, lose, _, _ = selector.pair_tensors(pairs[pairs["source"] == "clinician"], index)
-    assert selector.pair_accuracy(torch.from_numpy(s), win, lose) == max(aligned)  # the kept head is that epoch's
+    assert selector.pair_accuracy(s, win, lose) == max(aligned)  # head (and backbone) are that epoch's
+
+
+def test_ranking_metrics_exactly_with_ties():
+    scores = torch.tensor([3.0, 1.0, 2.0, 2.0, 0.0])
+    m = selector.ranking_metrics(scores, torch.tensor([0, 2]), torch.tensor([1, 3]))  # winners 3.0, 2.0 vs 1.0, 2.0
+    assert m == {"auc": 0.875, "map": 0.83333, "mean_rank": 0.25}  # the tied pair counts half, both ways
+    flat = selector.ranking_metrics(torch.zeros(4), torch.tensor([0, 1]), torch.tensor([2, 3]))
+    assert flat == {"auc": 0.5, "map": 0.5, "mean_rank": 0.5}  # no information: chance on every measure
 
 
 def test_ties_are_masked_not_read_as_b_wins_and_bad_weights_name_the_pair():
@@ -78,6 +96,11 @@ def test_ties_are_masked_not_read_as_b_wins_and_bad_weights_name_the_pair():
 def test_config_names_the_bad_param():
     with pytest.raises(ValueError, match="train_selector.loss is 'l2'; use one of hinge, logistic"):
         selector.TrainConfig(loss="l2")
+    for key, value, rule in (("epochs", 0, "an integer >= 1"), ("batch_size", 2.5, "an integer >= 1"),
+                             ("lr", "fast", "a number > 0"), ("dropout", 1, r"a number in \[0, 1\)")):
+        with pytest.raises(ValueError, match=rf"train_selector.{key} is .*; it must be {rule}"):
+            selector.TrainConfig(**{key: value})
+    assert selector.TrainConfig(lr="1e-3").lr == 0.001  # YAML reads 1e-3 as a string
     with pytest.raises(ValueError, match="train_selector.unit is 'turn'"):
         selector.TrainConfig(unit="turn")
     with pytest.raises(ValueError, match="backbone is biomedclip but backbone_model is empty"):
@@ -134,18 +157,8 @@ def _fit_and_save(recs, convs, image_dir, tmp_path, **cfg):
     ids = list(units.index)
     pairs = pd.DataFrame([{"a_id": a, "b_id": b, "label": 1, "weight": 1.0, "source": "model", "split": "train"}
                           for a, b in zip(ids, ids[1:])])
-    backbone = selector.build_backbone(cfg)
-    if cfg.finetune_backbone:
-        def features(rows):
-            return selector.encode(backbone, units.iloc[rows.tolist()], image_dir)
-    else:
-        x = torch.from_numpy(selector.Featurizer(backbone, image_dir, tmp_path / "emb")(units))
-
-        def features(rows):
-            return x[rows]
-    head, history, stats = selector.train(features, len(units), backbone.dim, pairs,
-                                          {u: i for i, u in enumerate(ids)}, cfg,
-                                          backbone if cfg.finetune_backbone else None)
+    head, backbone, history, stats = selector.fit(units, pairs, cfg, image_dir, tmp_path / "emb")
+    assert stats["units"] == len(units)
     selector.save(head, backbone, tmp_path / "selector", cfg, stats["best_epoch"])
     return tmp_path / "selector", backbone, units
 
@@ -161,9 +174,11 @@ def test_filter_scoring_streams_with_the_selectors_unit_and_aggregate(sample, tm
     assert meta["aggregate"] == "min" and meta["unit"] == "round"
     assert scores == pytest.approx({c.id: min(per_round[f"{c.id}#{k}"] for k in range(3)) for c in convs})
 
-    model_dir, _, _ = _fit_and_save(recs, convs, image_dir, tmp_path / "conv", unit="conversation")
+    model_dir, backbone, whole = _fit_and_save(recs, convs, image_dir, tmp_path / "conv", unit="conversation")
     scores, meta = selector.score_conversations(convs, recs, image_dir, tmp_path / "emb", model_dir, chunk=2)
-    assert meta["unit"] == "conversation" and set(scores) == {c.id for c in convs}
+    head = selector.load(model_dir)[0]
+    direct = selector.score(head, selector.Featurizer(backbone, image_dir, tmp_path / "emb")(whole))
+    assert meta["unit"] == "conversation" and scores == pytest.approx(dict(zip(whole.index, direct.tolist())))
 
 
 def test_a_selector_that_scores_nan_is_an_error_naming_the_unit(sample, tmp_path):
@@ -186,7 +201,7 @@ def test_finetuning_minilm_trains_a_copy_and_filter_scores_with_the_tuned_weight
     assert all(torch.equal(before[k], v) for k, v in shared.state_dict().items())  # the shared encoder is untouched
     assert any(not torch.equal(before[k], v) for k, v in backbone.text.state_dict().items())
     meta = json.loads((model_dir / "config.json").read_text())
-    assert meta["finetune_backbone"] and meta["backbone_identity"].startswith("minilm+imagefeat@")
+    assert meta["finetune_backbone"] and meta["backbone_identity"] != selector.MiniLMBackbone().identity
     assert (model_dir / "backbone" / "model.safetensors").exists()
     head, loaded, _ = selector.load(model_dir)
     with torch.no_grad():
@@ -196,9 +211,11 @@ def test_finetuning_minilm_trains_a_copy_and_filter_scores_with_the_tuned_weight
                                    abs=1e-5)
 
 
-def test_biomedclip_backbone_from_a_dual_encoder_checkpoint_frozen_and_finetuned(sample, tmp_path, tiny_biomedclip):
+@pytest.mark.parametrize("kind", ["dual_encoder", "clip"])
+def test_biomedclip_backbone_from_a_dual_encoder_checkpoint_frozen_and_finetuned(sample, tmp_path, tiny_biomedclip,
+                                                                                 kind):
     recs, convs, image_dir = _convs(sample)
-    path = tiny_biomedclip(tmp_path / "biomedclip")
+    path = tiny_biomedclip(tmp_path / "biomedclip", kind=kind)
     model_dir, backbone, units = _fit_and_save(recs, convs, image_dir, tmp_path / "frozen", backbone="biomedclip",
                                                backbone_model=str(path))
     assert backbone.dim == 2 * 16 and units.shape[0] == 9
@@ -207,9 +224,9 @@ def test_biomedclip_backbone_from_a_dual_encoder_checkpoint_frozen_and_finetuned
     scores, _ = selector.score_conversations(convs, recs, image_dir, tmp_path / "emb", model_dir)
     assert len(scores) == 3 and all(np.isfinite(list(scores.values())))
 
-    tiny_biomedclip(path, seed=1)  # other weights at the same path: the selector no longer fits them
+    tiny_biomedclip(path, seed=1, kind=kind)  # other weights at the same path: the selector no longer fits them
     with pytest.raises(ValueError, match=r"trained on backbone 'biomedclip@\w+' \(32 features\) but it now loads as "
-                                         r"'biomedclip@\w+' \(32\): the backbone's weights changed. Rerun train_selector"):
+                                         r"'biomedclip@\w+' \(32\): the backbone's weights changed. Retrain it: dvc repro -f train_selector"):
         selector.load(model_dir)
 
     model_dir, tuned, _ = _fit_and_save(recs, convs, image_dir, tmp_path / "tuned", backbone="biomedclip",

@@ -20,6 +20,7 @@ from PIL import Image
 
 TEXT_DIM = 384
 IMAGE_DIM = 3 * 16 + 8 * 8 + 1
+IMAGE_FEATURES = "imagefeat-v1"  # change it when image_features changes: cached vectors are then recomputed
 
 
 @lru_cache(maxsize=2)
@@ -80,14 +81,16 @@ def encode_images(paths: list[str | Path]) -> np.ndarray:
 # ---------------------------------------------------------------- the embedding cache
 
 class EmbeddingCache:
-    """Vectors keyed by a hash of (encoder, content), in parquet parts under `root`, shared by stages and
-    experiments: each unique text and image is encoded once. A run adds one part with what it encoded
-    (written atomically), so an interrupted run loses nothing earlier runs stored."""
+    """Vectors keyed by a hash of (encoder, content), in parquet parts under `root` named by kind and encoder
+    (only that encoder's parts are read), shared by stages and experiments: each unique text and image is
+    encoded once. A run adds one part with what it encoded (written atomically), so an interrupted run loses
+    nothing earlier runs stored."""
 
     def __init__(self, root: Path | str, kind: str, encoder: str):
         self.root, self.kind, self.encoder = Path(root), kind, encoder
+        self.prefix = f"{kind}-{hashlib.sha256(encoder.encode()).hexdigest()[:12]}"  # one encoder's parts
         self.vectors: dict[str, np.ndarray] = {}
-        for part in sorted(self.root.glob(f"{kind}-*.parquet")):
+        for part in sorted(self.root.glob(f"{self.prefix}-*.parquet")):
             table = pd.read_parquet(part)
             self.vectors.update(zip(table["key"], table["vector"]))
 
@@ -103,7 +106,7 @@ class EmbeddingCache:
             rows = {keys[i]: v for i, v in zip(missing, new)}
             self.vectors.update(rows)
             self.root.mkdir(parents=True, exist_ok=True)
-            part = self.root / f"{self.kind}-{uuid.uuid4().hex}.parquet"
+            part = self.root / f"{self.prefix}-{uuid.uuid4().hex}.parquet"
             tmp = part.with_suffix(".tmp")
             pd.DataFrame({"key": list(rows), "vector": [v.astype(np.float32) for v in rows.values()]}).to_parquet(tmp)
             os.replace(tmp, part)

@@ -12,14 +12,14 @@ Unit ids name what the selector scores: `<question_id>:A` / `:B` for a pool answ
   them as clinicians did (the paper's comparison of a GPT-4 judge with clinicians).
 - model pair: `model_pairs` pairs of rated units drawn with `seed`, weight 1; only units with different,
   parsed scores form pairs (ties and nulls never do). A unit is a round, or with the selector's
-  `unit: conversation` a conversation scored by the `aggregate` of its rounds. A share `model_holdout` of
-  the pairs is held out (split "holdout") to measure the selector on unseen model pairs.
+  `unit: conversation` a conversation scored by the `aggregate` of its rounds. The units of a share
+  `model_holdout` of the figures form the held-out pairs (split "holdout"), never a training pair.
 """
 from __future__ import annotations
 
 import random
 
-from .schema import PoolItem, PreferencePair, Rating, Vote, request_hash
+from .schema import AGGREGATES, UNITS, Conversation, PoolItem, PreferencePair, Rating, Vote, request_hash, round_id, rounds
 
 
 def answers_hash(item: PoolItem) -> str:
@@ -93,42 +93,53 @@ def check_ratings(ratings: list[Rating], source: str) -> None:
                              "null; rerun rate (dvc repro rate) or fix that record")
 
 
-def unit_scores(ratings: list[Rating], unit: str, aggregate: str) -> tuple[dict[str, float | None], int]:
+def unit_scores(ratings: list[Rating], conversations: list[Conversation], unit: str,
+                aggregate: str) -> dict[str, float | None]:
     """{unit id: score}: a round's score, or with unit "conversation" the `aggregate` (mean | min) of its rounds'
-    scores, null when any round's is null. Also the number of null units."""
+    scores, null when a round's is null or missing (a failed rate request): never a score of some rounds."""
+    if unit not in UNITS or aggregate not in AGGREGATES:
+        raise ValueError(f"train_selector.unit {unit!r} / aggregate {aggregate!r}: use unit one of {', '.join(UNITS)} "
+                         f"and aggregate one of {', '.join(AGGREGATES)}")
+    score = {r.candidate_id: r.score for r in ratings}
     if unit == "round":
-        scores = {r.candidate_id: r.score for r in ratings}
-    else:
-        by_conv: dict[str, list] = {}
-        for r in ratings:
-            by_conv.setdefault(r.conversation_id, []).append(r.score)
-        agg = {"mean": lambda s: sum(s) / len(s), "min": min}[aggregate]
-        scores = {c: None if None in s else agg(s) for c, s in by_conv.items()}
-    return scores, sum(v is None for v in scores.values())
+        return score
+    out = {}
+    for c in conversations:
+        s = [score.get(round_id(c.id, k)) for k in range(len(rounds(c.conversations)))]
+        out[c.id] = None if not s or None in s else AGGREGATES[aggregate](s)
+    return out
 
 
-def model_pairs(ratings: list[Rating], n_pairs: int, seed: int, holdout: float = 0.0, unit: str = "round",
-                aggregate: str = "mean"):
+def model_pairs(scores: dict[str, float | None], n_pairs: int, seed: int, holdout: float = 0.0):
     """`n_pairs` distinct pairs of units with different, parsed scores (ties and nulls never form pairs), drawn
-    with `seed`; a share `holdout` of them is held out to measure the selector on unseen model pairs."""
-    scores, nulls = unit_scores(ratings, unit, aggregate)
+    with `seed`. A share `holdout` of the figures is held out: their units form the held-out pairs and never a
+    training pair, so held-out accuracy is measured on units the selector has not seen."""
     scored = sorted((u, s) for u, s in scores.items() if s is not None)
     rng = random.Random(seed)
-    pairs, seen = [], set()
+    figures = sorted({u.split("#")[0] for u, _ in scored})
+    held = set(rng.sample(figures, int(round(holdout * len(figures)))))
+    n_held = int(round(holdout * n_pairs))
+    pairs = []
+    for split, n in (("train", n_pairs - n_held), ("holdout", n_held)):
+        pool = [x for x in scored if (x[0].split("#")[0] in held) == (split == "holdout")]
+        pairs += _draw(pool, n, rng, split)
+    counts = {"units": len(scores), "null_units": sum(v is None for v in scores.values()),
+              "holdout_figures": len(held)}
+    return pairs, counts
+
+
+def _draw(scored: list[tuple[str, float]], n: int, rng: random.Random, split: str) -> list[PreferencePair]:
+    pairs, seen, attempts = [], set(), 0
     distinct = len({s for _, s in scored})
-    attempts = 0
-    while len(pairs) < n_pairs and distinct > 1 and attempts < 50 * n_pairs:
+    while len(pairs) < n and distinct > 1 and attempts < 50 * n:
         attempts += 1
         (a, sa), (b, sb) = rng.sample(scored, 2)
         key = tuple(sorted((a, b)))
         if sa == sb or key in seen:
             continue
         seen.add(key)
-        pairs.append(PreferencePair(a_id=a, b_id=b, label=int(sa > sb), weight=1.0, source="model"))
-    for p in rng.sample(pairs, int(round(holdout * len(pairs)))):
-        p.split = "holdout"
-    return pairs, {"rated_rounds": len(ratings), "null_scores": sum(r.score is None for r in ratings),
-                   "units": len(scores), "null_units": nulls}
+        pairs.append(PreferencePair(a_id=a, b_id=b, label=int(sa > sb), weight=1.0, source="model", split=split))
+    return pairs
 
 
 def rater_agreement(pairs: list[PreferencePair], pool_ratings: list[Rating]) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 from .backends import image_part
 from .client import Requests
 from .generate import figure_text
-from .schema import AppendLog, Conversation, CorpusRecord, PoolItem, Rating, rounds
+from .schema import AppendLog, Conversation, CorpusRecord, PoolItem, Rating, round_id, rounds
 
 RUBRIC = (
     "You are a clinician evaluating a question-answer pair about a biomedical figure, to decide whether "
@@ -49,7 +49,7 @@ def rate(conversations: list[Conversation], records: dict[str, CorpusRecord], im
     units = []
     for c in conversations:
         rec = records[c.id]
-        units += [(f"{c.id}#{k}", c.id, k, rec.caption, rec.inline_mentions, q, a, c.image)
+        units += [(round_id(c.id, k), c.id, k, rec.caption, rec.inline_mentions, q, a, c.image)
                   for k, (q, a) in enumerate(rounds(c.conversations))]
     n_rounds = len(units)
     for p in pool:

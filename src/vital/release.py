@@ -42,8 +42,8 @@ def select_top(scores: dict[str, float], ratio: float, top_k: int = 0, domains: 
 
 def to_llava(c: Conversation, score: float | None = None) -> dict:
     """The LLaVA record of a candidate; `validate` says whether it is well formed."""
-    turns = [dict(t) for t in c.conversations]
-    if turns and isinstance(turns[0].get("value"), str):
+    turns = [dict(t) if isinstance(t, dict) else t for t in c.conversations]
+    if turns and isinstance(turns[0], dict) and isinstance(turns[0].get("value"), str):
         turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"
     return {"id": c.id, "image": c.image, "domain": c.domain, "conversations": turns,
             "selector_score": None if score is None else round(score, 6), "generator": f"{c.backend}:{c.model}"}

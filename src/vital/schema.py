@@ -130,6 +130,16 @@ def request_hash(payload: Any) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
+def round_id(conversation_id: str, k: int) -> str:
+    """The id of round k of a conversation: what rate scores and the selector (unit: round) scores."""
+    return f"{conversation_id}#{k}"
+
+
+# How a conversation's rounds combine into one value (the selector's score, or a rating with unit: conversation)
+AGGREGATES = {"mean": lambda xs: sum(xs) / len(xs), "min": min}
+UNITS = ("round", "conversation")
+
+
 def rounds(conversation: list[dict]) -> list[tuple[str, str]]:
     """(question, answer) pairs of a human/gpt alternating conversation."""
     return [(conversation[i]["value"], conversation[i + 1]["value"])

@@ -39,10 +39,10 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 
-from .encoders import IMAGE_DIM, TEXT_DIM, EmbeddingCache, _minilm, encode_images, minilm_embed
-from .schema import Conversation, CorpusRecord, PoolItem, rounds
+from scipy.stats import rankdata
 
-AGGREGATES = {"mean": np.mean, "min": np.min}
+from .encoders import IMAGE_DIM, IMAGE_FEATURES, TEXT_DIM, EmbeddingCache, _minilm, encode_images, minilm_embed
+from .schema import AGGREGATES, UNITS, Conversation, CorpusRecord, PoolItem, round_id, rounds
 
 
 @dataclass
@@ -63,10 +63,26 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for key, allowed in (("backbone", ("minilm", "biomedclip")), ("unit", ("round", "conversation")),
+        for key, allowed in (("backbone", ("minilm", "biomedclip")), ("unit", UNITS),
                              ("aggregate", tuple(AGGREGATES)), ("loss", ("hinge", "logistic"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"train_selector.{key} is {getattr(self, key)!r}; use one of {', '.join(allowed)}")
+        for key, low in (("epochs", 1), ("batch_size", 1), ("hidden", 2), ("seed", 0)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"train_selector.{key} is {v!r}; it must be an integer >= {low}")
+        for key, ok, rule in (("lr", lambda v: v > 0, "> 0"), ("backbone_lr", lambda v: v > 0, "> 0"),
+                              ("margin", lambda v: v >= 0, ">= 0"), ("dropout", lambda v: 0 <= v < 1, "in [0, 1)")):
+            v = getattr(self, key)
+            try:
+                f = float(v)  # YAML reads 1e-3 (no dot) as a string
+            except (TypeError, ValueError):
+                f = float("nan")  # fails every rule
+            if isinstance(v, bool) or not ok(f):
+                raise ValueError(f"train_selector.{key} is {v!r}; it must be a number {rule}")
+            setattr(self, key, f)
+        if not isinstance(self.finetune_backbone, bool):
+            raise ValueError(f"train_selector.finetune_backbone is {self.finetune_backbone!r}; use true or false")
         if self.backbone == "biomedclip" and not self.backbone_model:
             raise ValueError("train_selector.backbone is biomedclip but backbone_model is empty: give the path or hub "
                              "name of BiomedCLIP in Hugging Face dual-encoder format (see README)")
@@ -87,7 +103,8 @@ def build_units(records: dict[str, CorpusRecord], conversations: list[Conversati
         if unit == "conversation":
             rows.append((c.id, c.image, unit_text(r.caption, r.inline_mentions, qa)))
         else:
-            rows += [(f"{c.id}#{k}", c.image, unit_text(r.caption, r.inline_mentions, [x])) for k, x in enumerate(qa)]
+            rows += [(round_id(c.id, k), c.image, unit_text(r.caption, r.inline_mentions, [x]))
+                     for k, x in enumerate(qa)]
     for p in pool:
         for side, ans in (("A", p.answer_a), ("B", p.answer_b)):
             rows.append((f"{p.question_id}:{side}", p.image,
@@ -98,7 +115,10 @@ def build_units(records: dict[str, CorpusRecord], conversations: list[Conversati
 def conversation_score(c: Conversation, unit_scores: dict[str, float], unit: str, aggregate: str) -> float:
     if unit == "conversation":
         return float(unit_scores[c.id])
-    return float(AGGREGATES[aggregate]([unit_scores[f"{c.id}#{k}"] for k in range(len(c.conversations) // 2)]))
+    n = len(rounds(c.conversations))
+    if not n:
+        raise ValueError(f"conversation {c.id} has no rounds to score; screen candidates first (release.screen)")
+    return float(AGGREGATES[aggregate]([unit_scores[round_id(c.id, k)] for k in range(n)]))
 
 
 # ---------------------------------------------------------------- backbones
@@ -109,10 +129,11 @@ def _pooled(out) -> torch.Tensor:
 
 
 def _weights_hash(module: nn.Module) -> str:
+    """A content hash of the weights: the backbone's identity in the embedding cache and the selector's config."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -123,9 +144,17 @@ class MiniLMBackbone(nn.Module):
 
     def __init__(self, path: str | None = None, trainable: bool = False):
         super().__init__()
-        self.tok, model = _minilm(path)
-        self.text = copy.deepcopy(model) if trainable else model  # never train the shared copy
-        self.identity = "minilm+imagefeat" if path is None else f"minilm+imagefeat@{_weights_hash(self.text)}"
+        if path is None:  # the packaged MiniLM, shared with other stages: never train that copy
+            self.tok, model = _minilm()
+            self.text = copy.deepcopy(model) if trainable else model
+        else:  # a fine-tuned copy saved with a selector: read afresh, it may have been retrained
+            from transformers import AutoModel, AutoTokenizer
+
+            self.tok, self.text = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+    @property
+    def identity(self) -> str:  # of the current weights: fine-tuning changes it
+        return f"minilm@{_weights_hash(self.text)}+{IMAGE_FEATURES}"
 
     def text_features(self, texts: list[str]) -> torch.Tensor:
         return minilm_embed(self.tok, self.text, texts)
@@ -147,7 +176,7 @@ class DualEncoderBackbone(nn.Module):
         from transformers import AutoModel, AutoProcessor
 
         try:
-            self.model = AutoModel.from_pretrained(name)
+            self.model = AutoModel.from_pretrained(name, dtype=torch.float32)  # the head trains in float32
             self.processor = AutoProcessor.from_pretrained(name)
         except (OSError, ValueError) as e:
             raise ValueError(f"train_selector.backbone_model {name!r}: cannot load it ({str(e).splitlines()[0]}). "
@@ -158,7 +187,10 @@ class DualEncoderBackbone(nn.Module):
                              "encoder with text and image projections (VisionTextDualEncoderModel or CLIPModel)")
         self.dim = 2 * self.model.config.projection_dim
         self.max_length = min(256, getattr(self.model.config.text_config, "max_position_embeddings", 256))
-        self.identity = f"biomedclip@{_weights_hash(self.model)}"  # the weights, wherever they were loaded from
+
+    @property
+    def identity(self) -> str:  # of the current weights, wherever they were loaded from
+        return f"biomedclip@{_weights_hash(self.model)}"
 
     def text_features(self, texts: list[str]) -> torch.Tensor:
         enc = self.processor.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
@@ -179,10 +211,13 @@ class DualEncoderBackbone(nn.Module):
         self.processor.save_pretrained(out)
 
 
-def build_backbone(cfg: TrainConfig) -> nn.Module:
-    if cfg.backbone == "biomedclip":
-        return DualEncoderBackbone(cfg.backbone_model)
-    return MiniLMBackbone(trainable=cfg.finetune_backbone)
+def build_backbone(cfg: dict, model_dir: Path | None = None) -> nn.Module:
+    """The backbone a selector config names: the original to train from, or with `model_dir` the one saved
+    with that selector (its fine-tuned copy, when it was fine-tuned)."""
+    tuned = str(model_dir / "backbone") if model_dir is not None and cfg["finetune_backbone"] else None
+    if cfg["backbone"] == "biomedclip":
+        return DualEncoderBackbone(tuned or cfg["backbone_model"])
+    return MiniLMBackbone(tuned, trainable=model_dir is None and cfg["finetune_backbone"])
 
 
 def encode(backbone: nn.Module, units: pd.DataFrame, image_root: Path) -> torch.Tensor:
@@ -254,10 +289,13 @@ def pair_tensors(pairs: pd.DataFrame, index: dict[str, int]):
     return torch.from_numpy(win), torch.from_numpy(lose), torch.tensor(weight[keep], dtype=torch.float32), counts
 
 
-def pair_loss(s_win: torch.Tensor, s_lose: torch.Tensor, weight: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+def pair_loss(s_win: torch.Tensor, s_lose: torch.Tensor, weight: torch.Tensor, cfg: TrainConfig,
+              mean_weight: float) -> torch.Tensor:
+    """The batch's share of sum(w * loss) / sum(w) over all training pairs: a batch with a clinician pair weighs
+    more than one without, as in the full objective (dividing by the batch's own weights would even them out)."""
     diff = s_win - s_lose
     per_pair = torch.clamp(cfg.margin - diff, min=0) if cfg.loss == "hinge" else nn.functional.softplus(-diff)
-    return (weight * per_pair).sum() / weight.sum().clamp(min=1e-12)
+    return (weight * per_pair).sum() / (len(weight) * mean_weight)
 
 
 def pair_accuracy(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor) -> float | None:
@@ -272,9 +310,7 @@ def ranking_metrics(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor)
         return {"auc": None, "map": None, "mean_rank": None}
     s = torch.cat([scores[win], scores[lose]]).numpy()
     y = np.r_[np.ones(len(win)), np.zeros(len(lose))]
-    order = np.argsort(-s, kind="stable")
-    rank = np.empty(len(s))
-    rank[order] = np.arange(len(s)) / max(len(s) - 1, 1)
+    rank = (rankdata(-s, method="average") - 1) / max(len(s) - 1, 1)  # equal scores share their mean rank
     return {"auc": round(float(roc_auc_score(y, s)), 5), "map": round(float(average_precision_score(y, s)), 5),
             "mean_rank": round(float(rank[: len(win)].mean()), 5)}
 
@@ -286,10 +322,12 @@ def train(features: Callable[[torch.Tensor], torch.Tensor], n_units: int, in_dim
     head, the per-epoch history and counts."""
     torch.manual_seed(cfg.seed)
     train_pairs, held = pairs[pairs["split"] == "train"], pairs[pairs["split"] == "holdout"]
-    tr_w, tr_l, tr_wt, counts = pair_tensors(train_pairs, index)
+    counts = pair_tensors(pairs, index)[3]  # over both splits
+    tr_w, tr_l, tr_wt, _ = pair_tensors(train_pairs, index)
     ho = {src: pair_tensors(held[held["source"] == src], index)[:2] for src in ("model", "clinician")}
     if not len(tr_w):
         raise ValueError("no training pairs: check merge_preferences' output (data/preferences/pairs.parquet)")
+    mean_weight = float(tr_wt.mean())
     head = Selector(in_dim, cfg.hidden, cfg.dropout)
     groups = [{"params": head.parameters(), "lr": cfg.lr}]
     if backbone is not None:
@@ -311,7 +349,7 @@ def train(features: Callable[[torch.Tensor], torch.Tensor], n_units: int, in_dim
             j = perm[i:i + cfg.batch_size]
             rows, inverse = torch.unique(torch.cat([tr_w[j], tr_l[j]]), return_inverse=True)
             s = head(features(rows))
-            loss = pair_loss(s[inverse[:len(j)]], s[inverse[len(j):]], tr_wt[j], cfg)
+            loss = pair_loss(s[inverse[:len(j)]], s[inverse[len(j):]], tr_wt[j], cfg, mean_weight)
             if not torch.isfinite(loss):
                 raise ValueError(f"train_selector: the loss became {loss.item()} in epoch {epoch}; lower "
                                  f"train_selector.lr (now {cfg.lr})")
@@ -345,6 +383,25 @@ def _or(x: float | None) -> float:
     return -1.0 if x is None else x
 
 
+def fit(units: pd.DataFrame, pairs: pd.DataFrame, cfg: TrainConfig, image_root: Path, cache_dir: Path):
+    """Train a selector on the units that some pair names: frozen (features from the embedding cache) or with
+    the backbone fine-tuned end to end. Returns (head, backbone, history, stats)."""
+    named = set(pairs["a_id"]) | set(pairs["b_id"])
+    units = units[units.index.isin(named)]
+    backbone = build_backbone(asdict(cfg))
+    if cfg.finetune_backbone:  # the backbone encodes each batch, with gradients
+        def features(rows):
+            return encode(backbone, units.iloc[rows.tolist()], image_root)
+    else:  # every unique text and image encoded once
+        x = torch.from_numpy(Featurizer(backbone, image_root, cache_dir)(units))
+
+        def features(rows):
+            return x[rows]
+    head, history, stats = train(features, len(units), backbone.dim, pairs, {u: i for i, u in enumerate(units.index)},
+                                 cfg, backbone if cfg.finetune_backbone else None)
+    return head, backbone, history, {"units": len(units), **stats}
+
+
 # ---------------------------------------------------------------- saving, loading, scoring
 
 def save(head: Selector, backbone: nn.Module, out_dir: Path, cfg: TrainConfig, best_epoch: int) -> dict:
@@ -352,28 +409,20 @@ def save(head: Selector, backbone: nn.Module, out_dir: Path, cfg: TrainConfig, b
     torch.save(head.state_dict(), out_dir / "selector.pt")
     if cfg.finetune_backbone:
         backbone.save(out_dir / "backbone")
-        backbone = load_backbone(asdict(cfg), out_dir)  # its identity is now a hash of the tuned weights
     meta = {**asdict(cfg), "backbone_identity": backbone.identity, "in_dim": head.net[0].in_features,
             "best_epoch": best_epoch}
     (out_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
-def load_backbone(meta: dict, model_dir: Path) -> nn.Module:
-    if meta["finetune_backbone"]:
-        path = str(model_dir / "backbone")
-        return DualEncoderBackbone(path) if meta["backbone"] == "biomedclip" else MiniLMBackbone(path)
-    return DualEncoderBackbone(meta["backbone_model"]) if meta["backbone"] == "biomedclip" else MiniLMBackbone()
-
-
 def load(model_dir: Path) -> tuple[Selector, nn.Module, dict]:
     """The head, the backbone it was trained on, and its config; refuses a backbone that is not the same."""
     meta = json.loads((model_dir / "config.json").read_text())
-    backbone = load_backbone(meta, model_dir)
+    backbone = build_backbone(meta, model_dir)
     if backbone.identity != meta["backbone_identity"] or backbone.dim != meta["in_dim"]:
         raise ValueError(f"{model_dir}/config.json: the selector was trained on backbone {meta['backbone_identity']!r} "
                          f"({meta['in_dim']} features) but it now loads as {backbone.identity!r} ({backbone.dim}): "
-                         "the backbone's weights changed. Rerun train_selector (dvc repro train_selector)")
+                         "the backbone's weights changed. Retrain it: dvc repro -f train_selector")
     head = Selector(meta["in_dim"], meta["hidden"], meta["dropout"])
     head.load_state_dict(torch.load(model_dir / "selector.pt", weights_only=True))
     return head.eval(), backbone.eval(), meta
