@@ -15,7 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 TEXT_DIM = 384
@@ -91,8 +92,10 @@ class EmbeddingCache:
         self.prefix = f"{kind}-{hashlib.sha256(encoder.encode()).hexdigest()[:12]}"  # one encoder's parts
         self.vectors: dict[str, np.ndarray] = {}
         for part in sorted(self.root.glob(f"{self.prefix}-*.parquet")):
-            table = pd.read_parquet(part)
-            self.vectors.update(zip(table["key"], table["vector"]))
+            table = pq.read_table(part)
+            keys = table["key"].to_pylist()
+            matrix = table["vector"].combine_chunks().flatten().to_numpy().reshape(len(keys), -1)
+            self.vectors.update(zip(keys, matrix))  # rows of one array per part, not one object per vector
 
     def key(self, content: bytes) -> str:
         return hashlib.sha256(self.encoder.encode() + b"\x1f" + content).hexdigest()[:32]
@@ -108,7 +111,9 @@ class EmbeddingCache:
             self.root.mkdir(parents=True, exist_ok=True)
             part = self.root / f"{self.prefix}-{uuid.uuid4().hex}.parquet"
             tmp = part.with_suffix(".tmp")
-            pd.DataFrame({"key": list(rows), "vector": [v.astype(np.float32) for v in rows.values()]}).to_parquet(tmp)
+            matrix = np.stack(list(rows.values())).astype(np.float32)
+            vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
+            pq.write_table(pa.table({"key": list(rows), "vector": vectors}), tmp)
             os.replace(tmp, part)
         self.hits, self.encoded = len(keys) - len(missing), len(missing)
         return np.stack([np.asarray(self.vectors[k], dtype=np.float32) for k in keys]) if keys else None

@@ -236,9 +236,9 @@ class Featurizer:
     stages and experiments (EmbeddingCache, keyed by the backbone's identity and the content)."""
 
     def __init__(self, backbone: nn.Module, image_root: Path, cache_dir: Path):
-        self.backbone, self.image_root = backbone, Path(image_root)
-        self.texts = EmbeddingCache(cache_dir, "text", f"{backbone.identity}:text")
-        self.images = EmbeddingCache(cache_dir, "image", f"{backbone.identity}:image")
+        self.backbone, self.image_root, identity = backbone, Path(image_root), backbone.identity
+        self.texts = EmbeddingCache(cache_dir, "text", f"{identity}:text")
+        self.images = EmbeddingCache(cache_dir, "image", f"{identity}:image")
 
     def __call__(self, units: pd.DataFrame) -> np.ndarray:
         if units.empty:
