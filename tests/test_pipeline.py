@@ -91,12 +91,36 @@ def test_dag_runs_offline_end_to_end_then_experiment_reruns_only_downstream(repo
     assert "up to date" in run("dvc status", repo).stdout
     assert ran(run("dvc repro", repo).stdout) == []  # a second repro does nothing
     run("git add -A && git commit -q --allow-empty -m 'baseline run'", repo)  # often empty: runs reproduce byte for byte
+    _publish_and_pull_into_a_fresh_clone(repo)
 
     exp = run("dvc exp run -S filter.ratio=0.5", repo).stdout
     assert ran(exp) == ["filter", "tune", "evaluate"]
     assert len(json.loads((repo / "data/release/instructions.json").read_text())) == 7
     shown = run("dvc exp show --json", repo).stdout
     assert '"ratio": 0.5' in shown and '"kept": 7' in shown
+
+
+def _publish_and_pull_into_a_fresh_clone(repo):
+    """`dvc push` to the default remote (a directory next to the clone, no credentials); a fresh `git clone` +
+    `dvc pull` gets every output byte for byte and has nothing to recompute; `dvc artifacts get` finds the release."""
+    assert "pushed" in run("dvc push", repo).stdout and (repo.parent / "biomed-vital-storage").is_dir()
+    clone = repo.parent / "clone"
+    run(f"git clone -q {repo} {clone}", repo.parent)
+    run("dvc pull", clone)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    outs = [o["path"] for stage in lock["stages"].values() for o in stage.get("outs", [])]
+    assert "data/release/instructions.json" in outs and "models/vlm" in outs
+    for out in outs:
+        mine, theirs = repo / out, clone / out
+        files = sorted(f.relative_to(mine) for f in mine.rglob("*") if f.is_file()) if mine.is_dir() else [Path()]
+        assert files, out
+        for f in files:
+            assert (theirs / f).read_bytes() == (mine / f).read_bytes(), f"{out}/{f}"
+    assert "up to date" in run("dvc status", clone).stdout and ran(run("dvc repro", clone).stdout) == []
+    got = repo.parent / "got.json"
+    run("git tag -a biomed-vital-instructions@v0.1.0 -m 'a release'", repo)  # a registered version (GTO tag)
+    run(f"dvc artifacts get {repo} biomed-vital-instructions -o {got}", repo.parent)
+    assert got.read_bytes() == (repo / "data/release/instructions.json").read_bytes()
 
 
 def test_corpus_stage_ingests_a_user_corpus_and_strict_mode_names_file_line(repo):
