@@ -298,3 +298,37 @@ def test_candidates_whose_image_went_missing_are_skipped_and_counted(repo):
     assert [s["id"] for s in skipped] == [convs[0]["id"]]
     release = json.loads((repo / "data/release/instructions.json").read_text())
     assert convs[0]["id"] not in {r["id"] for r in release} and len(release) == math.ceil(0.8 * (len(convs) - 1))
+
+
+@pytest.mark.slow
+def test_an_s3_remote_round_trip_keeps_credentials_in_the_environment(repo, tmp_path):
+    """Push to an S3 remote (a moto server on 127.0.0.1), clone, pull: the same bytes, nothing to recompute, and
+    the credentials (from the environment) are in no file."""
+    from moto.server import ThreadedMotoServer
+
+    secret = f"secret-{uuid.uuid4().hex}"
+    creds = dict(AWS_ACCESS_KEY_ID="vital-test", AWS_SECRET_ACCESS_KEY=secret, AWS_DEFAULT_REGION="us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        url = "http://{}:{}".format(*server.get_host_and_port())
+        run("dvc repro corpus", repo)
+        run("git add -A && git commit -q --allow-empty -m corpus", repo)  # often empty: it reproduces the lock
+        run(f"python -c \"import boto3; boto3.client('s3', endpoint_url='{url}').create_bucket(Bucket='vital')\"",
+            repo, **creds)
+        local = f"dvc remote add -f --local s3 s3://vital/store && dvc remote modify --local s3 endpointurl {url}"
+        run(local, repo)  # in .dvc/config.local: an endpoint of this machine, not for git
+        assert "pushed" in run("dvc push -r s3", repo, **creds).stdout
+        clone = tmp_path / "s3clone"
+        run(f"git clone -q {repo} {clone}", tmp_path)
+        run(f"{local} && dvc pull -r s3 corpus", clone, **creds)
+        images = sorted(p.name for p in (repo / "data/corpus/images").iterdir())
+        assert images and images == sorted(p.name for p in (clone / "data/corpus/images").iterdir())
+        for f in ["data/corpus/records.jsonl", *(f"data/corpus/images/{i}" for i in images)]:
+            assert (clone / f).read_bytes() == (repo / f).read_bytes(), f
+        assert ran(run("dvc repro corpus", clone).stdout) == []
+    finally:
+        server.stop()
+    for f in [*repo.rglob("*"), *clone.rglob("*")]:
+        if f.is_file() and ".git" not in f.parts:
+            assert secret.encode() not in f.read_bytes(), f
