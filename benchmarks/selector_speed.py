@@ -27,6 +27,7 @@ from vital.corpus import build_sample
 from vital.encoders import EmbeddingCache
 from vital.schema import Conversation
 from vital.encoders import encode_images, encode_texts
+from vital.images import ImageStore
 from vital.offline import qa_from_text
 
 
@@ -51,10 +52,12 @@ def epoch_reencoding(units, pairs, image_dir, cfg):
     model = selector.Selector(selector.TEXT_DIM + selector.IMAGE_DIM, cfg.hidden, cfg.dropout)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
+    store = ImageStore(image_dir)
+
     def feats(ids):
         sub = units.loc[ids]
         return torch.from_numpy(np.hstack([encode_texts(sub["text"].tolist()),
-                                           encode_images([image_dir / i for i in sub["image"]])]).astype(np.float32))
+                                           encode_images([store.read(i) for i in sub["image"]])]).astype(np.float32))
     t = time.perf_counter()
     for i in range(0, len(pairs), cfg.batch_size):
         b = pairs.iloc[i:i + cfg.batch_size]

@@ -5,7 +5,7 @@
 """
 import time
 
-from common import CORPUS_IMAGES, load, model_client, params, write_metrics
+from common import image_store, load, model_client, params, write_metrics
 
 from vital.pool import build_pool
 from vital.schema import AppendLog, CorpusRecord, write_jsonl
@@ -15,7 +15,7 @@ def main():
     t0, p = time.time(), params("annotation_pool")
     records = load("data/corpus/records.jsonl", CorpusRecord)
     with model_client("annotation_pool", p, batch=False) as (client, _):
-        items, failures, stats = build_pool(records, CORPUS_IMAGES, client, AppendLog("data/cache/annotation_pool.jsonl"),
+        items, failures, stats = build_pool(records, image_store(), client, AppendLog("data/cache/annotation_pool.jsonl"),
                                             p["clusters"], p["per_cluster"], p["questions_per_figure"],
                                             p["image_weight"], p["seed"], p["max_image_side"])
     write_jsonl("data/annotation/pool.jsonl", items)

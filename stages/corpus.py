@@ -3,7 +3,6 @@
     dvc repro corpus
     dvc exp run -S corpus.source=path -S corpus.path=my/fig_captions.jsonl -S corpus.image_dir=my/images
 """
-import shutil
 import time
 from pathlib import Path
 
@@ -15,11 +14,10 @@ from vital.schema import write_jsonl
 
 def main():
     t0, p = time.time(), params("corpus")
-    shutil.rmtree(CORPUS_IMAGES, ignore_errors=True)
     if p["source"] == "sample":
-        result = build_sample(CORPUS_IMAGES, p["max_image_side"])
+        result = build_sample(CORPUS_IMAGES, p["max_image_side"], p["shard_mb"])
     elif p["source"] == "path":
-        result = ingest(Path(p["path"]), Path(p["image_dir"]), CORPUS_IMAGES, p["strict"])
+        result = ingest(Path(p["path"]), Path(p["image_dir"]), CORPUS_IMAGES, p["strict"], p["shard_mb"])
     else:
         raise SystemExit(f"params.yaml: corpus.source must be 'sample' or 'path', got {p['source']!r}")
     if not result.records:

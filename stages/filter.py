@@ -13,24 +13,27 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
-from common import CORPUS_IMAGES, EMBEDDINGS, load, params, write_metrics
+from common import EMBEDDINGS, image_store, load, params, write_metrics
 
-from vital import release, selector
+from vital import images, release, selector
 from vital.encoders import count_tokens
 from vital.schema import Conversation, CorpusRecord, write_atomic, write_json, write_jsonl
+
+
+RELEASE_IMAGES = Path("data/release/images")  # the kept conversations' images, packed: the release stands alone
 
 
 def main():
     t0, p = time.time(), params("filter")
     records = {r.id: r for r in load("data/corpus/records.jsonl", CorpusRecord)}
-    conversations = load("data/candidates/conversations.jsonl", Conversation)
-    candidates, skipped = release.screen(conversations, CORPUS_IMAGES)
+    conversations, corpus_images = load("data/candidates/conversations.jsonl", Conversation), image_store()
+    candidates, skipped = release.screen(conversations, corpus_images)
     write_jsonl("data/candidates/filter_skipped.jsonl", skipped)
     if not candidates:
         raise SystemExit(f"filter: none of the {len(conversations)} candidates is usable; see "
                          "data/candidates/filter_skipped.jsonl")
     try:
-        conv_scores, selector_info = selector.score_conversations(candidates, records, CORPUS_IMAGES, EMBEDDINGS,
+        conv_scores, selector_info = selector.score_conversations(candidates, records, corpus_images, EMBEDDINGS,
                                                                   Path("models/selector"))
     except ValueError as e:
         raise SystemExit(f"filter: {e}") from None
@@ -38,9 +41,10 @@ def main():
     keep = release.select_top(conv_scores, p["ratio"], p["top_k"], domains)
     by_id = {c.id: c for c in conversations}
     out = [release.to_llava(by_id[i], conv_scores[i]) for i in keep]
-    report = release.validate(out, CORPUS_IMAGES)
+    report = release.validate(out, corpus_images)
     if report["problems"]:  # never release what a trainer would choke on
         raise SystemExit("filter: the release has problems: " + "; ".join(f"{i}: {w}" for i, w in report["problems"][:5]))
+    images.pack(corpus_images, sorted({r["image"] for r in out}), RELEASE_IMAGES, p["shard_mb"])
     write_json("data/release/instructions.json", out)
     pd.DataFrame(out).to_parquet("data/release/instructions.parquet", index=False)
     write_json("data/release/llamafactory.json", [release.to_llamafactory(r) for r in out])
@@ -56,7 +60,7 @@ def main():
                              "kept_by_domain": dict(sorted(Counter(r["domain"] for r in out).items())),
                              "generators": sorted({r["generator"] for r in out}),
                              "min_kept_score": round(min(conv_scores[i] for i in keep), 5),
-                             "image_root": str(CORPUS_IMAGES)}, t0)
+                             "images": str(RELEASE_IMAGES)}, t0)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 """
 import time
 
-from common import CORPUS_IMAGES, load, model_client, params, write_metrics
+from common import image_store, load, model_client, params, write_metrics
 
 from vital.generate import GenerateConfig, generate
 from vital.schema import AppendLog, CorpusRecord, Demo, write_jsonl
@@ -20,7 +20,7 @@ def main():
     demos = load(p["demos"], Demo)
     with model_client("generate", p) as (client, batch_state):
         conversations, rejected, failures, stats = generate(
-            records, CORPUS_IMAGES, demos, client, AppendLog("data/cache/generate.jsonl"),
+            records, image_store(), demos, client, AppendLog("data/cache/generate.jsonl"),
             GenerateConfig.from_params(p), batch_state)
     write_jsonl("data/candidates/generate_rejected.jsonl", rejected)
     write_jsonl("data/candidates/generate_failures.jsonl", failures)

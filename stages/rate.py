@@ -6,7 +6,7 @@ and every pool answer, so that merge_preferences can compare the rater with clin
 """
 import time
 
-from common import CORPUS_IMAGES, load, model_client, params, write_metrics
+from common import image_store, load, model_client, params, write_metrics
 
 from vital.rate import rate
 from vital.schema import AppendLog, Conversation, CorpusRecord, PoolItem, write_jsonl
@@ -19,7 +19,7 @@ def main():
     pool = load("data/annotation/pool.jsonl", PoolItem)  # the pool answers too: rater vs clinicians
     with model_client("rate", p) as (client, batch_state):
         ratings, pool_ratings, failures, stats = rate(
-            conversations, records, CORPUS_IMAGES, client, AppendLog("data/cache/rate.jsonl"),
+            conversations, records, image_store(), client, AppendLog("data/cache/rate.jsonl"),
             {"temperature": p["temperature"], "max_tokens": p["max_tokens"]}, p["max_image_side"], batch_state, pool)
     write_jsonl("data/candidates/ratings.jsonl", ratings)
     write_jsonl("data/candidates/pool_ratings.jsonl", pool_ratings)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from common import CORPUS_IMAGES, EMBEDDINGS, load, params, write_metrics
+from common import CORPUS_IMAGES, EMBEDDINGS, image_store, load, params, write_metrics
 
 from vital import release, selector
 from vital.schema import Conversation, CorpusRecord, PoolItem
@@ -21,17 +21,17 @@ def main():
         cfg = selector.TrainConfig(**p)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"train_selector: {e}") from None
-    records = {r.id: r for r in load("data/corpus/records.jsonl", CorpusRecord)}
-    candidates, skipped = release.screen(load("data/candidates/conversations.jsonl", Conversation), CORPUS_IMAGES)
+    records, images = {r.id: r for r in load("data/corpus/records.jsonl", CorpusRecord)}, image_store()
+    candidates, skipped = release.screen(load("data/candidates/conversations.jsonl", Conversation), images)
     units = selector.build_units(records, candidates, load("data/annotation/pool.jsonl", PoolItem), cfg.unit)
-    missing = selector.missing_images(units, CORPUS_IMAGES)
+    missing = selector.missing_images(units, images)
     units = units.drop(index=missing)  # pairs naming them are counted in pairs_missing_units
     if units.empty:
         raise SystemExit(f"train_selector: no unit has its image in {CORPUS_IMAGES} ({len(missing)} missing); "
                          "rerun the corpus stage (dvc repro -f corpus)")
     try:
         head, backbone, history, stats = selector.fit(units, pd.read_parquet("data/preferences/pairs.parquet"), cfg,
-                                                      CORPUS_IMAGES, EMBEDDINGS)
+                                                      images, EMBEDDINGS)
     except ValueError as e:
         raise SystemExit(f"train_selector: {e}") from None
     meta = selector.save(head, backbone, Path("models/selector"), cfg, stats["best_epoch"])

@@ -18,6 +18,7 @@ from vital.batch import BatchesInFlight
 from vital.client import Client, ClientConfig
 from vital.fakeapi import FAULTS, FakeOpenAI
 from vital.generate import GenerateConfig, generate
+from vital.images import ImageStore
 from vital.offline import OfflineBackend
 from vital.rate import rate
 from vital.schema import AppendLog, CorpusRecord, read_jsonl
@@ -252,7 +253,7 @@ def test_an_unreadable_image_fails_its_record_only(sample, tmp_path, key):
     broken = tmp_path / "images"
     broken.mkdir()
     for r in records[:3]:
-        (broken / r.image).write_bytes((image_dir / r.image).read_bytes())
+        (broken / r.image).write_bytes(ImageStore(image_dir).read(r.image))  # a plain folder
     (broken / records[1].image).unlink()
     with FakeOpenAI() as fake:
         convs, _, failures, _ = run_generate(openai_client(fake), records[:3], broken, tmp_path / "c.jsonl")

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from vital.corpus import CorpusError, ingest
+from vital.images import ImageStore
 from vital.sample import SAMPLE
 from vital.schema import DOMAINS
 
@@ -20,7 +21,7 @@ def test_sample_is_real_images_with_written_captions(sample):
     assert len({r.id for r in records}) == len(records)
     for r in records:
         assert r.domain in DOMAINS and r.caption and r.inline_mentions and r.fig_label
-        with Image.open(image_dir / r.image) as im:
+        with ImageStore(image_dir).open(r.image) as im:
             assert im.format == "PNG" and min(im.size) >= 64
             # a real image, not a constant placeholder
             assert max(im.convert("L").getextrema()) - min(im.convert("L").getextrema()) > 50
@@ -34,7 +35,9 @@ def test_example_corpus_in_llava_med_format(tmp_path):
     assert [r.id for r in res.records] == ["example_001", "example_002", "example_003"]
     assert [r.domain for r in res.records] == ["chest_xray", "histology", "ct_scan"]
     assert all(r.caption and r.inline_mentions for r in res.records)  # {tokens: ...} objects were unwrapped
-    assert all((tmp_path / "out" / r.image).exists() for r in res.records)
+    packed = ImageStore(tmp_path / "out")  # packed, byte for byte
+    assert packed.packed and all(packed.read(r.image) == (EXAMPLES / "images" / r.image).read_bytes()
+                                 for r in res.records)
 
 
 def _record(pid, **kw):

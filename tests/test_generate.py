@@ -126,7 +126,7 @@ def test_phrase_lists_and_prompt_come_from_params(tmp_path):
 def _png(tmp_path, side):
     from PIL import Image
     Image.new("L", (side, side // 2), 128).save(tmp_path / "im.png")
-    return tmp_path / "im.png"
+    return (tmp_path / "im.png").read_bytes()
 
 
 def test_images_are_shrunk_to_max_image_side(tmp_path):
@@ -134,12 +134,12 @@ def test_images_are_shrunk_to_max_image_side(tmp_path):
     import io
 
     from PIL import Image
-    path = _png(tmp_path, 1200)
-    url = image_part(path, 512)["image_url"]["url"]
+    data = _png(tmp_path, 1200)
+    url = image_part(data, 512)["image_url"]["url"]
     assert url.startswith("data:image/png;base64,")
     with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:
         assert im.size == (512, 256)
-    assert image_part(path, 0) == image_part(path, 2000)  # already small enough: sent as it is
+    assert image_part(data, 0) == image_part(data, 2000)  # already small enough: sent as it is
 
 
 def test_a_reply_cut_at_max_tokens_loses_its_unfinished_last_round(sample, tmp_path):

@@ -1,4 +1,5 @@
 """End-to-end: the DAG as a user runs it, in a copy of the repository."""
+import hashlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from vital.fakeapi import FakeOpenAI
+from vital.images import ImageStore, pack
 from vital.schema import IMAGE_TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +62,9 @@ def test_dag_runs_offline_end_to_end_then_experiment_reruns_only_downstream(repo
     assert ran(out) == STAGES
 
     records = [json.loads(x) for x in (repo / "data/corpus/records.jsonl").read_text().splitlines()]
-    assert len(records) >= 12 and all((repo / "data/corpus/images" / r["image"]).exists() for r in records)
+    corpus_images = ImageStore(repo / "data/corpus/images")  # packed: a tar shard and its index
+    assert corpus_images.packed and len(list((repo / "data/corpus/images").iterdir())) == 2
+    assert len(records) >= 12 and all(r["image"] in corpus_images for r in records)
     pool = [json.loads(x) for x in (repo / "data/annotation/pool.jsonl").read_text().splitlines()]
     assert pool and all(p["answer_a"] and p["answer_b"] for p in pool)
     convs = [json.loads(x) for x in (repo / "data/candidates/conversations.jsonl").read_text().splitlines()]
@@ -78,12 +82,16 @@ def test_dag_runs_offline_end_to_end_then_experiment_reruns_only_downstream(repo
         assert turns[0]["value"].startswith(f"{IMAGE_TOKEN}\n")
         assert sum(t["value"].count(IMAGE_TOKEN) for t in turns) == 1
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
-    out = run("vital validate release data/release/instructions.json --image-dir data/corpus/images", repo).stdout
-    assert "12 records" in out and "0 problems" in out
+    out = run("vital validate release data/release/instructions.json --image-dir data/release/images", repo).stdout
+    assert "12 records" in out and "0 problems" in out  # the release carries its own images
+    assert sorted(ImageStore(repo / "data/release/images").names()) == sorted({r["image"] for r in rel})
     assert len((repo / "data/release/trl.jsonl").read_text().splitlines()) == 12
     assert len(json.loads((repo / "data/release/llamafactory.json").read_text())) == 12
     assert "12 instruction conversations kept of 14 candidates" in (repo / "data/release/DATA_CARD.md").read_text()
     assert (repo / "models/vlm/adapter/adapter_model.safetensors").exists()
+    card = (repo / "models/vlm/adapter/README.md").read_text()  # the model card beside the adapter
+    sha = hashlib.sha256((repo / "data/release/instructions.json").read_bytes()).hexdigest()
+    assert "Pipeline check only" in card and f"12 conversations (LLaVA format), sha256 `{sha}`" in card
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
     assert "tiny random" in ev["model"] and ev["judge"] == "offline"
     assert {"closed_accuracy", "open_recall", "relative_score"} <= set(ev)
@@ -285,7 +293,8 @@ def test_selector_experiments_biomedclip_finetuned_per_conversation_logistic(rep
 def test_candidates_whose_image_went_missing_are_skipped_and_counted(repo):
     run("dvc repro filter", repo)
     convs = [json.loads(x) for x in (repo / "data/candidates/conversations.jsonl").read_text().splitlines()]
-    (repo / "data/corpus/images" / convs[0]["image"]).unlink()
+    store = ImageStore(repo / "data/corpus/images")
+    pack(store, [n for n in store.names() if n != convs[0]["image"]], repo / "data/corpus/images")  # one image lost
     run("python stages/train_selector.py && python stages/filter.py", repo)
     m = json.loads((repo / "metrics/train_selector.json").read_text())
     pool = [json.loads(x) for x in (repo / "data/annotation/pool.jsonl").read_text().splitlines()]

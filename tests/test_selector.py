@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vital import encoders, selector
+from vital.images import ImageStore
 from vital.schema import Conversation
 
 D = selector.TEXT_DIM + selector.IMAGE_DIM
@@ -139,7 +140,7 @@ def test_embedding_cache_encodes_each_text_and_image_once_across_runs(sample, tm
     first = selector.Featurizer(backbone, image_dir, tmp_path / "emb")(units)
     assert first.shape == (9, D) and sum(calls) == len(set(units["text"]))
     plain = np.hstack([encoders.encode_texts(units["text"].tolist()),
-                       encoders.encode_images([image_dir / u for u in units["image"]])])
+                       encoders.encode_images([ImageStore(image_dir).read(u) for u in units["image"]])])
     assert np.allclose(first, plain, atol=1e-5)
     n = len(calls)
     again = selector.Featurizer(backbone, image_dir, tmp_path / "emb")(units)  # another stage or experiment

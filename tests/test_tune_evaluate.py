@@ -1,10 +1,13 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from vital import evaluate, tune
 from vital.client import Client, ClientConfig
+from vital.images import ImageStore
 from vital.offline import OfflineBackend
 from vital.schema import IMAGE_TOKEN
 
@@ -30,7 +33,7 @@ def test_loss_is_on_assistant_tokens_only(sample, tiny):
     model, processor = tiny
     from PIL import Image
 
-    ex = tune.encode_example(processor, Image.open(image_dir / records[0].image).convert("RGB"),
+    ex = tune.encode_example(processor, ImageStore(image_dir).open(records[0].image).convert("RGB"),
                              _release(records)[0]["conversations"], max_length=512)
     ids, labels = ex["input_ids"].tolist(), ex["labels"].tolist()
     image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -39,7 +42,7 @@ def test_loss_is_on_assistant_tokens_only(sample, tiny):
     trained = processor.tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100])
     assert "clinical correlation is advised" in trained.lower()
     assert "anything else" not in trained.lower() and "user" not in trained.lower()
-    assert tune.encode_example(processor, Image.open(image_dir / records[0].image), _release(records)[0]["conversations"],
+    assert tune.encode_example(processor, ImageStore(image_dir).open(records[0].image), _release(records)[0]["conversations"],
                                max_length=10) is None  # image + first question alone do not fit
 
 
@@ -100,3 +103,15 @@ def test_judge_relative_score_and_unparsed_replies(sample):
 
     m = evaluate.judge_chat(chat, perfect, Client(ClientConfig(), Rambling()), image_dir)
     assert m["judge_unparsed"] == len(chat) and m["relative_score"] is None
+
+
+def test_the_model_card_says_what_the_adapter_was_tuned_from_and_on(tmp_path):
+    cfg = tune.TuneConfig(base_model="/models/llava-med-v1.5-mistral-7b-hf", lora_r=16)
+    stats = {"examples": 60000, "steps": 1875, "final_loss": 0.812345}
+    card = tune.model_card(cfg, stats, Path("data/release/instructions.json"), 60000, "ab" * 32, cfg.base_model)
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == cfg.base_model and meta["library_name"] == "peft" and "biomedical" in meta["tags"]
+    assert "Pipeline check only" not in card and f"60000 conversations (LLaVA format), sha256 `{'ab' * 32}`" in card
+    assert "| lora_r | 16 |" in card and "| final_loss | 0.8123 |" in card and "| target_modules | q_proj, k_proj" in card
+    tiny = tune.model_card(tune.TuneConfig(), stats, Path("x.json"), 3, "0" * 64, "tiny random LLaVA")
+    assert "Pipeline check only" in tiny and "base_model" not in yaml.safe_load(tiny.split("---")[1])

@@ -39,6 +39,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from jinja2 import Environment
 
+from .images import ImageStore
 from .preferences import answers_hash, vote_label
 from .schema import Demo, PoolItem, Vote, read_jsonl, write_json, write_jsonl
 
@@ -189,19 +190,21 @@ document.addEventListener("keydown", (e) => {
 class App:
     """A WSGI app over the pool and the annotation database."""
 
-    def __init__(self, pool: Path, db: Path, images: Path, overlap: int = 1, conversations: Path | None = None,
+    def __init__(self, pool: Path, db: Path, images: Path | ImageStore, overlap: int = 1, conversations: Path | None = None,
                  public_origin: str | None = None, session_hours: float = 12):
         if overlap < 1:
             raise AnnotationError(f"overlap {overlap}: each question needs at least one annotator")
-        if not Path(images).is_dir():
-            raise AnnotationError(f"image folder {images} does not exist (run `dvc repro corpus`, or pass --images)")
+        try:
+            images = ImageStore.of(images)
+        except FileNotFoundError as e:
+            raise AnnotationError(f"{e}, or pass --images") from None
         if conversations and not Path(conversations).exists():
             raise AnnotationError(f"{conversations} does not exist: run `dvc repro generate` to offer generated "
                                   "conversations as demonstrations, or pass --conversations ''")
         self.pool = load_pool(pool)
         self.order = list(self.pool)
         self.hashes = {q: answers_hash(item) for q, item in self.pool.items()}
-        self.db, self.images, self.overlap = db, Path(images).resolve(), overlap
+        self.db, self.images, self.overlap = db, images, overlap
         self.public_origin, self.session_s = public_origin, session_hours * 3600
         self.conversations = {r["id"]: r["conversations"] for r in read_jsonl(conversations)} if conversations else {}
         connect(db).close()  # create the schema before the first request
@@ -355,11 +358,10 @@ class App:
         if sess is None:
             return self.respond(start_response, "401 Unauthorized", "sign in first", "text/plain")
         item = self.pool.get(qid)
-        path = (self.images / item.image).resolve() if item else None
-        if path is None or not path.is_relative_to(self.images) or not path.is_file():
+        if item is None or item.image not in self.images:
             return self.respond(start_response, "404 Not Found", "no such pool image", "text/plain")
-        mime = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
-        return self.respond(start_response, "200 OK", path.read_bytes(), mime)
+        mime = "image/png" if item.image.lower().endswith(".png") else "image/jpeg"
+        return self.respond(start_response, "200 OK", self.images.read(item.image), mime)
 
     # -- responses
     def page(self, start_response, page, sess=None, status="200 OK", **kw):

@@ -68,9 +68,9 @@ def make_backend(cfg):
 
 # ---------------------------------------------------------------- images in requests
 
-def image_part(path: str | Path, max_side: int = 0) -> dict:
-    """An OpenAI `image_url` content part: the image as a base64 data URL, shrunk to fit `max_side` (0: as is)."""
-    data = Path(path).read_bytes()
+def image_part(data: bytes, max_side: int = 0) -> dict:
+    """An OpenAI `image_url` content part: the image file's bytes as a base64 data URL, shrunk to fit
+    `max_side` (0: as is)."""
     png = data[:4] == b"\x89PNG"
     if max_side:
         with Image.open(io.BytesIO(data)) as im:

@@ -76,7 +76,7 @@ def validate_corpus(path: Path = typer.Argument(..., help="fig_captions .json/.j
 @validate.command("release")
 def validate_release(path: Path = typer.Argument(..., help="a LLaVA-format instructions JSON (ours, or the "
                                                           "official BioMed-VITAL 60K/80K file)"),
-                     image_dir: Path = typer.Option(None, "--image-dir", help="also check every image exists here"),
+                     image_dir: Path = typer.Option(None, "--image-dir", help="also check every image is in this store or folder"),
                      show: int = typer.Option(20, help="how many problems to list")):
     """Check an instruction-tuning file the way `tune` reads it; exit 1 if any record has a problem."""
     from .release import validate
@@ -86,7 +86,11 @@ def validate_release(path: Path = typer.Argument(..., help="a LLaVA-format instr
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         typer.echo(f"error: {path}: cannot read it as JSON ({e})", err=True)
         raise typer.Exit(2)
-    report = validate(records, image_dir)
+    try:
+        report = validate(records, image_dir)
+    except FileNotFoundError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
     typer.echo(f"{path}: {report['records']} records, {report['rounds']} rounds, "
                f"{len(report['problems'])} problems")
     typer.echo("domains: " + ", ".join(f"{d}={n}" for d, n in report["domains"].items()))
@@ -96,6 +100,75 @@ def validate_release(path: Path = typer.Argument(..., help="a LLaVA-format instr
     if len(report["problems"]) > show:
         typer.echo(f"  ... and {len(report['problems']) - show} more (--show N)")
     raise typer.Exit(1 if report["problems"] else 0)
+
+
+release_app = typer.Typer(help="Published releases: bring one in to tune on.", no_args_is_help=True)
+app.add_typer(release_app, name="release")
+
+
+@release_app.command("import")
+def release_import(url: str = typer.Argument(..., help="the instructions JSON, e.g. the BioMed-VITAL 80K file's "
+                                                       "download URL (http, https or file://)"),
+                   out: Path = typer.Option(None, help="folder to write (default: data/external/<file name>)"),
+                   images: Path = typer.Option(None, help="folder (or packed store) of the figures the records "
+                                                          "name; they are packed into <out>/images"),
+                   shard_mb: float = typer.Option(256, help="image shard size")):
+    """Download a published release, check it like `vital validate release`, convert it to this project's
+    format (<out>/instructions.json) and list what could not be converted (<out>/rejected.jsonl)."""
+    from .release import import_release
+
+    name = Path(url.split("?")[0].rstrip("/")).name
+    out = out or Path("data/external") / (Path(name).stem.lower() or "release")
+    try:
+        s = import_release(url, out, images, shard_mb)
+    except (OSError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{s['file']}: {s['records']} records -> {s['imported']} imported to {out / 'instructions.json'}, "
+               f"{s['rejected']} rejected ({out / 'rejected.jsonl'})")
+    for reason, n in s["rejected_by_reason"].items():
+        typer.echo(f"  {reason}: {n}")
+    typer.echo("domains: " + ", ".join(f"{d}={n}" for d, n in s["domains"].items()))
+    typer.echo(f"version it:  dvc add {out}")
+    if s["images"]:
+        typer.echo(f"tune on it:  dvc exp run tune -S tune.data={out}/instructions.json -S tune.images={s['images']}")
+    else:
+        typer.echo("the records need their images: download them, then rerun with --images DIR")
+
+
+images_app = typer.Typer(help="Packed image stores (tar shards + index.parquet, see src/vital/images.py).",
+                         no_args_is_help=True)
+app.add_typer(images_app, name="images")
+
+
+@images_app.command("unpack")
+def images_unpack(store: Path = typer.Argument(..., help="a packed store, e.g. data/release/images"),
+                  out: Path = typer.Argument(..., help="folder to write the images into")):
+    """Write every image of a store as a plain file (for trainers that read a folder)."""
+    from .images import unpack
+
+    try:
+        n = unpack(store, out)
+    except (OSError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{n} images -> {out}")
+
+
+@images_app.command("pack")
+def images_pack(folder: Path = typer.Argument(..., help="a folder of images"),
+                out: Path = typer.Argument(..., help="the packed store to write"),
+                shard_mb: float = typer.Option(256, help="shard size")):
+    """Pack a folder of images into a store that the stages and `dvc push` handle as a few files."""
+    from .images import ImageStore, pack
+
+    try:
+        store = ImageStore(folder)
+        n = pack(store, store.names(), out, shard_mb)
+    except (OSError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{n} images -> {out}")
 
 
 annotate = typer.Typer(help="The clinician annotation app (see src/vital/annotate.py).", no_args_is_help=True)
@@ -119,7 +192,7 @@ def annotate_add_user(name: str = typer.Argument(..., help="annotator name, e.g.
 
 @annotate.command("serve")
 def annotate_serve(pool: Path = POOL, db: Path = DB,
-                   images: Path = typer.Option(Path("data/corpus/images"), help="the corpus image folder"),
+                   images: Path = typer.Option(Path("data/corpus/images"), help="the corpus images (packed store or folder)"),
                    conversations: str = typer.Option("data/candidates/conversations.jsonl",
                                                      help="generated conversations to flag as demonstrations; '' for none"),
                    overlap: int = typer.Option(2, help="how many annotators judge each question"),
@@ -164,6 +237,53 @@ def annotate_export(db: Path = DB, pool: Path = POOL,
     if summary["stale_votes"]:
         typer.echo(f"warning: {summary['stale_votes']} votes judged answers that have changed since; "
                    "merge_preferences skips them (counted as stale)")
+
+
+remote_cli = typer.Typer(help="The DVC remote that `dvc push` / `dvc pull` use (see src/vital/remote.py).",
+                         no_args_is_help=True)
+app.add_typer(remote_cli, name="remote")
+REMOTE = typer.Option(None, "-r", "--remote", help="remote name (default: the repo's default remote)")
+TARGETS = typer.Argument(None, help="outputs, .dvc files or stage names (default: everything)")
+
+
+@remote_cli.command("check")
+def remote_check(name: str = typer.Argument(None, help="remote name (default: the repo's default remote)")):
+    """Is the remote reachable, are the credentials accepted, does it verify downloads? Exit 2 with the cause
+    and the fix if not."""
+    from .remote import RemoteError, check
+
+    try:
+        lines = check(name)
+    except RemoteError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    for line in lines:
+        typer.echo(line)
+
+
+def _dvc_transfer(command: str, targets: list[str] | None, remote: str | None, jobs: int | None):
+    from .remote import RemoteError, run
+
+    try:
+        run(command, [*(["-j", str(jobs)] if jobs else []), *(targets or [])], remote=remote, echo=typer.echo)
+    except RemoteError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+
+
+@app.command("push")
+def push_data(targets: list[str] = TARGETS, remote: str = REMOTE,
+              jobs: int = typer.Option(None, "-j", "--jobs", help="parallel transfers")):
+    """`dvc push`; on failure one clear message (the remote, the cause, the fix) and exit 2."""
+    _dvc_transfer("push", targets, remote, jobs)
+
+
+@app.command("pull")
+def pull_data(targets: list[str] = TARGETS, remote: str = REMOTE,
+              jobs: int = typer.Option(None, "-j", "--jobs", help="parallel transfers")):
+    """`dvc pull`; on failure one clear message (the remote, the cause, the fix) and exit 2. Removes the partial
+    files an interrupted pull leaves, so a rerun completes."""
+    _dvc_transfer("pull", targets, remote, jobs)
 
 
 if __name__ == "__main__":

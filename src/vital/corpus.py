@@ -8,14 +8,16 @@ Bad records go to `rejected` with file, line and reason; with `strict` the first
 """
 from __future__ import annotations
 
+import io
 import json
-import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from .images import ShardWriter
 from .schema import DOMAINS, CorpusRecord, Rejected
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -85,20 +87,22 @@ def load_sample_image(src: tuple[str, str]) -> Image.Image:
     return _skimage_to_image(name)
 
 
-def build_sample(image_dir: Path, max_image_side: int) -> CorpusResult:
+def build_sample(image_dir: Path, max_image_side: int, shard_mb: float = 256) -> CorpusResult:
+    """The bundled sample, its images packed into `image_dir` (see images.py)."""
     from .sample import SAMPLE
 
-    image_dir.mkdir(parents=True, exist_ok=True)
     result = CorpusResult()
-    for s in SAMPLE:
-        im = load_sample_image(s["src"])
-        im.thumbnail((max_image_side, max_image_side))
-        name = f"{s['id']}.png"
-        im.save(image_dir / name, format="PNG", optimize=True)
-        result.records.append(CorpusRecord(
-            id=s["id"], image=name, caption=s["caption"], fig_label=s["fig_label"],
-            inline_mentions=[s["mention"]], domain=s["domain"],
-            source=f"sample:{s['src'][0]}:{s['src'][1]}"))
+    with ShardWriter(image_dir, shard_mb) as out:
+        for s in SAMPLE:
+            im = load_sample_image(s["src"])
+            im.thumbnail((max_image_side, max_image_side))
+            name, buf = f"{s['id']}.png", io.BytesIO()
+            im.save(buf, format="PNG", optimize=True)
+            out.add(name, buf.getvalue())
+            result.records.append(CorpusRecord(
+                id=s["id"], image=name, caption=s["caption"], fig_label=s["fig_label"],
+                inline_mentions=[s["mention"]], domain=s["domain"],
+                source=f"sample:{s['src'][0]}:{s['src'][1]}"))
     return result
 
 
@@ -126,12 +130,18 @@ def _mentions(value) -> list[str]:
     return [t for t in (_text(v, "in_text_mention") for v in items) if t]
 
 
-def _domain(value) -> str:
-    """LLaVA-Med: a dict of booleans. A plain string is accepted too. No true flag -> 'other'."""
+# how other releases name the domains (BioMed-VITAL: CXR, MRI, Histology, Gross, CT), case-insensitive
+DOMAIN_ALIASES = {"cxr": "chest_xray", "chest x-ray": "chest_xray", "chest_x-ray": "chest_xray", "ct": "ct_scan",
+                  "histopathology": "histology", **{d: d for d in DOMAINS}}
+
+
+def parse_domain(value) -> str:
+    """LLaVA-Med: a dict of booleans. A plain string is accepted too (a domain or an alias). No true flag ->
+    'other'. Anything else raises CorpusError with the accepted values."""
     if isinstance(value, str):
-        if value not in DOMAINS:
-            raise CorpusError(f"unknown domain: {value!r}; use one of {', '.join(DOMAINS)}")
-        return value
+        if value.strip().lower() not in DOMAIN_ALIASES:
+            raise CorpusError(f"unknown domain: {value!r}; use one of {', '.join(DOMAINS)} (or CXR, CT)")
+        return DOMAIN_ALIASES[value.strip().lower()]
     if value is None:
         return "other"
     if not isinstance(value, dict):
@@ -235,7 +245,7 @@ def parse_record(raw, image_dir: Path, source: str) -> tuple[CorpusRecord, Path]
     record = CorpusRecord(
         id=rid, image="", caption=caption, fig_label=_text(raw.get("fig_label"), "fig_label"),
         inline_mentions=_mentions(raw.get("in_text_mention", raw.get("inline_mentions"))),
-        domain=_domain(raw.get("domain")), source=source,
+        domain=parse_domain(raw.get("domain")), source=source,
         pmid=_text(raw.get("pmid"), "pmid") or None)
     image = _find_image(image_dir, raw, rid)
     problem = _check_image(image)
@@ -244,34 +254,33 @@ def parse_record(raw, image_dir: Path, source: str) -> tuple[CorpusRecord, Path]
     return record, image
 
 
-def ingest(path: Path, image_dir: Path, out_image_dir: Path | None, strict: bool) -> CorpusResult:
-    """Read a user corpus; copy accepted images into `out_image_dir` (if given) so it is self-contained."""
+def ingest(path: Path, image_dir: Path, out_image_dir: Path | None, strict: bool, shard_mb: float = 256) -> CorpusResult:
+    """Read a user corpus; pack accepted images into `out_image_dir` (if given) so it is self-contained."""
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".json", ".jsonl", ".parquet")) \
         if path.is_dir() else [path]
     if not files:
         raise CorpusError(f"{path}: no .json, .jsonl or .parquet corpus files found")
-    if out_image_dir:
-        out_image_dir.mkdir(parents=True, exist_ok=True)
     result, seen = CorpusResult(), set()
-    for f in files:
-        for line, raw, error in _iter_raw(f):
-            rid = raw.get("pair_id") if isinstance(raw, dict) else None
-            try:
-                if error:
-                    raise CorpusError(error)
-                record, image = parse_record(raw, image_dir, source=f"{f.name}:{line}")
-                if record.id in seen:
-                    raise CorpusError(f"duplicate id: {record.id} already seen earlier in the corpus")
-            except CorpusError as e:
-                if strict:
-                    raise CorpusError(f"{f}:{line}: {e} (set corpus.strict: false to skip bad records "
-                                      "into data/corpus/rejected.jsonl)") from None
-                result.rejected.append(Rejected(file=str(f), line=line, reason=str(e),
-                                                id=rid if isinstance(rid, str) else None))
-                continue
-            seen.add(record.id)
-            record.image = f"{record.id}{image.suffix.lower()}"
-            if out_image_dir:
-                shutil.copyfile(image, out_image_dir / record.image)
-            result.records.append(record)
+    with ShardWriter(out_image_dir, shard_mb) if out_image_dir else nullcontext() as out:
+        for f in files:
+            for line, raw, error in _iter_raw(f):
+                rid = raw.get("pair_id") if isinstance(raw, dict) else None
+                try:
+                    if error:
+                        raise CorpusError(error)
+                    record, image = parse_record(raw, image_dir, source=f"{f.name}:{line}")
+                    if record.id in seen:
+                        raise CorpusError(f"duplicate id: {record.id} already seen earlier in the corpus")
+                except CorpusError as e:
+                    if strict:
+                        raise CorpusError(f"{f}:{line}: {e} (set corpus.strict: false to skip bad records "
+                                          "into data/corpus/rejected.jsonl)") from None
+                    result.rejected.append(Rejected(file=str(f), line=line, reason=str(e),
+                                                    id=rid if isinstance(rid, str) else None))
+                    continue
+                seen.add(record.id)
+                record.image = f"{record.id}{image.suffix.lower()}"
+                if out:
+                    out.add(record.image, image.read_bytes())
+                result.records.append(record)
     return result

@@ -9,6 +9,7 @@ the user has its weights (see `train_selector.backbone`).
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import uuid
 from functools import lru_cache
@@ -62,9 +63,10 @@ def count_tokens(texts: list[str]) -> list[int]:
     return [len(tok(t)["input_ids"]) for t in texts]
 
 
-def image_features(path: str | Path) -> np.ndarray:
-    """(IMAGE_DIM,) float32: per-channel 16-bin histograms, an 8x8 grey thumbnail, mean edge energy."""
-    with Image.open(path) as im:
+def image_features(data: bytes) -> np.ndarray:
+    """(IMAGE_DIM,) float32 of an image file's bytes: per-channel 16-bin histograms, an 8x8 grey thumbnail,
+    mean edge energy."""
+    with Image.open(io.BytesIO(data)) as im:
         rgb = np.asarray(im.convert("RGB").resize((64, 64), Image.BILINEAR), dtype=np.float32) / 255.0
     hist = [np.histogram(rgb[..., c], bins=16, range=(0, 1))[0] / (64 * 64) for c in range(3)]
     grey = rgb.mean(-1)
@@ -73,10 +75,10 @@ def image_features(path: str | Path) -> np.ndarray:
     return np.concatenate([*hist, thumb, [edges]]).astype(np.float32)
 
 
-def encode_images(paths: list[str | Path]) -> np.ndarray:
-    if not paths:
+def encode_images(images: list[bytes]) -> np.ndarray:
+    if not images:
         return np.zeros((0, IMAGE_DIM), np.float32)
-    return np.stack([image_features(p) for p in paths])
+    return np.stack([image_features(b) for b in images])
 
 
 # ---------------------------------------------------------------- the embedding cache

@@ -14,8 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from .images import ImageStore
 from .offline import qa_from_text
 from .rate import parse_score, rating_messages
 from .schema import IMAGE_TOKEN, CorpusRecord
@@ -43,12 +43,12 @@ def sample_eval_sets(records: list[CorpusRecord]) -> tuple[list[dict], list[dict
     return vqa, chat
 
 
-def answer_questions(model, processor, items: list[dict], image_root: Path, max_new_tokens: int) -> dict[str, str]:
-    tok = processor.tokenizer
+def answer_questions(model, processor, items: list[dict], images: ImageStore | Path, max_new_tokens: int) -> dict[str, str]:
+    tok, images = processor.tokenizer, ImageStore.of(images)
     out = {}
     with torch.no_grad():
         for it in items:
-            with Image.open(image_root / it["image"]) as im:
+            with images.open(it["image"]) as im:
                 enc = processor(images=[im.convert("RGB")], text=[user_turn(f"{IMAGE_TOKEN}\n{it['text']}")],
                                 add_special_tokens=False, return_tensors="pt")
             enc.pop("token_type_ids", None)
@@ -84,15 +84,15 @@ def vqa_metrics(items: list[dict], preds: dict[str, str]) -> dict:
             "closed_n": len(closed), "open_n": len(recall)}
 
 
-def judge_chat(items: list[dict], preds: dict[str, str], judge, image_root: Path) -> dict:
+def judge_chat(items: list[dict], preds: dict[str, str], judge, images: ImageStore | Path) -> dict:
     """Relative score per domain: 100 * sum(model score) / sum(reference score); unparsed replies counted."""
     sums = defaultdict(lambda: [0, 0])
-    unparsed = 0
+    unparsed, images = 0, ImageStore.of(images)
     for it in items:
         scores = []
         for answer in (it["gpt4_answer"], preds[it["question_id"]]):
             msgs = rating_messages(it["fig_caption"], [it["fig_inline_mention"]], it["text"], answer,
-                                   image_root / it["image"])
+                                   images.read(it["image"]))
             reply = judge.complete(msgs, "judge")  # None: the request failed
             scores.append(parse_score(reply) if reply is not None else None)
         if None in scores:

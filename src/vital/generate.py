@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .backends import image_part
+from .images import ImageStore
 from .client import Requests
 from .schema import DOMAINS, IMAGE_TOKEN, AppendLog, Conversation, CorpusRecord, Demo
 
@@ -71,7 +72,7 @@ def pick_demos(demos: list[Demo], per_modality: int, seed: int) -> dict[str, lis
     return {d: rng.sample(xs, min(per_modality, len(xs))) for d, xs in by_domain.items()}
 
 
-def build_messages(rec: CorpusRecord, image_path: Path, demos: list[Demo], cfg: GenerateConfig) -> list[dict]:
+def build_messages(rec: CorpusRecord, image: bytes, demos: list[Demo], cfg: GenerateConfig) -> list[dict]:
     system = cfg.system_prompt.format(min_rounds=cfg.min_rounds) + (JSON_INSTRUCTION if cfg.json_mode else "")
     msgs = [{"role": "system", "content": system}]
     for d in demos:
@@ -79,7 +80,7 @@ def build_messages(rec: CorpusRecord, image_path: Path, demos: list[Demo], cfg: 
         msgs.append({"role": "assistant", "content": "\n".join(
             f"{'User' if t['from'] == 'human' else 'Assistant'}: {t['value']}" for t in d.conversations)})
     msgs.append({"role": "user", "content": [{"type": "text", "text": figure_text(rec.caption, rec.inline_mentions)},
-                                             image_part(image_path, cfg.max_image_side)]})
+                                             image_part(image, cfg.max_image_side)]})
     return msgs
 
 
@@ -152,12 +153,13 @@ def clean_rounds(turns: list[dict], cfg: GenerateConfig = GenerateConfig()) -> t
     return kept, dropped
 
 
-def generate(records: list[CorpusRecord], image_root: Path, demos: list[Demo], client, log: AppendLog,
+def generate(records: list[CorpusRecord], images: ImageStore | Path, demos: list[Demo], client, log: AppendLog,
              cfg: GenerateConfig, batch_state: AppendLog | None = None):
     """(conversations, rejected, failures, stats) for every figure."""
-    chosen = pick_demos(demos, cfg.demos_per_modality, cfg.seed)
+    chosen, images = pick_demos(demos, cfg.demos_per_modality, cfg.seed), ImageStore.of(images)
     by_id = {r.id: r for r in records}
-    requests = Requests([(r.id, r) for r in records], lambda r: build_messages(r, image_root / r.image, chosen.get(r.domain, []), cfg))
+    requests = Requests([(r.id, r) for r in records],
+                        lambda r: build_messages(r, images.read(r.image), chosen.get(r.domain, []), cfg))
 
     def make_row(key, entry):
         r = by_id[key]

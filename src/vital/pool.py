@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from .backends import image_part
+from .images import ImageStore
 from .client import Requests
 from .offline import qa_from_text
 from .encoders import encode_images, encode_texts
@@ -26,9 +27,10 @@ POOL_PROMPT = ("You are helping build a set of questions for clinicians to judge
                "one per line, as 'A: ...' and 'B: ...'.")
 
 
-def figure_embeddings(records: list[CorpusRecord], image_root: Path, image_weight: float) -> np.ndarray:
+def figure_embeddings(records: list[CorpusRecord], images: ImageStore | Path, image_weight: float) -> np.ndarray:
     text = encode_texts([r.caption + " " + " ".join(r.inline_mentions) for r in records])
-    img = encode_images([image_root / r.image for r in records])
+    images = ImageStore.of(images)
+    img = encode_images([images.read(r.image) for r in records])
     img = (img - img.mean(0)) / (img.std(0) + 1e-6) / np.sqrt(img.shape[1])  # unit-scale, like the text part
     return np.hstack([text, image_weight * img])
 
@@ -51,10 +53,11 @@ def parse_ab(reply: str) -> tuple[str, str] | None:
     return (a.group(1).strip(), b.group(1).strip()) if a and b else None
 
 
-def build_pool(records: list[CorpusRecord], image_root: Path, client, log: AppendLog, clusters: int,
+def build_pool(records: list[CorpusRecord], images: ImageStore | Path, client, log: AppendLog, clusters: int,
                per_cluster: int, questions_per_figure: int, image_weight: float, seed: int, max_image_side: int = 0):
     """(pool items, failures, stats)."""
-    emb = figure_embeddings(records, image_root, image_weight)
+    images = ImageStore.of(images)
+    emb = figure_embeddings(records, images, image_weight)
     picked = select_diverse(emb, clusters, per_cluster, seed)
     items = []
     for i, cluster in picked:
@@ -68,7 +71,7 @@ def build_pool(records: list[CorpusRecord], image_root: Path, client, log: Appen
         return [{"role": "system", "content": POOL_PROMPT},
                 {"role": "user", "content": [
                     {"type": "text", "text": figure_text(r.caption, r.inline_mentions) + f"\nQuestion: {q}"},
-                    image_part(image_root / r.image, max_image_side)]}]
+                    image_part(images.read(r.image), max_image_side)]}]
 
     rows, stats, failures = client.run(Requests(items, build), log, "pool_answers", {}, lambda k, e: e,
                                        "annotation_pool")

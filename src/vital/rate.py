@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from .backends import image_part
+from .images import ImageStore
 from .client import Requests
 from .generate import figure_text
 from .schema import AppendLog, Conversation, CorpusRecord, PoolItem, Rating, round_id, rounds
@@ -33,20 +34,20 @@ def parse_score(reply: str) -> int | None:
     return int(m.group(1))
 
 
-def rating_messages(caption: str, mentions: list[str], question: str, answer: str, image_path: Path,
+def rating_messages(caption: str, mentions: list[str], question: str, answer: str, image: bytes,
                     max_image_side: int = 0) -> list[dict]:
     text = f"{figure_text(caption, mentions)}\nQuestion: {question}\nAnswer: {answer}"
     return [{"role": "system", "content": RUBRIC},
-            {"role": "user", "content": [{"type": "text", "text": text}, image_part(image_path, max_image_side)]}]
+            {"role": "user", "content": [{"type": "text", "text": text}, image_part(image, max_image_side)]}]
 
 
-def rate(conversations: list[Conversation], records: dict[str, CorpusRecord], image_root: Path, client,
+def rate(conversations: list[Conversation], records: dict[str, CorpusRecord], images: ImageStore | Path, client,
          log: AppendLog, sampling: dict, max_image_side: int = 0, batch_state: AppendLog | None = None,
          pool: list[PoolItem] = ()):
     """(ratings, pool_ratings, failures, stats): one rating per generated Q&A round, and one per pool answer
     (`<question_id>:A` / `:B`, to compare the rater with clinicians). A failed request has no rating, only a
     failure. Every unit: (candidate id, conversation id, round, caption, mentions, question, answer, image)."""
-    units = []
+    units, images = [], ImageStore.of(images)
     for c in conversations:
         rec = records[c.id]
         units += [(round_id(c.id, k), c.id, k, rec.caption, rec.inline_mentions, q, a, c.image)
@@ -56,7 +57,7 @@ def rate(conversations: list[Conversation], records: dict[str, CorpusRecord], im
         units += [(f"{p.question_id}:{side}", p.question_id, 0, p.caption, p.inline_mentions, p.question, answer,
                    p.image) for side, answer in (("A", p.answer_a), ("B", p.answer_b))]
     requests = Requests([(u[0], u) for u in units], lambda u: rating_messages(u[3], u[4], u[5], u[6],
-                                                                              image_root / u[7], max_image_side))
+                                                                              images.read(u[7]), max_image_side))
     meta = {u[0]: u for u in units}
 
     def make_row(key, entry):

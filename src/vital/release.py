@@ -6,14 +6,17 @@ unique `id`, relative `image`, `domain`, `conversations` alternating human/gpt f
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from .schema import IMAGE_TOKEN, Conversation
+from .images import ImageStore, pack
+from .schema import IMAGE_TOKEN, Conversation, write_json, write_jsonl
 
 
 def select_top(scores: dict[str, float], ratio: float, top_k: int = 0, domains: dict[str, str] | None = None) -> list[str]:
@@ -49,12 +52,12 @@ def to_llava(c: Conversation, score: float | None = None) -> dict:
             "selector_score": None if score is None else round(score, 6), "generator": f"{c.backend}:{c.model}"}
 
 
-def screen(conversations: list[Conversation], image_root: Path) -> tuple[list[Conversation], list[dict]]:
+def screen(conversations: list[Conversation], images: ImageStore | Path) -> tuple[list[Conversation], list[dict]]:
     """Candidates that would make a valid release record, and the others with why (missing image, no
     rounds, turns that do not alternate, an empty turn, a stray <image>): skipped and counted, not scored."""
-    ok, skipped = [], []
+    ok, skipped, images = [], [], ImageStore.of(images)
     for c in conversations:
-        problems = validate([to_llava(c)], image_root)["problems"]
+        problems = validate([to_llava(c)], images)["problems"]
         if problems:
             skipped.append({"id": c.id, "problems": [why for _, why in problems]})
         else:
@@ -64,19 +67,20 @@ def screen(conversations: list[Conversation], image_root: Path) -> tuple[list[Co
 
 # ---------------------------------------------------------------- checking a release
 
-def validate(records, image_root: Path | None = None) -> dict:
+def validate(records, images: ImageStore | Path | None = None) -> dict:
     """Problems of a LLaVA-format instruction file, ours or the official BioMed-VITAL 60K/80K JSON.
 
     A record needs a unique `id`, a relative `image` (no `..`), and `conversations` that alternate
     human/gpt from a human turn, with no empty turn and `<image>` exactly once, in the first human
     turn. Ours puts it at the start (`<image>\\n...`); others put it at the end, which is counted, not
-    a problem. With `image_root`, every image must exist there.
+    a problem. With `images` (a store or folder), every image must be in it.
     """
     problems: list[tuple[str, str]] = []
     ids: set[str] = set()
     domains: Counter = Counter()
     placement: Counter = Counter()
     rounds = 0
+    images = ImageStore.of(images) if images is not None else None
     if not isinstance(records, list):
         return {"records": 0, "problems": [("(file)", "not a JSON array of records")], "domains": {},
                 "image_token_placement": {}, "rounds": 0}
@@ -99,8 +103,8 @@ def validate(records, image_root: Path | None = None) -> dict:
             bad("no image")
         elif Path(image).is_absolute() or ".." in Path(image).parts:
             bad(f"image path {image!r} must be relative, inside the image folder")
-        elif image_root is not None and not (Path(image_root) / image).is_file():
-            bad(f"image {image!r} not found in {image_root}")
+        elif images is not None and image not in images:
+            bad(f"image {image!r} not found in {images.root}")
         domains[str(r.get("domain", "(none)"))] += 1
         turns = r.get("conversations")
         if not isinstance(turns, list) or len(turns) < 2:
@@ -126,7 +130,8 @@ def validate(records, image_root: Path | None = None) -> dict:
 
 
 # ---------------------------------------------------------------- other trainers' formats
-# Image paths stay relative to the corpus image folder (LLaMA-Factory: `media_dir`; TRL: your collator).
+# Image paths are relative to the image folder (`vital images unpack data/release/images DIR`; LLaMA-Factory:
+# `media_dir`; TRL: your collator).
 
 LLAMAFACTORY_DATASET_INFO = {"biomed_vital": {
     "file_name": "llamafactory.json", "formatting": "sharegpt",
@@ -177,6 +182,114 @@ def data_card(release: list[dict], candidates: int, params: dict, selector_info:
              f"- generator(s): {', '.join(sorted({r['generator'] for r in release}))}",
              f"- selector: {json.dumps(selector_info, sort_keys=True)}",
              "- format: LLaVA (`instructions.json`), also `instructions.parquet`, LLaMA-Factory sharegpt "
-             "(`llamafactory.json`) and TRL messages (`trl.jsonl`); images are relative to the corpus image folder.",
+             "(`llamafactory.json`) and TRL messages (`trl.jsonl`). Images are packed in `images/` beside them "
+             "(tar shards + `index.parquet`); `vital images unpack data/release/images DIR` writes a plain folder "
+             "for trainers that want one, with the same relative paths.",
              ""]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- importing a published release
+
+def convert_official(records: list, source: str) -> tuple[list[dict], list[dict]]:
+    """The official BioMed-VITAL JSON (`id, image, domain, conversations`, LLaVA format) as this project's
+    release records, and the records that cannot be converted with why. `<image>` moves to the start of the
+    first human turn; `domain` may be CXR / MRI / CT / Histology / Gross, ours, or a LLaVA-Med dict of flags;
+    a record without one is `other` (counted by the caller through the domains)."""
+    from .corpus import CorpusError, parse_domain
+
+    if not isinstance(records, list):
+        raise ValueError("not a JSON array of records")
+    out, rejected, seen = [], [], set()
+    for n, r in enumerate(records, 1):
+        rid = str(r["id"]) if isinstance(r, dict) and r.get("id") is not None else f"(record {n})"
+        problems = [why for _, why in validate([r])["problems"]] + (["duplicate id"] if rid in seen else [])
+        seen.add(rid)
+        turns = []
+        if isinstance(r, dict) and isinstance(r.get("conversations"), list):
+            turns = [dict(t) for t in r["conversations"] if isinstance(t, dict)]
+        if turns and not problems:  # one <image> in the first human turn (validate checked): put it first
+            turns[0]["value"] = f"{IMAGE_TOKEN}\n" + turns[0]["value"].replace(IMAGE_TOKEN, "").strip()
+        try:
+            domain = parse_domain(r.get("domain")) if isinstance(r, dict) else None
+        except CorpusError as e:
+            problems.append(str(e))
+        if problems:
+            rejected.append({"record": n, "id": rid, "problems": problems})
+            continue
+        out.append({"id": rid, "image": r["image"], "domain": domain,
+                    "conversations": [{"from": t["from"], "value": t["value"]} for t in turns],
+                    "selector_score": None, "generator": f"imported:{source}"})
+    return out, rejected
+
+
+def download(url: str, dest: Path, timeout: float = 60) -> None:
+    """Fetch `url` (http, https or file) to `dest` through `dest.part`, renamed only when complete: an
+    interrupted download leaves no half file under the real name, and a rerun starts it again."""
+    import shutil
+    import urllib.error
+    import urllib.request
+
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
+            shutil.copyfileobj(r, f, 1 << 20)
+            f.flush()
+            os.fsync(f.fileno())
+    except urllib.error.HTTPError as e:
+        part.unlink(missing_ok=True)
+        raise OSError(f"{url}: the server answered HTTP {e.code} {e.reason}; check the URL") from None
+    except (urllib.error.URLError, OSError) as e:
+        part.unlink(missing_ok=True)
+        why = getattr(e, "reason", e)
+        raise OSError(f"{url}: cannot download it ({why}); check the URL and your network, then rerun") from None
+    os.replace(part, dest)
+
+
+def import_release(url: str, out_dir: Path, image_dir: Path | None = None, shard_mb: float = 256) -> dict:
+    """Download a published instructions JSON into `out_dir` (kept as fetched; a rerun reuses it), convert it
+    to `instructions.json` in this project's release format, list what could not be converted in
+    `rejected.jsonl`, and with `image_dir` (the downloaded figures) pack the images the records use into
+    `out_dir/images`; records whose image is not there are rejected too. Returns the `import.json` summary."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    out_dir = Path(out_dir)
+    parts = urlsplit(url)
+    host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or ""
+    shown = urlunsplit(parts._replace(netloc=host, query="")) if parts.netloc else url  # no credentials, no token
+    raw = out_dir / (Path(parts.path).name or "release.json")
+    if not raw.exists():
+        download(url, raw)
+    try:
+        records = json.loads(raw.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{raw} (from {shown}) is not a JSON file ({e}); is the URL the instructions JSON? "
+                         f"Delete {raw} to download it again") from None
+    try:
+        converted, rejected = convert_official(records, raw.name)
+    except ValueError as e:
+        raise ValueError(f"{raw}: {e}") from None
+    if image_dir is not None:
+        store = ImageStore(image_dir)
+        for r in [r for r in converted if r["image"] not in store]:
+            rejected.append({"id": r["id"], "problems": [f"image {r['image']!r} not found in {image_dir}"]})
+        missing = {x["id"] for x in rejected}
+        converted = [r for r in converted if r["id"] not in missing]
+        pack(store, sorted({r["image"] for r in converted}), out_dir / "images", shard_mb)
+    report = validate(converted, out_dir / "images" if image_dir is not None else None)
+    if report["problems"]:  # convert_official let through something validate refuses: a bug, not bad input
+        raise RuntimeError(f"converted records fail validation: {report['problems'][:3]}")
+    write_json(out_dir / "instructions.json", converted)
+    write_jsonl(out_dir / "rejected.jsonl", rejected)
+    digest = hashlib.sha256()
+    with open(raw, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    reasons = Counter(why.split(":")[0].split(" (")[0] for x in rejected for why in x["problems"][:1])
+    summary = {"url": shown, "file": raw.name, "sha256": digest.hexdigest(),
+               "records": len(records), "imported": len(converted), "rejected": len(rejected),
+               "rejected_by_reason": dict(sorted(reasons.items())), "domains": report["domains"],
+               "rounds": report["rounds"], "images": str(out_dir / "images") if image_dir is not None else None}
+    write_json(out_dir / "import.json", summary)
+    return summary

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from torch import nn
 from scipy.stats import rankdata
 
 from .encoders import IMAGE_DIM, IMAGE_FEATURES, TEXT_DIM, EmbeddingCache, _minilm, encode_images, minilm_embed
+from .images import ImageStore
 from .schema import AGGREGATES, UNITS, Conversation, CorpusRecord, PoolItem, round_id, rounds
 
 
@@ -159,8 +161,8 @@ class MiniLMBackbone(nn.Module):
     def text_features(self, texts: list[str]) -> torch.Tensor:
         return minilm_embed(self.tok, self.text, texts)
 
-    def image_features(self, paths: list[Path]) -> torch.Tensor:
-        return torch.from_numpy(encode_images(paths))
+    def image_features(self, images: list[bytes]) -> torch.Tensor:
+        return torch.from_numpy(encode_images(images))
 
     def save(self, out: Path) -> None:
         self.text.save_pretrained(out)
@@ -198,12 +200,12 @@ class DualEncoderBackbone(nn.Module):
         out = self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
         return nn.functional.normalize(_pooled(out), dim=-1)
 
-    def image_features(self, paths: list[Path]) -> torch.Tensor:
-        images = []
-        for p in paths:
-            with Image.open(p) as im:
-                images.append(im.convert("RGB"))
-        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    def image_features(self, images: list[bytes]) -> torch.Tensor:
+        decoded = []
+        for data in images:
+            with Image.open(io.BytesIO(data)) as im:
+                decoded.append(im.convert("RGB"))
+        pixels = self.processor.image_processor(images=decoded, return_tensors="pt")["pixel_values"]
         return nn.functional.normalize(_pooled(self.model.get_image_features(pixel_values=pixels)), dim=-1)
 
     def save(self, out: Path) -> None:
@@ -220,10 +222,11 @@ def build_backbone(cfg: dict, model_dir: Path | None = None) -> nn.Module:
     return MiniLMBackbone(tuned, trainable=model_dir is None and cfg["finetune_backbone"])
 
 
-def encode(backbone: nn.Module, units: pd.DataFrame, image_root: Path) -> torch.Tensor:
+def encode(backbone: nn.Module, units: pd.DataFrame, images: ImageStore | Path) -> torch.Tensor:
     """Features of `units` with gradients (fine-tuning): text and image embeddings side by side."""
+    images = ImageStore.of(images)
     return torch.cat([backbone.text_features(units["text"].tolist()),
-                      backbone.image_features([image_root / u for u in units["image"]])], dim=1)
+                      backbone.image_features([images.read(u) for u in units["image"]])], dim=1)
 
 
 def _batched(fn: Callable, items: list, batch_size: int = 32) -> np.ndarray:
@@ -235,8 +238,8 @@ class Featurizer:
     """Frozen features of units through one backbone: each unique text and image is encoded once across epochs,
     stages and experiments (EmbeddingCache, keyed by the backbone's identity and the content)."""
 
-    def __init__(self, backbone: nn.Module, image_root: Path, cache_dir: Path):
-        self.backbone, self.image_root, identity = backbone, Path(image_root), backbone.identity
+    def __init__(self, backbone: nn.Module, images: ImageStore | Path, cache_dir: Path):
+        self.backbone, self.store, identity = backbone, ImageStore.of(images), backbone.identity
         self.texts = EmbeddingCache(cache_dir, "text", f"{identity}:text")
         self.images = EmbeddingCache(cache_dir, "image", f"{identity}:image")
 
@@ -244,18 +247,19 @@ class Featurizer:
         if units.empty:
             return np.zeros((0, self.backbone.dim), np.float32)
         texts = units["text"].tolist()
-        names = list(dict.fromkeys(units["image"]))  # each image file read and hashed once
-        paths = [self.image_root / n for n in names]
+        names = list(dict.fromkeys(units["image"]))  # each image read and hashed once
+        data = [self.store.read(n) for n in names]
         text = self.texts.get_or_encode([t.encode() for t in texts],
                                         lambda idx: _batched(self.backbone.text_features, [texts[i] for i in idx]))
-        image = self.images.get_or_encode([p.read_bytes() for p in paths],
-                                          lambda idx: _batched(self.backbone.image_features, [paths[i] for i in idx]))
+        image = self.images.get_or_encode(data, lambda idx: _batched(self.backbone.image_features,
+                                                                     [data[i] for i in idx]))
         row = {n: i for i, n in enumerate(names)}
         return np.hstack([text, image[[row[u] for u in units["image"]]]]).astype(np.float32)
 
 
-def missing_images(units: pd.DataFrame, image_root: Path) -> list[str]:
-    return [u for u, image in units["image"].items() if not (Path(image_root) / image).is_file()]
+def missing_images(units: pd.DataFrame, images: ImageStore | Path) -> list[str]:
+    images = ImageStore.of(images)
+    return [u for u, image in units["image"].items() if image not in images]
 
 
 # ---------------------------------------------------------------- head and training
@@ -383,17 +387,17 @@ def _or(x: float | None) -> float:
     return -1.0 if x is None else x
 
 
-def fit(units: pd.DataFrame, pairs: pd.DataFrame, cfg: TrainConfig, image_root: Path, cache_dir: Path):
+def fit(units: pd.DataFrame, pairs: pd.DataFrame, cfg: TrainConfig, images: ImageStore | Path, cache_dir: Path):
     """Train a selector on the units that some pair names: frozen (features from the embedding cache) or with
     the backbone fine-tuned end to end. Returns (head, backbone, history, stats)."""
     named = set(pairs["a_id"]) | set(pairs["b_id"])
-    units = units[units.index.isin(named)]
+    units, images = units[units.index.isin(named)], ImageStore.of(images)
     backbone = build_backbone(asdict(cfg))
     if cfg.finetune_backbone:  # the backbone encodes each batch, with gradients
         def features(rows):
-            return encode(backbone, units.iloc[rows.tolist()], image_root)
+            return encode(backbone, units.iloc[rows.tolist()], images)
     else:  # every unique text and image encoded once
-        x = torch.from_numpy(Featurizer(backbone, image_root, cache_dir)(units))
+        x = torch.from_numpy(Featurizer(backbone, images, cache_dir)(units))
 
         def features(rows):
             return x[rows]
@@ -436,12 +440,12 @@ def score(head: Selector, features: np.ndarray, batch_size: int = 8192) -> np.nd
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def score_conversations(conversations: list[Conversation], records: dict[str, CorpusRecord], image_root: Path,
+def score_conversations(conversations: list[Conversation], records: dict[str, CorpusRecord], images: ImageStore | Path,
                         cache_dir: Path, model_dir: Path, chunk: int = 4096) -> tuple[dict[str, float], dict]:
     """{conversation id: score} with the trained selector, streaming `chunk` conversations at a time (features
     are never all in memory). A non-finite score is an error naming the unit."""
     head, backbone, meta = load(model_dir)
-    featurize = Featurizer(backbone, image_root, cache_dir)
+    featurize = Featurizer(backbone, images, cache_dir)
     out = {}
     for i in range(0, len(conversations), chunk):
         part = conversations[i:i + chunk]

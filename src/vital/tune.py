@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .images import ImageStore
 from .schema import IMAGE_TOKEN
 
 TINY = "tiny-random"
@@ -130,7 +131,7 @@ def collate(batch: list[dict], pad_id: int) -> dict:
             "pixel_values": torch.cat([b["pixel_values"] for b in batch])}
 
 
-def train(model, processor, release: list[dict], image_root: Path, cfg: TuneConfig):
+def train(model, processor, release: list[dict], images: ImageStore | Path, cfg: TuneConfig):
     """LoRA-tune `model` on the release. Returns (peft model, per-step log, stats).
 
     LoRA goes into the language model only (`target_modules` names its projections), as LLaVA does;
@@ -142,9 +143,9 @@ def train(model, processor, release: list[dict], image_root: Path, cfg: TuneConf
     targets = rf".*language_model.*\.({'|'.join(cfg.target_modules)})"
     model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                              target_modules=targets))
-    examples, skipped = [], []
+    examples, skipped, images = [], [], ImageStore.of(images)
     for rec in release:
-        with Image.open(image_root / rec["image"]) as im:
+        with images.open(rec["image"]) as im:
             ex = encode_example(processor, im.convert("RGB"), rec["conversations"], cfg.max_length)
         (examples.append(ex) if ex else skipped.append(rec["id"]))
     assert examples, f"no trainable examples in the release ({len(skipped)} skipped: longer than max_length?)"
@@ -200,3 +201,32 @@ def load_tuned(model_dir: Path):
     base = str(model_dir / "base") if (model_dir / "base").exists() else base
     model = AutoModelForImageTextToText.from_pretrained(base)
     return PeftModel.from_pretrained(model, adapter).eval(), AutoProcessor.from_pretrained(adapter)
+
+
+def model_card(cfg: TuneConfig, stats: dict, data: Path, records: int, data_sha256: str, label: str) -> str:
+    """A model card (Hugging Face README.md, with metadata) for the adapter: what it was tuned from and on,
+    with which settings, and how to load it."""
+    tiny = cfg.base_model == TINY
+    meta = ["---", "library_name: peft", *([] if tiny else [f"base_model: {cfg.base_model}"]),
+            "pipeline_tag: image-text-to-text", "tags: [biomedical, llava, lora, biomed-vital]", "---", ""]
+    settings = {k: v for k, v in cfg.__dict__.items() if k != "base_model"}
+    lines = [*meta, "# BioMed-VITAL LoRA adapter", "",
+             f"LoRA adapter for **{label}**, instruction-tuned on BioMed-VITAL visual instruction conversations.", ""]
+    if tiny:
+        lines += ["> **Pipeline check only.** The base model is a tiny randomly initialised LLaVA built from a "
+                  "config (`tune.base_model: tiny-random`); its answers mean nothing. Set `tune.base_model` to a "
+                  "LLaVA-family model to train a real one.", ""]
+    lines += ["## Training data", "",
+              f"- `{data}`: {records} conversations (LLaVA format), sha256 `{data_sha256}`",
+              "- its data card: `DATA_CARD.md` beside the release (`dvc repro filter` writes both)", "",
+              "## Training", "", "| setting | value |", "|---|---|",
+              *[f"| {k} | {', '.join(v) if isinstance(v, tuple) else v} |" for k, v in settings.items()], "",
+              "Loss on the assistant turns only; LoRA on the language model's projections, vision tower frozen.", "",
+              "## Result", "", "| measure | value |", "|---|---|",
+              *[f"| {k} | {round(v, 4) if isinstance(v, float) else v} |" for k, v in stats.items()], "",
+              "Per-step loss: `metrics/tune_loss.csv` (`dvc plots show`); evaluation: `metrics/evaluate.json`.", "",
+              "## Use", "", "```python", "from pathlib import Path", "from vital.tune import load_tuned", "",
+              'model, processor = load_tuned(Path("models/vlm"))  # base + this adapter', "```", "",
+              "Or with peft: `PeftModel.from_pretrained(base, \"models/vlm/adapter\")` on the base model above"
+              + (" (saved in `models/vlm/base`)." if tiny else "."), ""]
+    return "\n".join(lines)

@@ -1,0 +1,192 @@
+"""Images by name, from packed shards (what the stages write) or a plain folder (what users bring).
+
+DVC pushes, pulls and hashes one file at a time, which is slow with hundreds of thousands of small images.
+So the `corpus` and `filter` stages write their images into a few uncompressed tar shards plus an index:
+
+    data/corpus/images/
+        index.parquet        name, shard, offset, size (one row per image)
+        images-00000.tar     plain tar: `tar -xf` works, and `vital images unpack` writes the folder back
+        images-00001.tar     a new shard starts past `shard_mb`
+
+Every reader goes through `ImageStore`, which reads one image with a single `pread` at its offset, and
+reads a plain folder the same way. Shards are written deterministically (fixed tar headers, input order),
+so the same images give the same bytes and DVC stores them once.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+import threading
+import uuid
+from pathlib import Path, PurePosixPath
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+INDEX = "index.parquet"
+
+
+class ImageError(FileNotFoundError):
+    """An image the store does not have (or cannot read); an OSError, so request builders skip the record."""
+
+
+def check_name(name: str) -> str:
+    p = PurePosixPath(name)
+    if not name or p.is_absolute() or ".." in p.parts or "\\" in name:
+        raise ValueError(f"image name {name!r} must be a relative path inside the image folder")
+    return name
+
+
+class ImageStore:
+    """Read-only images by name from `root`: a packed store (it has `index.parquet`) or a plain folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.packed = (self.root / INDEX).is_file()
+        if not self.packed and not self.root.is_dir():
+            raise FileNotFoundError(f"image store {self.root} does not exist (run `dvc repro corpus`, or "
+                                    "`dvc pull` to fetch it)")
+        self._index: dict[str, tuple[str, int, int]] = {}
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()  # readers share one descriptor per shard (pread needs no seek)
+        if self.packed:
+            t = pq.read_table(self.root / INDEX).to_pydict()
+            self._index = {n: (s, o, z) for n, s, o, z in zip(t["name"], t["shard"], t["offset"], t["size"])}
+
+    @classmethod
+    def of(cls, images: "ImageStore | str | Path") -> "ImageStore":
+        return images if isinstance(images, ImageStore) else cls(images)
+
+    def __contains__(self, name: str) -> bool:
+        if self.packed:
+            return name in self._index
+        try:
+            path = (self.root / check_name(name)).resolve()
+        except ValueError:
+            return False
+        return path.is_relative_to(self.root.resolve()) and path.is_file()  # no symlink out of the folder
+
+    def names(self) -> list[str]:
+        if self.packed:
+            return list(self._index)
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+
+    def read(self, name: str) -> bytes:
+        """The image file's bytes; a clear ImageError when the store has no such image."""
+        if name not in self:
+            raise ImageError(f"image {name!r} is not in {self.root}")
+        if not self.packed:
+            return (self.root / name).read_bytes()
+        shard, offset, size = self._index[name]
+        with self._lock:
+            if shard not in self._fds:
+                self._fds[shard] = os.open(self.root / shard, os.O_RDONLY)
+        data = os.pread(self._fds[shard], size, offset)
+        if len(data) != size:
+            raise ImageError(f"{self.root / shard} is truncated: image {name!r} needs bytes {offset}..{offset + size}"
+                             "; fetch it again with `dvc pull` (or rerun the stage that wrote it)")
+        return data
+
+    def open(self, name: str) -> Image.Image:
+        """The image, decoded (PIL reads lazily; call .convert / .load as needed)."""
+        return Image.open(io.BytesIO(self.read(name)))
+
+    def close(self) -> None:
+        fds = getattr(self, "_fds", {})  # absent when __init__ raised
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
+
+    def __del__(self):
+        self.close()
+
+
+class ShardWriter:
+    """Pack images into `out_dir` (replacing it) as tar shards of about `shard_mb` plus the index. Everything
+    is written in a temporary sibling folder that replaces `out_dir` on `close()`, so an interrupted run never
+    leaves a half-written store behind. Use as a context manager."""
+
+    def __init__(self, out_dir: str | Path, shard_mb: float = 256):
+        if shard_mb <= 0:
+            raise ValueError(f"shard_mb must be positive, got {shard_mb}")
+        self.out = Path(out_dir)
+        for stale in self.out.parent.glob(f".{self.out.name}.tmp-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir(parents=True)
+        self.limit = int(shard_mb * 2**20)
+        self.rows: dict[str, list] = {"name": [], "shard": [], "offset": [], "size": []}
+        self._names: set[str] = set()
+        self._tar: tarfile.TarFile | None = None
+        self._shard, self._n = "", 0
+
+    def add(self, name: str, data: bytes) -> None:
+        check_name(name)
+        if name in self._names:
+            raise ValueError(f"image {name!r} added twice")
+        self._names.add(name)
+        if self._tar is None or (self._tar.offset > 0 and self._tar.offset + len(data) > self.limit):
+            self._next_shard()
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        self._tar.addfile(info, io.BytesIO(data))  # header(s), then the data padded to 512-byte blocks
+        self.rows["name"].append(name)
+        self.rows["shard"].append(self._shard)
+        self.rows["offset"].append(self._tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
+        self.rows["size"].append(len(data))
+
+    def _next_shard(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+        self._shard = f"images-{self._n:05d}.tar"
+        self._n += 1
+        self._tar = tarfile.open(self.tmp / self._shard, "w", format=tarfile.PAX_FORMAT)
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+        pq.write_table(pa.table(self.rows, schema=pa.schema([("name", pa.string()), ("shard", pa.string()),
+                                                             ("offset", pa.int64()), ("size", pa.int64())])),
+                       self.tmp / INDEX)
+        for f in self.tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.tmp, self.out)
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.abort() if exc_type else self.close()
+
+
+def pack(images: "ImageStore | str | Path", names, out_dir: str | Path, shard_mb: float = 256) -> int:
+    """Copy `names` from a store or folder into a packed store at `out_dir`; returns how many."""
+    src = ImageStore.of(images)
+    with ShardWriter(out_dir, shard_mb) as w:
+        for name in names:
+            w.add(name, src.read(name))
+    return len(w.rows["name"])
+
+
+def unpack(images: "ImageStore | str | Path", out_dir: str | Path) -> int:
+    """Write every image of a store as a plain file under `out_dir` (for trainers that want a folder)."""
+    src, out = ImageStore.of(images), Path(out_dir)
+    names = src.names()
+    for name in names:
+        dest = out / check_name(name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        tmp.write_bytes(src.read(name))
+        os.replace(tmp, dest)
+    return len(names)
