@@ -9,7 +9,7 @@ import yaml
 
 from vital.backends import Fatal
 from vital.client import Client, ClientConfig
-from vital.images import ImageStore
+from vital.images import ImageStore, StoreError
 from vital.schema import AppendLog, read_jsonl, write_json
 
 CORPUS_IMAGES = Path("data/corpus/images")
@@ -20,7 +20,7 @@ def image_store(path: Path = CORPUS_IMAGES) -> ImageStore:
     """The packed images a stage reads (or a plain folder); a missing store ends the stage with what to run."""
     try:
         return ImageStore(path)
-    except FileNotFoundError as e:
+    except StoreError as e:
         raise SystemExit(str(e)) from None
 
 

@@ -8,6 +8,7 @@ unit and aggregate (models/selector/config.json).
     dvc exp run -S filter.ratio=0.5
     dvc exp run -S filter.top_k=60000 -S filter.balance_domains=true
 """
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -51,7 +52,9 @@ def main():
     write_json("data/release/dataset_info.json", release.LLAMAFACTORY_DATASET_INFO)
     write_jsonl("data/release/trl.jsonl", [release.to_trl(r) for r in out])
     tokens = count_tokens([" ".join(t["value"] for t in r["conversations"]) for r in out])
-    card = release.data_card(out, len(conversations), p, selector_info, "MiniLM WordPiece", tokens)
+    origin = (f"{len(out)} instruction conversations kept of {len(conversations)} candidates "
+              f"(`filter` params: {json.dumps(p, sort_keys=True)}).")
+    card = release.data_card(out, origin, selector_info, "MiniLM WordPiece", tokens)
     write_atomic("data/release/DATA_CARD.md", card)
     write_metrics("filter", {"candidates": len(conversations), "skipped": len(skipped),
                              "skipped_examples": skipped[:5], "kept": len(out), "ratio": p["ratio"],

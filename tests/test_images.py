@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vital import release
-from vital.images import INDEX, ImageError, ImageStore, ShardWriter, pack, unpack
+from vital.images import INDEX, ImageError, ImageStore, ShardWriter, StoreError, pack, unpack
 
 
 def _blobs(n, size=900):
@@ -64,18 +64,34 @@ def test_a_store_is_replaced_whole_or_not_at_all(tmp_path):
     assert not (tmp_path / "t").exists()
 
 
-def test_a_truncated_shard_is_named_with_the_fix(tmp_path):
-    with ShardWriter(tmp_path / "s") as w:
-        w.add("a.png", b"a" * 3000)
-        w.add("b.png", b"b" * 3000)
-    shard = tmp_path / "s" / "images-00000.tar"
-    shard.write_bytes(shard.read_bytes()[:4000])  # e.g. a copy that stopped half way
-    store = ImageStore(tmp_path / "s")
-    assert store.read("a.png") == b"a" * 3000
-    with pytest.raises(ImageError, match=r"images-00000.tar is truncated.*dvc pull"):
-        store.read("b.png")
-    with pytest.raises(FileNotFoundError, match="dvc pull"):
+def test_a_damaged_store_stops_at_open_naming_the_file_and_the_fix(tmp_path):
+    def fresh():
+        with ShardWriter(tmp_path / "s", shard_mb=0.004) as w:  # two shards
+            w.add("a.png", b"a" * 3000)
+            w.add("b.png", b"b" * 3000)
+        return tmp_path / "s"
+    shard = fresh() / "images-00001.tar"
+    shard.write_bytes(shard.read_bytes()[:2000])  # e.g. a copy that stopped half way
+    with pytest.raises(StoreError, match=r"images-00001.tar is truncated \(2000 of at least \d+ bytes\).*dvc pull"):
+        ImageStore(tmp_path / "s")
+    (fresh() / "images-00000.tar").unlink()
+    with pytest.raises(StoreError, match=r"images-00000.tar is missing.*dvc pull .*s`"):
+        ImageStore(tmp_path / "s")
+    (fresh() / INDEX).write_bytes(b"PAR1 not really")
+    with pytest.raises(StoreError, match=r"index.parquet cannot be read"):
+        ImageStore(tmp_path / "s")
+    with pytest.raises(StoreError, match="does not exist.*dvc pull"):
         ImageStore(tmp_path / "missing")
+    with pytest.raises(ImageError, match="'c.png' is not in"):  # one image missing: that record only
+        ImageStore(fresh()).read("c.png")
+
+
+def test_a_folder_that_is_not_a_store_is_never_replaced(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not an image store: refusing"):
+        ShardWriter(tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
 def test_a_plain_folder_reads_the_same_and_pack_unpack_round_trip(tmp_path):
@@ -85,8 +101,10 @@ def test_a_plain_folder_reads_the_same_and_pack_unpack_round_trip(tmp_path):
         (tmp_path / "folder" / name).write_bytes(data)
     (tmp_path / "secret.txt").write_text("outside")
     (tmp_path / "folder" / "link.png").symlink_to(tmp_path / "secret.txt")
+    (tmp_path / "folder" / ".DS_Store").write_bytes(b"finder")
     folder = ImageStore(tmp_path / "folder")
     assert not folder.packed and folder.read("sub/img000.png") == blobs["sub/img000.png"]
+    assert sorted(folder.names()) == sorted([*blobs, "link.png"])  # no dotfiles; the link is refused on read
     assert "../secret.txt" not in folder and "link.png" not in folder  # nothing outside the folder
     assert pack(folder, sorted(blobs), tmp_path / "packed") == len(blobs)
     assert unpack(tmp_path / "packed", tmp_path / "back") == len(blobs)
@@ -112,6 +130,8 @@ def _official(n_good=6):
                  {"from": "gpt", "value": f"Finding number {i}."},
                  {"from": "human", "value": "Anything else?"}, {"from": "gpt", "value": "Clinical correlation."}]}
             for i in range(n_good)]
+    good.append({"id": "PMC6_fig1", "image": "PMC6_fig1.jpg",  # no domain at all: counted, becomes `other`
+                 "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A."}]})
     bad = [{"id": "no_image_token", "image": "x.jpg", "domain": "CT",
             "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
            {"id": "two_humans", "image": "PMC0_fig1.jpg", "domain": "MRI",
@@ -119,6 +139,8 @@ def _official(n_good=6):
            {"id": "odd_domain", "image": "PMC1_fig1.jpg", "domain": "Dermatology",
             "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]},
            {"id": "PMC0_fig1", "image": "PMC0_fig1.jpg", "domain": "CT",  # a repeated id
+            "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]},
+           {"id": "PMC2_fig1", "image": "PMC2_fig1.jpg", "domain": "CT",  # repeated, image there: first one kept
             "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]}]
     return good + bad
 
@@ -128,9 +150,22 @@ def http_server(tmp_path):
     """Serve tmp_path/www on 127.0.0.1."""
     root = tmp_path / "www"
     root.mkdir()
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/short.json"):  # announces 1000 bytes, sends 10, hangs up
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b'[{"id": 1,')
+                self.close_connection = True
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield root, f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
@@ -144,7 +179,7 @@ def test_release_import_converts_the_official_format_and_feeds_tune(http_server,
     figures = tmp_path / "figures"  # what a user downloaded from PMC_image_urls.jsonl; one figure missing
     figures.mkdir()
     corpus = ImageStore(image_dir)
-    for i in range(1, 6):
+    for i in range(1, 7):
         (figures / f"PMC{i}_fig1.jpg").write_bytes(corpus.read(records[i].image))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     r = subprocess.run([sys.executable, "-m", "vital.cli", "release", "import",
@@ -152,24 +187,32 @@ def test_release_import_converts_the_official_format_and_feeds_tune(http_server,
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "data/external/biomed-vital-instructions-80k"
-    assert "10 records -> 5 imported" in r.stdout and f"dvc add data/external/biomed-vital-instructions-80k" in r.stdout
+    assert "12 records -> 6 imported" in r.stdout and "1 without a domain" in r.stdout and f"dvc add data/external/biomed-vital-instructions-80k" in r.stdout
     assert "-S tune.data=data/external/biomed-vital-instructions-80k/instructions.json" in r.stdout
     summary = json.loads((out / "import.json").read_text())
     assert summary["url"] == f"{base}/BioMed-VITAL-instructions-80K.json" and len(summary["sha256"]) == 64
-    assert summary["domains"] == {"ct_scan": 1, "gross": 1, "histology": 1, "mri": 2}
+    assert summary["file"] == "source/BioMed-VITAL-instructions-80K.json"  # kept as fetched, apart from outputs
+    assert summary["domains"] == {"ct_scan": 1, "gross": 1, "histology": 1, "mri": 2, "other": 1}
+    assert summary["domain_missing"] == 1 and summary["rejected_by_reason"] == {
+        "<image> appears _ times; it belongs once, in the first human turn": 1, "duplicate id": 2,
+        "image not found in the image folder": 1, "turns do not alternate human/gpt starting with human": 1,
+        "unknown domain": 1}
+    card = (out / "DATA_CARD.md").read_text()
+    assert "6 conversations imported from" in card and "| mri | 2 |" in card and "1 without a domain" in card
     rejected = {}
     for x in map(json.loads, (out / "rejected.jsonl").read_text().splitlines()):
         rejected.setdefault(x["id"], []).extend(x["problems"])
-    assert set(rejected) == {"no_image_token", "two_humans", "odd_domain", "PMC0_fig1"}
+    assert set(rejected) == {"no_image_token", "two_humans", "odd_domain", "PMC0_fig1", "PMC2_fig1"}
     assert "unknown domain: 'Dermatology'" in rejected["odd_domain"][0]
-    assert rejected["PMC0_fig1"] == ["duplicate id", "image 'PMC0_fig1.jpg' not found in " + str(figures)]
+    assert rejected["PMC0_fig1"] == ["duplicate id", "image not found in the image folder: 'PMC0_fig1.jpg'"]
+    assert rejected["PMC2_fig1"] == ["duplicate id"]
     imported = json.loads((out / "instructions.json").read_text())
-    assert [x["id"] for x in imported] == [f"PMC{i}_fig1" for i in range(1, 6)]
+    assert [x["id"] for x in imported] == [f"PMC{i}_fig1" for i in range(1, 7)]  # the first PMC2_fig1 kept
     assert all(x["conversations"][0]["value"].startswith("<image>\n") and x["generator"].startswith("imported:")
                for x in imported)
     assert imported[0]["conversations"][0]["value"] == "<image>\nWhat does this image show?"
     report = release.validate(imported, out / "images")  # what `vital validate release` checks
-    assert not report["problems"] and report["image_token_placement"] == {"start": 5}
+    assert not report["problems"] and report["image_token_placement"] == {"start": 6}
     r = subprocess.run([sys.executable, "-m", "vital.cli", "validate", "release", str(out / "instructions.json"),
                         "--image-dir", str(out / "images")], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
@@ -177,15 +220,24 @@ def test_release_import_converts_the_official_format_and_feeds_tune(http_server,
     from vital import tune  # feeds tune directly: the tiny LLaVA trains on it from the packed images
     model, processor = tune.load_base(tune.TINY, 0)
     _, history, stats = tune.train(model, processor, imported, out / "images", tune.TuneConfig(max_steps=2))
-    assert len(history) == 2 and stats["examples"] == 5
+    assert len(history) == 2 and stats["examples"] == 6
 
-    r = subprocess.run([sys.executable, "-m", "vital.cli", "release", "import", f"{base}/missing.json"],
+
+def test_a_failed_or_cut_download_leaves_nothing_and_shows_no_token(http_server, tmp_path):
+    _, base = http_server
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    r = subprocess.run([sys.executable, "-m", "vital.cli", "release", "import", f"{base}/missing.json?token=SECRET123"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "HTTP 404" in r.stderr and "missing.json" in r.stderr
-    assert not list((tmp_path / "data/external").glob("missing*/*"))  # nothing half-written
+    assert "SECRET123" not in r.stderr + r.stdout
+    with pytest.raises(OSError, match=r"short.json\?\*\*\*: cannot download it .*rerun") as e:
+        release.import_release(f"{base}/short.json?sig=SECRET123", tmp_path / "short")
+    assert "SECRET123" not in str(e.value)
+    left = [p for p in (tmp_path / "data").rglob("*") if p.is_file()] if (tmp_path / "data").exists() else []
+    assert left == [] and [p for p in (tmp_path / "short").rglob("*") if p.is_file()] == []  # no file, no .part
 
 
 def test_a_file_that_is_not_json_is_refused_with_the_way_out(tmp_path):
     (tmp_path / "page.json").write_text("<html>sign in</html>")
-    with pytest.raises(ValueError, match=r"not a JSON file.*Delete .*page.json"):
+    with pytest.raises(ValueError, match=r"not an instructions JSON array.*Delete .*page.json"):
         release.import_release((tmp_path / "page.json").as_uri(), tmp_path / "out")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from vital.fakeapi import FakeOpenAI
-from vital.images import ImageStore, pack
+from vital.images import ImageStore, pack, unpack
 from vital.schema import IMAGE_TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +129,10 @@ def _publish_and_pull_into_a_fresh_clone(repo):
     run("git tag -a biomed-vital-instructions@v0.1.0 -m 'a release'", repo)  # a registered version (GTO tag)
     run(f"dvc artifacts get {repo} biomed-vital-instructions -o {got}", repo.parent)
     assert got.read_bytes() == (repo / "data/release/instructions.json").read_bytes()
+    run("git tag -a biomed-vital-images@v0.1.0 -m 'its figures'", repo)
+    run(f"dvc artifacts get {repo} biomed-vital-images -o {repo.parent / 'figures'}", repo.parent)
+    figures, release = ImageStore(repo.parent / "figures"), ImageStore(repo / "data/release/images")
+    assert figures.names() and all(figures.read(n) == release.read(n) for n in release.names())
 
 
 def test_corpus_stage_ingests_a_user_corpus_and_strict_mode_names_file_line(repo):
@@ -341,3 +345,24 @@ def test_an_s3_remote_round_trip_keeps_credentials_in_the_environment(repo, tmp_
     for f in [*repo.rglob("*"), *clone.rglob("*")]:
         if f.is_file() and ".git" not in f.parts:
             assert secret.encode() not in f.read_bytes(), f
+
+
+@pytest.mark.slow
+def test_an_imported_release_feeds_the_tune_stage_by_params(repo, tmp_path, sample):
+    """`vital release import` of a file in the official format, then `tune` on it by params alone: the stage
+    reads the imported conversations and packed images, and the model card names them."""
+    records, image_dir = sample
+    figures = tmp_path / "figures"
+    unpack(image_dir, figures)  # what a user downloaded: a plain folder
+    official = [{"id": f"PMC{i}", "image": r.image, "domain": "CT", "conversations": [
+        {"from": "human", "value": "What is shown?\n<image>"}, {"from": "gpt", "value": f"Figure {i}."}]}
+        for i, r in enumerate(records[:4])]
+    src = tmp_path / "BioMed-VITAL-instructions-60K.json"
+    src.write_text(json.dumps(official))
+    run(f"vital release import {src.as_uri()} --images {figures}", repo)
+    out = "data/external/biomed-vital-instructions-60k"
+    exp = run(f"dvc exp run -s tune -S tune.data={out}/instructions.json -S tune.images={out}/images", repo).stdout
+    assert ran(exp) == ["tune"]
+    assert json.loads((repo / "metrics/tune.json").read_text())["examples"] == 4
+    card = (repo / "models/vlm/adapter/README.md").read_text()
+    assert f"`{out}/instructions.json`: 4 conversations" in card and f"`{out}/DATA_CARD.md`" in card

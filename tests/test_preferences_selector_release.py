@@ -222,6 +222,6 @@ def test_release_exports_for_llamafactory_and_trl_keep_every_turn():
     trl = release.to_trl(r)
     assert trl["messages"][0]["content"] == [{"type": "image"}, {"type": "text", "text": "Modality?"}]
     assert trl["messages"][3]["content"] == [{"type": "text", "text": "Liver."}] and trl["images"] == ["c1.png"]
-    card = release.data_card([r], 2, {"ratio": 0.5}, {"backbone": "b"}, "words", [5])
-    assert "1 instruction conversations kept of 2 candidates" in card and "| mri | 1 |" in card
+    card = release.data_card([r], "1 kept of 2.", {"backbone": "b"}, "words", [5])
+    assert "1 kept of 2." in card and "| mri | 1 |" in card and "## Selector scores" in card
     assert "offline:m" in card and '"backbone": "b"' in card

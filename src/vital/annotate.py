@@ -39,7 +39,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from jinja2 import Environment
 
-from .images import ImageStore
+from .images import ImageStore, StoreError
 from .preferences import answers_hash, vote_label
 from .schema import Demo, PoolItem, Vote, read_jsonl, write_json, write_jsonl
 
@@ -196,7 +196,7 @@ class App:
             raise AnnotationError(f"overlap {overlap}: each question needs at least one annotator")
         try:
             images = ImageStore.of(images)
-        except FileNotFoundError as e:
+        except StoreError as e:
             raise AnnotationError(f"{e}, or pass --images") from None
         if conversations and not Path(conversations).exists():
             raise AnnotationError(f"{conversations} does not exist: run `dvc repro generate` to offer generated "

@@ -86,9 +86,11 @@ def validate_release(path: Path = typer.Argument(..., help="a LLaVA-format instr
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         typer.echo(f"error: {path}: cannot read it as JSON ({e})", err=True)
         raise typer.Exit(2)
+    from .images import StoreError
+
     try:
         report = validate(records, image_dir)
-    except FileNotFoundError as e:
+    except StoreError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     typer.echo(f"{path}: {report['records']} records, {report['rounds']} rounds, "
@@ -115,17 +117,19 @@ def release_import(url: str = typer.Argument(..., help="the instructions JSON, e
                    shard_mb: float = typer.Option(256, help="image shard size")):
     """Download a published release, check it like `vital validate release`, convert it to this project's
     format (<out>/instructions.json) and list what could not be converted (<out>/rejected.jsonl)."""
+    from urllib.parse import urlsplit
+
     from .release import import_release
 
-    name = Path(url.split("?")[0].rstrip("/")).name
-    out = out or Path("data/external") / (Path(name).stem.lower() or "release")
+    out = out or Path("data/external") / (Path(urlsplit(url).path).stem.lower() or "release")
     try:
         s = import_release(url, out, images, shard_mb)
     except (OSError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     typer.echo(f"{s['file']}: {s['records']} records -> {s['imported']} imported to {out / 'instructions.json'}, "
-               f"{s['rejected']} rejected ({out / 'rejected.jsonl'})")
+               f"{s['rejected']} rejected ({out / 'rejected.jsonl'}), {s['domain_missing']} without a domain "
+               "(counted as other)")
     for reason, n in s["rejected_by_reason"].items():
         typer.echo(f"  {reason}: {n}")
     typer.echo("domains: " + ", ".join(f"{d}={n}" for d, n in s["domains"].items()))

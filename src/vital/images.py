@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import tarfile
 import threading
@@ -27,10 +28,15 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 INDEX = "index.parquet"
+SHARD = re.compile(r"images-\d{5}\.tar")
 
 
 class ImageError(FileNotFoundError):
-    """An image the store does not have (or cannot read); an OSError, so request builders skip the record."""
+    """An image the store does not have; an OSError, so request builders skip that record only."""
+
+
+class StoreError(ValueError):
+    """A store that is missing or damaged (index unreadable, a shard missing or short): fatal, with the fix."""
 
 
 def check_name(name: str) -> str:
@@ -47,14 +53,33 @@ class ImageStore:
         self.root = Path(root)
         self.packed = (self.root / INDEX).is_file()
         if not self.packed and not self.root.is_dir():
-            raise FileNotFoundError(f"image store {self.root} does not exist (run `dvc repro corpus`, or "
-                                    "`dvc pull` to fetch it)")
+            raise StoreError(f"image store {self.root} does not exist (run the stage that writes it, e.g. "
+                             f"`dvc repro corpus`, or fetch it: `dvc pull {self.root}`)")
         self._index: dict[str, tuple[str, int, int]] = {}
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()  # readers share one descriptor per shard (pread needs no seek)
         if self.packed:
-            t = pq.read_table(self.root / INDEX).to_pydict()
-            self._index = {n: (s, o, z) for n, s, o, z in zip(t["name"], t["shard"], t["offset"], t["size"])}
+            self._load_index()
+
+    def _load_index(self) -> None:
+        """Read the index and check every shard it names is there and long enough, so a damaged store stops
+        the run here, with the fix, instead of failing image by image."""
+        fix = f"fetch it again (`dvc pull {self.root}`) or rerun the stage that wrote it"
+        try:
+            t = pq.read_table(self.root / INDEX, columns=["name", "shard", "offset", "size"]).to_pydict()
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise StoreError(f"{self.root / INDEX} cannot be read ({type(e).__name__}): {fix}") from None
+        self._index = {n: (s, o, z) for n, s, o, z in zip(t["name"], t["shard"], t["offset"], t["size"])}
+        ends: dict[str, int] = {}
+        for shard, offset, size in self._index.values():
+            ends[shard] = max(ends.get(shard, 0), offset + size)
+        for shard, end in ends.items():
+            if not SHARD.fullmatch(shard):
+                raise StoreError(f"{self.root / INDEX} names a shard {shard!r}, not images-NNNNN.tar: {fix}")
+            have = (self.root / shard).stat().st_size if (self.root / shard).is_file() else -1
+            if have < end:
+                state = "is missing" if have < 0 else f"is truncated ({have} of at least {end} bytes)"
+                raise StoreError(f"{self.root / shard} {state}: {fix}")
 
     @classmethod
     def of(cls, images: "ImageStore | str | Path") -> "ImageStore":
@@ -72,7 +97,8 @@ class ImageStore:
     def names(self) -> list[str]:
         if self.packed:
             return list(self._index)
-        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
 
     def read(self, name: str) -> bytes:
         """The image file's bytes; a clear ImageError when the store has no such image."""
@@ -85,9 +111,8 @@ class ImageStore:
             if shard not in self._fds:
                 self._fds[shard] = os.open(self.root / shard, os.O_RDONLY)
         data = os.pread(self._fds[shard], size, offset)
-        if len(data) != size:
-            raise ImageError(f"{self.root / shard} is truncated: image {name!r} needs bytes {offset}..{offset + size}"
-                             "; fetch it again with `dvc pull` (or rerun the stage that wrote it)")
+        if len(data) != size:  # it was checked when the store was opened: it changed under us
+            raise StoreError(f"{self.root / shard} was truncated while in use; rerun when it is complete")
         return data
 
     def open(self, name: str) -> Image.Image:
@@ -113,7 +138,10 @@ class ShardWriter:
         if shard_mb <= 0:
             raise ValueError(f"shard_mb must be positive, got {shard_mb}")
         self.out = Path(out_dir)
-        for stale in self.out.parent.glob(f".{self.out.name}.tmp-*"):  # left by a killed run
+        if self.out.exists() and not (self.out / INDEX).is_file() and any(self.out.iterdir()):
+            raise StoreError(f"{self.out} exists and is not an image store: refusing to replace it; "
+                             "choose another folder or remove it")
+        for stale in self.out.parent.glob(f".{self.out.name}.*-*"):  # .tmp / .old left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir(parents=True)
@@ -154,9 +182,16 @@ class ShardWriter:
         for f in self.tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
         if self.out.exists():
-            shutil.rmtree(self.out)
+            os.replace(self.out, old)  # two renames: a reader sees the old store or the new one, never a mix
         os.replace(self.tmp, self.out)
+        shutil.rmtree(old, ignore_errors=True)
+        fd = os.open(self.out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def abort(self) -> None:
         if self._tar is not None:

@@ -10,13 +10,14 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from .images import ImageStore, pack
-from .schema import IMAGE_TOKEN, Conversation, write_json, write_jsonl
+from .schema import IMAGE_TOKEN, Conversation, mask_url, write_atomic, write_json, write_jsonl
 
 
 def select_top(scores: dict[str, float], ratio: float, top_k: int = 0, domains: dict[str, str] | None = None) -> list[str]:
@@ -158,124 +159,144 @@ def to_trl(r: dict) -> dict:
     return {"id": r["id"], "messages": messages, "images": [r["image"]]}
 
 
-def data_card(release: list[dict], candidates: int, params: dict, selector_info: dict, tokenizer_name: str,
-              tokens: list[int]) -> str:
-    """A markdown data card: what is in the release and what made it."""
+FORMATS = ("LLaVA (`instructions.json`), also `instructions.parquet`, LLaMA-Factory sharegpt (`llamafactory.json`) "
+           "and TRL messages (`trl.jsonl`). Images are packed in `images/` beside them (tar shards + "
+           "`index.parquet`); `vital images unpack data/release/images DIR` writes a plain folder for trainers "
+           "that want one, with the same relative paths.")
+
+
+def data_card(release: list[dict], origin: str, selector_info: dict | None, tokenizer_name: str, tokens: list[int],
+              formats: str = FORMATS) -> str:
+    """A markdown data card: what is in the release and what made it (`origin`: one sentence)."""
     by_domain = Counter(r["domain"] for r in release)
     rounds = [len(r["conversations"]) // 2 for r in release]
-    scores = [r["selector_score"] for r in release]
+    scores = [r["selector_score"] for r in release if r.get("selector_score") is not None]
     hist, edges = np.histogram(scores, bins=min(10, max(1, len(set(scores))))) if scores else ([], [])
 
     def stats(xs):
         return f"min {min(xs)}, median {float(np.median(xs)):g}, mean {float(np.mean(xs)):.1f}, max {max(xs)}" if xs else "-"
 
-    lines = ["# BioMed-VITAL release: data card", "",
-             f"{len(release)} instruction conversations kept of {candidates} candidates "
-             f"(`filter` params: {json.dumps(params, sort_keys=True)}).", "",
+    lines = ["# BioMed-VITAL release: data card", "", origin, "",
              "## Domains", "", "| domain | conversations |", "|---|---|",
              *[f"| {d} | {n} |" for d, n in sorted(by_domain.items())], "",
              "## Size", "", f"- rounds per conversation: {stats(rounds)}",
-             f"- tokens per conversation ({tokenizer_name}): {stats(tokens)}", "",
-             "## Selector scores of the kept conversations", "", "| from | to | conversations |", "|---|---|---|",
-             *[f"| {edges[i]:.4f} | {edges[i + 1]:.4f} | {int(h)} |" for i, h in enumerate(hist)], "",
-             "## Provenance", "",
-             f"- generator(s): {', '.join(sorted({r['generator'] for r in release}))}",
-             f"- selector: {json.dumps(selector_info, sort_keys=True)}",
-             "- format: LLaVA (`instructions.json`), also `instructions.parquet`, LLaMA-Factory sharegpt "
-             "(`llamafactory.json`) and TRL messages (`trl.jsonl`). Images are packed in `images/` beside them "
-             "(tar shards + `index.parquet`); `vital images unpack data/release/images DIR` writes a plain folder "
-             "for trainers that want one, with the same relative paths.",
-             ""]
+             f"- tokens per conversation ({tokenizer_name}): {stats(tokens)}", ""]
+    if scores:
+        lines += ["## Selector scores of the kept conversations", "", "| from | to | conversations |", "|---|---|---|",
+                  *[f"| {edges[i]:.4f} | {edges[i + 1]:.4f} | {int(h)} |" for i, h in enumerate(hist)], ""]
+    lines += ["## Provenance", "",
+              f"- generator(s): {', '.join(sorted({r['generator'] for r in release}))}",
+              f"- selector: {json.dumps(selector_info, sort_keys=True) if selector_info else 'none recorded'}",
+              f"- format: {formats}", ""]
     return "\n".join(lines)
+
+
+
 
 
 # ---------------------------------------------------------------- importing a published release
 
-def convert_official(records: list, source: str) -> tuple[list[dict], list[dict]]:
+def convert_official(records: list, source: str) -> tuple[list[dict], list[dict], int]:
     """The official BioMed-VITAL JSON (`id, image, domain, conversations`, LLaVA format) as this project's
-    release records, and the records that cannot be converted with why. `<image>` moves to the start of the
-    first human turn; `domain` may be CXR / MRI / CT / Histology / Gross, ours, or a LLaVA-Med dict of flags;
-    a record without one is `other` (counted by the caller through the domains)."""
+    release records, the records that cannot be converted with why, and how many had no domain (they become
+    `other`). `<image>` moves to the start of the first human turn; `domain` may be CXR / MRI / CT /
+    Histology / Gross, ours, or a LLaVA-Med dict of flags."""
     from .corpus import CorpusError, parse_domain
 
     if not isinstance(records, list):
         raise ValueError("not a JSON array of records")
-    out, rejected, seen = [], [], set()
+    out, rejected, seen, no_domain = [], [], set(), 0
     for n, r in enumerate(records, 1):
         rid = str(r["id"]) if isinstance(r, dict) and r.get("id") is not None else f"(record {n})"
         problems = [why for _, why in validate([r])["problems"]] + (["duplicate id"] if rid in seen else [])
         seen.add(rid)
-        turns = []
-        if isinstance(r, dict) and isinstance(r.get("conversations"), list):
-            turns = [dict(t) for t in r["conversations"] if isinstance(t, dict)]
-        if turns and not problems:  # one <image> in the first human turn (validate checked): put it first
-            turns[0]["value"] = f"{IMAGE_TOKEN}\n" + turns[0]["value"].replace(IMAGE_TOKEN, "").strip()
-        try:
-            domain = parse_domain(r.get("domain")) if isinstance(r, dict) else None
-        except CorpusError as e:
-            problems.append(str(e))
+        domain = None
+        if isinstance(r, dict):
+            try:
+                domain = parse_domain(r.get("domain"))
+            except CorpusError as e:
+                problems.append(str(e))
         if problems:
             rejected.append({"record": n, "id": rid, "problems": problems})
             continue
-        out.append({"id": rid, "image": r["image"], "domain": domain,
-                    "conversations": [{"from": t["from"], "value": t["value"]} for t in turns],
+        no_domain += r.get("domain") is None
+        turns = [{"from": t["from"], "value": t["value"]} for t in r["conversations"]]
+        turns[0]["value"] = f"{IMAGE_TOKEN}\n" + turns[0]["value"].replace(IMAGE_TOKEN, "").strip()
+        out.append({"id": rid, "image": r["image"], "domain": domain, "conversations": turns,
                     "selector_score": None, "generator": f"imported:{source}"})
-    return out, rejected
+    return out, rejected, no_domain
+
+
+def reason(problem: str) -> str:
+    """A problem's kind, for counting: its text up to the first colon, names and numbers blanked."""
+    return re.sub(r"'[^']*'|\d+", "_", problem).split(":")[0].strip()
+
+
+def _auth_headers(url: str) -> dict:
+    """The Hugging Face token from the environment (HF_TOKEN), sent to huggingface.co only."""
+    from urllib.parse import urlsplit
+
+    host, token = urlsplit(url).hostname or "", os.environ.get("HF_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token and (host == "huggingface.co" or
+                                                               host.endswith(".huggingface.co")) else {}
 
 
 def download(url: str, dest: Path, timeout: float = 60) -> None:
-    """Fetch `url` (http, https or file) to `dest` through `dest.part`, renamed only when complete: an
-    interrupted download leaves no half file under the real name, and a rerun starts it again."""
+    """Fetch `url` (http, https or file) to `dest` through `dest.part`, renamed only when complete (every byte
+    the server announced): an interrupted download leaves no file under the real name, and a rerun starts it
+    again. Errors name the URL without credentials or query string."""
+    import http.client
     import shutil
     import urllib.error
     import urllib.request
 
-    part = dest.with_name(dest.name + ".part")
+    shown, part = mask_url(url), dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
+        request = urllib.request.Request(url, headers=_auth_headers(url))
+        with urllib.request.urlopen(request, timeout=timeout) as r, open(part, "wb") as f:
             shutil.copyfileobj(r, f, 1 << 20)
             f.flush()
             os.fsync(f.fileno())
+            expected = r.headers.get("Content-Length") if hasattr(r, "headers") else None
+            if expected is not None and f.tell() != int(expected):
+                raise OSError(f"the transfer stopped at {f.tell()} of {expected} bytes")
     except urllib.error.HTTPError as e:
         part.unlink(missing_ok=True)
-        raise OSError(f"{url}: the server answered HTTP {e.code} {e.reason}; check the URL") from None
-    except (urllib.error.URLError, OSError) as e:
+        hint = " (a gated or private file: set HF_TOKEN)" if e.code in (401, 403) else "; check the URL"
+        raise OSError(f"{shown}: the server answered HTTP {e.code} {e.reason}{hint}") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         part.unlink(missing_ok=True)
-        why = getattr(e, "reason", e)
-        raise OSError(f"{url}: cannot download it ({why}); check the URL and your network, then rerun") from None
+        why = getattr(e, "reason", None) or e
+        raise OSError(f"{shown}: cannot download it ({why}); check the URL and your network, then rerun") from None
     os.replace(part, dest)
 
 
 def import_release(url: str, out_dir: Path, image_dir: Path | None = None, shard_mb: float = 256) -> dict:
-    """Download a published instructions JSON into `out_dir` (kept as fetched; a rerun reuses it), convert it
-    to `instructions.json` in this project's release format, list what could not be converted in
-    `rejected.jsonl`, and with `image_dir` (the downloaded figures) pack the images the records use into
-    `out_dir/images`; records whose image is not there are rejected too. Returns the `import.json` summary."""
-    from urllib.parse import urlsplit, urlunsplit
+    """Download a published instructions JSON into `out_dir/source/` (kept as fetched; a rerun reuses it),
+    convert it to `instructions.json` in this project's release format with a `DATA_CARD.md`, list what could
+    not be converted in `rejected.jsonl`, and with `image_dir` (the downloaded figures) pack the images the
+    records use into `out_dir/images`; records whose image is not there are rejected too. Returns the
+    `import.json` summary."""
+    from urllib.parse import urlsplit
 
-    out_dir = Path(out_dir)
-    parts = urlsplit(url)
-    host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or ""
-    shown = urlunsplit(parts._replace(netloc=host, query="")) if parts.netloc else url  # no credentials, no token
-    raw = out_dir / (Path(parts.path).name or "release.json")
+    from .encoders import count_tokens
+
+    out_dir, shown = Path(out_dir), mask_url(url)
+    raw = out_dir / "source" / (Path(urlsplit(url).path).name or "release.json")
     if not raw.exists():
         download(url, raw)
     try:
         records = json.loads(raw.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{raw} (from {shown}) is not a JSON file ({e}); is the URL the instructions JSON? "
-                         f"Delete {raw} to download it again") from None
-    try:
-        converted, rejected = convert_official(records, raw.name)
-    except ValueError as e:
-        raise ValueError(f"{raw}: {e}") from None
+        converted, rejected, no_domain = convert_official(records, raw.name)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        raise ValueError(f"{raw} (from {shown}) is not an instructions JSON array ({e}); is the URL the "
+                         f"instructions file? Delete {raw} to download it again") from None
     if image_dir is not None:
         store = ImageStore(image_dir)
-        for r in [r for r in converted if r["image"] not in store]:
-            rejected.append({"id": r["id"], "problems": [f"image {r['image']!r} not found in {image_dir}"]})
-        missing = {x["id"] for x in rejected}
-        converted = [r for r in converted if r["id"] not in missing]
+        rejected += [{"id": r["id"], "problems": [f"image not found in the image folder: {r['image']!r}"]}
+                     for r in converted if r["image"] not in store]
+        converted = [r for r in converted if r["image"] in store]
         pack(store, sorted({r["image"] for r in converted}), out_dir / "images", shard_mb)
     report = validate(converted, out_dir / "images" if image_dir is not None else None)
     if report["problems"]:  # convert_official let through something validate refuses: a bug, not bad input
@@ -286,10 +307,17 @@ def import_release(url: str, out_dir: Path, image_dir: Path | None = None, shard
     with open(raw, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    reasons = Counter(why.split(":")[0].split(" (")[0] for x in rejected for why in x["problems"][:1])
-    summary = {"url": shown, "file": raw.name, "sha256": digest.hexdigest(),
+    summary = {"url": shown, "file": str(raw.relative_to(out_dir)), "sha256": digest.hexdigest(),
                "records": len(records), "imported": len(converted), "rejected": len(rejected),
-               "rejected_by_reason": dict(sorted(reasons.items())), "domains": report["domains"],
-               "rounds": report["rounds"], "images": str(out_dir / "images") if image_dir is not None else None}
+               "rejected_by_reason": dict(sorted(Counter(reason(x["problems"][0]) for x in rejected).items())),
+               "domain_missing": no_domain, "domains": report["domains"], "rounds": report["rounds"],
+               "images": str(out_dir / "images") if image_dir is not None else None}
+    origin = (f"{len(converted)} conversations imported from {shown} (`{raw.name}`, sha256 {summary['sha256']}): "
+              f"{len(records)} records, {len(rejected)} rejected (`rejected.jsonl`), {no_domain} without a domain "
+              "(counted as `other`).")
+    tokens = count_tokens([" ".join(t["value"] for t in r["conversations"]) for r in converted])
+    formats = "LLaVA (`instructions.json`)" + (", images packed in `images/` (tar shards + `index.parquet`)"
+                                               if image_dir is not None else ", images not imported (--images)")
+    write_atomic(out_dir / "DATA_CARD.md", data_card(converted, origin, None, "MiniLM WordPiece", tokens, formats))
     write_json(out_dir / "import.json", summary)
     return summary

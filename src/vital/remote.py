@@ -1,4 +1,4 @@
-"""`dvc push` / `pull` / `fetch` / `status -c` with one clear message when a remote fails.
+"""`dvc push` / `dvc pull` with one clear message when a remote fails.
 
 Plain DVC reports a broken remote as e.g. ``ERROR: unexpected error - Could not connect to the endpoint URL``, or
 (a corrupted object, with ``verify = true``) ``Checkout failed for following targets: data  Is your cache up to
@@ -32,13 +32,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
-COMMANDS = ("push", "pull", "fetch", "status")
+from .schema import mask_url
+
+COMMANDS = ("push", "pull")
 # dvc_objects.fs.utils.tmp_fname: f"{prefix}.{token_urlsafe(16)}.tmp", a partial download or copy
 PARTIAL = re.compile(r"\.[A-Za-z0-9_-]{22}\.tmp$")
 SECRET_KEY = re.compile(r"secret|token|password|passphrase|access_key|account_key|connection_string|sas|"
@@ -47,24 +48,14 @@ SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|PASSPHRASE|ACCESS_KEY|ACCOUNT_KE
                         r"CREDENTIAL|API_KEY", re.I)
 NOISE = ("Having any troubles?", "<https://error.dvc.org/")
 
-# per scheme: how to give DVC credentials (names of settings only, never values)
+# how to give DVC credentials (names of settings only, never values); other schemes get the generic fix
 CREDENTIAL_FIX = {
     "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN for temporary keys) or "
           "AWS_PROFILE in the environment, or keep them out of git in .dvc/config.local:\n"
           "    dvc remote modify --local {name} access_key_id <KEY_ID>\n"
           "    dvc remote modify --local {name} secret_access_key <SECRET>\n"
           "  and check the key is allowed to list, read and write {url}",
-    "gs": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account JSON file, or\n"
-          "    dvc remote modify --local {name} credentialpath /path/to/key.json",
-    "azure": "set AZURE_STORAGE_CONNECTION_STRING, or\n"
-             "    dvc remote modify --local {name} connection_string <CONNECTION_STRING>",
-    "ssh": "check the user and key:\n    dvc remote modify --local {name} user <USER>\n"
-           "    dvc remote modify --local {name} keyfile ~/.ssh/id_ed25519",
-    "http": "    dvc remote modify --local {name} auth basic\n    dvc remote modify --local {name} user <USER>\n"
-            "    dvc remote modify --local {name} password <PASSWORD>",
 }
-CREDENTIAL_FIX["https"] = CREDENTIAL_FIX["webdav"] = CREDENTIAL_FIX["webdavs"] = CREDENTIAL_FIX["http"]
-CREDENTIAL_FIX["gcs"] = CREDENTIAL_FIX["gs"]
 
 # (kind, patterns in DVC's output), first match wins
 KINDS = [
@@ -80,13 +71,10 @@ KINDS = [
                      "Temporary failure in name resolution", "nodename nor servname", "Network is unreachable",
                      "No route to host", "timed out", "SSL validation failed", "ServerDisconnectedError"]),
     ("permission", ["[Errno 13]", "Permission denied", "[Errno 30]", "Read-only file system"]),
-    ("not_a_directory", ["[Errno 20]", "Not a directory"]),
-    ("disk_full", ["[Errno 28]", "No space left on device"]),
     ("unsaved_files", ["Can't remove the following unsaved files"]),
-    ("bad_target", ["does not exist as an output or a stage name", ".dvc' does not exist"]),
-    ("no_remote", ["no remote specified", "config file error: remote"]),
     ("missing_objects", ["Checkout failed for following targets", "do not exist neither locally nor on remote",
-                         "failed to download", "failed to transfer", "missing-files"]),
+                         "missing-files"]),
+    ("transfer_failed", ["failed to download", "failed to upload", "failed to transfer"]),
 ]
 
 
@@ -141,12 +129,6 @@ class Remote:
     def secrets(self) -> set[str]:
         return {str(v) for k, v in self.options.items() if SECRET_KEY.search(k) and len(str(v)) >= 4
                 and str(v).lower() not in ("true", "false")}
-
-
-def mask_url(url: str) -> str:
-    """`s3://KEY:SECRET@bucket/x?sig=...` -> `s3://***@bucket/x?***`."""
-    url = re.sub(r"(?<=://)[^/@\s]+@", "***@", url)
-    return re.sub(r"\?\S*", "?***", url) if "://" in url else url
 
 
 def _dvc() -> str:
@@ -306,14 +288,14 @@ def _missing(text: str) -> list[tuple[str, str]]:
     return re.findall(r"^(?:name: (.*?), )?md5: ([0-9a-f]{32}(?:\.dir)?)$", text, flags=re.M)
 
 
-def _list(remote: Remote, repo: Path, env: dict, timeout=None) -> str:
+def _list(remote: Remote, repo: Path, env: dict, scrub: _Scrub, timeout: float = 300) -> str:
     """`dvc ls-url remote://NAME/`: its output, prefixed 'OK' when it worked."""
     try:
         p = subprocess.run([_dvc(), "ls-url", f"remote://{remote.name}/"], cwd=repo, env=env, capture_output=True,
-                           text=True, errors="replace", timeout=timeout or 300)
+                           text=True, errors="replace", timeout=timeout)
     except subprocess.TimeoutExpired:
         return "ERROR: timed out listing the remote"
-    return ("OK\n" if p.returncode == 0 else "") + p.stdout + p.stderr
+    return scrub(("OK\n" if p.returncode == 0 else "") + p.stdout + p.stderr)
 
 
 def _failed_targets(text: str) -> list[str]:
@@ -321,19 +303,11 @@ def _failed_targets(text: str) -> list[str]:
     return [t.strip() for t in m.group(1).splitlines() if t.strip()] if m else []
 
 
-def _stream(args: list[str], repo: Path, env: dict, scrub: _Scrub, echo, timeout, on_start) -> tuple[int, str, str]:
+def _stream(args: list[str], repo: Path, env: dict, scrub: _Scrub, echo, on_start=None) -> tuple[int, str, str]:
     """Run DVC, echo each (scrubbed) line as it comes; return (returncode, output, why we stopped it or '')."""
     proc = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace", bufsize=1)
     stopped = []
-
-    def expire():
-        stopped.append(f"timed out after {timeout:g} s")
-        proc.kill()
-
-    timer = threading.Timer(timeout, expire) if timeout else None
-    if timer:
-        timer.start()
     if on_start:
         on_start(proc)
     lines = []
@@ -352,17 +326,13 @@ def _stream(args: list[str], repo: Path, env: dict, scrub: _Scrub, echo, timeout
         except (subprocess.TimeoutExpired, OSError):
             proc.kill()
             proc.wait()
-    finally:
-        if timer:
-            timer.cancel()
     return proc.returncode, "\n".join(lines), (stopped[0] if stopped else "")
 
 
-def _corrupted(remote_arg: list[str], targets: list[str], repo: Path, env: dict, scrub: _Scrub,
-               timeout) -> tuple[list[str], str]:
+def _corrupted(remote_arg: list[str], targets: list[str], repo: Path, env: dict, scrub: _Scrub) -> tuple[list[str], str]:
     """Refetch the failed targets verbosely: DVC logs `corrupted cache file '<cache path>'` at DEBUG level for
     each object whose bytes do not match their hash (it has just deleted it again). Returns (md5s, cache root)."""
-    rc, out, _ = _stream([_dvc(), "fetch", "-v", *remote_arg, *targets], repo, env, scrub, None, timeout, None)
+    rc, out, _ = _stream([_dvc(), "fetch", "-v", *remote_arg, *targets], repo, env, scrub, None)
     paths = re.findall(r"corrupted cache file '([^']+)'", out)
     md5s = list(dict.fromkeys(Path(p).parent.name + Path(p).name for p in paths))
     root = str(Path(paths[0]).parent.parent) if paths else ""
@@ -410,7 +380,7 @@ def classify(output: str) -> str:
 
 
 def explain(command: str, remote: Remote, output: str, repo: Path, env: dict, scrub: _Scrub,
-            remote_arg: Sequence[str] = (), timeout=None, head: str | None = None, rerun: str | None = None
+            remote_arg: Sequence[str] = (), head: str | None = None, rerun: str | None = None
             ) -> RemoteError:
     """Turn DVC's failed output into one RemoteError: the remote, the cause, DVC's own words, the fix."""
     said = _dvc_errors(output) or "\n".join(ln for ln in output.strip().splitlines()[-15:]
@@ -442,30 +412,27 @@ def explain(command: str, remote: Remote, output: str, repo: Path, env: dict, sc
             fix = ("fix: check the network (proxy, VPN, DNS) and the URL; to change it for this machine only:\n"
                    f"    dvc remote modify --local {name} url <url>")
         fix += f"\n  then rerun: {rerun}"
-    elif kind in ("permission", "not_a_directory", "disk_full"):
-        head = f"{head}: " + {"permission": "permission denied", "not_a_directory": "a path is not a directory",
-                              "disk_full": "no space left on the device"}[kind]
+    elif kind == "permission":
+        head = f"{head}: permission denied"
         if remote.local and remote.path is not None and str(remote.path) not in output:
             fix = ("fix: the path in DVC's message is on this machine (the cache or the workspace), not in the "
-                   "remote: fix its permissions or free space there")
+                   "remote: fix its permissions there")
         else:
-            fix = (f"fix: make {remote.path or url} a writable directory (or free space), or point the remote "
-                   f"elsewhere for this machine:\n    dvc remote modify --local {name} url /path/to/writable/dir")
+            fix = (f"fix: make {remote.path or url} a writable directory, or point the remote elsewhere for this "
+                   f"machine:\n    dvc remote modify --local {name} url /path/to/writable/dir")
         fix += f"\n  then rerun: {rerun}"
     elif kind == "unsaved_files":
         head = f"{head}: the workspace has changes DVC would overwrite"
         fix = ("fix: keep them (`dvc add` / `dvc commit` them, or move them away), or discard them with "
                f"`dvc pull --force`; then rerun: {rerun}")
-    elif kind == "bad_target":
-        head = f"{head}: a target is neither an output, a .dvc file nor a stage name"
-        fix = "fix: name outputs (paths in .dvc files or dvc.lock), .dvc files or stages (`dvc stage list`)"
-    elif kind == "no_remote":
-        head = f"{head}: DVC does not know that remote"
-        fix = f"fix: see `dvc remote list`; add it with: dvc remote add --local {name} <url>"
+    elif kind == "transfer_failed":
+        head = f"{head}: the transfer stopped part way"
+        fix = (f"fix: rerun: {rerun}  (what was transferred is kept; only the rest is sent). If it fails again, "
+               f"check the remote: vital remote check {name}")
     elif kind == "missing_objects":
         targets = _failed_targets(output)
-        corrupt, root = _corrupted(list(remote_arg), targets, repo, env, scrub, timeout) \
-            if command in ("pull", "fetch") else ([], "")
+        corrupt, root = _corrupted(list(remote_arg), targets, repo, env, scrub) \
+            if command == "pull" else ([], "")
         if corrupt:
             kind = "corrupted"
             rows, urls = [], []
@@ -489,9 +456,9 @@ def explain(command: str, remote: Remote, output: str, repo: Path, env: dict, sc
                    f"  or, on the machine that has the data, run `dvc push -r {name}` (it creates the directory); "
                    f"then rerun: {rerun}")
         else:
-            listing = _list(remote, repo, env, timeout) if not remote.local else ""
+            listing = _list(remote, repo, env, scrub) if not remote.local else ""
             if classify(listing) in ("missing_bucket", "credentials", "unreachable"):
-                return explain(command, remote, listing, repo, env, scrub, remote_arg, timeout, head, rerun)
+                return explain(command, remote, listing, repo, env, scrub, remote_arg, head, rerun)
             names = {m: str(_rel(o, repo)) for o, m in _out_entries(_root(repo))}
             missing = [f"{names[m]}  md5 {m}" if m in names else f"md5 {m}" if name_ in ("", "None") else
                        f"{name_}  md5 {m}" for name_, m in _missing(output)]
@@ -529,13 +496,13 @@ def _credential_source(remote: Remote, env: dict) -> str:
 
 
 def run(command: str, args: Sequence[str] = (), repo: str | Path = ".", remote: str | None = None,
-        echo: Callable[[str], None] | None = None, env: dict | None = None, timeout: float | None = None,
+        echo: Callable[[str], None] | None = None, env: dict | None = None,
         on_start: Callable[[subprocess.Popen], None] | None = None) -> str:
-    """Run `dvc <command> [-r remote] [args]` (`status` runs as `status -c`) in `repo`, echoing its output lines.
+    """Run `dvc push|pull [-r remote] [args]` in `repo`, echoing its output lines.
 
     Returns DVC's output. On failure raises RemoteError naming the remote and the fix. A pull first removes
-    partial files a killed pull left behind; if DVC is killed mid-pull (or Ctrl-C, or `timeout`), the partial
-    files it was writing are removed at once and the error says to rerun."""
+    partial files a killed pull left behind; if DVC is killed mid-pull (or Ctrl-C), the partial files it was
+    writing are removed at once and the error says to rerun."""
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {COMMANDS}")
     repo, env = Path(repo), dict(os.environ if env is None else env)
@@ -546,34 +513,23 @@ def run(command: str, args: Sequence[str] = (), repo: str | Path = ".", remote: 
     if command == "pull":
         for f in clean_partial_files(repo):
             say(f"removed a partial file left by an interrupted pull: {_rel(f, repo)}")
-    if command in ("pull", "fetch") and not r.verify:
+    if command == "pull" and not r.verify:
         say(f"note: {r.describe()} has verify off, so a corrupted object would be pulled silently; "
             f"turn it on with: dvc remote modify --local {r.name} verify true")
-    argv = [_dvc(), command, *(["-c"] if command == "status" else []), *remote_arg, *args]
-    rerun = " ".join([f"vital {command}" if command in ("push", "pull") else f"dvc {command}", *args, *remote_arg])
-    for attempt in (1, 2):
-        rc, out, stopped = _stream(argv, repo, env, scrub, echo, timeout, on_start)
-        if rc == 0:
-            return out
-        if rc < 0 or stopped:
-            how = stopped or f"killed by signal {-rc}"
-            removed = clean_partial_files(repo, force=True) if command == "pull" else []
-            detail = f"; removed {len(removed)} partial file(s) it was writing" if removed else ""
-            state = (" Files already in the workspace are complete (DVC writes each through a temp file); some "
-                     "outputs may be missing or incomplete." if command == "pull" else "")
-            raise RemoteError(scrub(f"dvc {command} with {r.describe()} was interrupted ({how}){detail}.{state}\n"
-                                    f"  fix: rerun: {rerun}  (what was already transferred is kept)"),
-                              "interrupted", r, out)
-        blocked = re.search(r"Can't remove the following unsaved files.*?\n((?:\S.*\n?)+)", out)
-        if attempt == 1 and command == "pull" and blocked:
-            files = [ln.strip() for ln in blocked.group(1).splitlines() if ln.strip()]
-            if files and all(PARTIAL.search(f) for f in files):  # leftovers of a killed checkout: ours to remove
-                for f in files:
-                    Path(f if os.path.isabs(f) else repo / f).unlink(missing_ok=True)
-                say(f"removed {len(files)} partial file(s) left by an interrupted pull; pulling again")
-                continue
-        raise explain(command, r, out, repo, env, scrub, remote_arg, timeout, rerun=rerun)
-    raise AssertionError("unreachable")
+    rerun = " ".join([f"vital {command}", *args, *remote_arg])
+    rc, out, stopped = _stream([_dvc(), command, *remote_arg, *args], repo, env, scrub, echo, on_start)
+    if rc == 0:
+        return out
+    if rc < 0 or stopped:
+        how = stopped or f"killed by signal {-rc}"
+        removed = clean_partial_files(repo, force=True) if command == "pull" else []
+        detail = f"; removed {len(removed)} partial file(s) it was writing" if removed else ""
+        state = (" Files already in the workspace are complete (DVC writes each through a temp file); some "
+                 "outputs may be missing or incomplete." if command == "pull" else "")
+        raise RemoteError(scrub(f"dvc {command} with {r.describe()} was interrupted ({how}){detail}.{state}\n"
+                                f"  fix: rerun: {rerun}  (what was already transferred is kept)"),
+                          "interrupted", r, out)
+    raise explain(command, r, out, repo, env, scrub, remote_arg, rerun=rerun)
 
 
 def check(remote: str | None = None, repo: str | Path = ".", env: dict | None = None,
@@ -586,10 +542,7 @@ def check(remote: str | None = None, repo: str | Path = ".", env: dict | None = 
     r = resolve_remote(remote, repo, env)
     scrub = _Scrub(env, r)
     lines = [r.describe() + (" [default]" if r.default else "")]
-    if r.local and r.path is not None and r.path.exists() and not r.path.is_dir():
-        raise explain("push", r, f"ERROR: [Errno 20] Not a directory: '{r.path}'", repo, env, scrub,
-                      head=f"checking {r.describe()} failed", rerun=f"vital remote check {r.name}")
-    out = _list(r, repo, env, timeout)
+    out = _list(r, repo, env, scrub, timeout)
     if out.startswith("OK\n"):
         top = out.split()[1:]
         lines.append(f"  reachable: yes (listed: {', '.join(top[:5]) or 'nothing'})")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,6 +123,12 @@ class PreferencePair:
     weight: float
     source: str  # "clinician" | "model"
     split: str = "train"  # "train" | "holdout"
+
+
+def mask_url(url: str) -> str:
+    """A URL fit to show: `s3://KEY:SECRET@bucket/x?sig=...` -> `s3://***@bucket/x?***`."""
+    url = re.sub(r"(?<=://)[^/@\s]+@", "***@", url)
+    return re.sub(r"\?\S*", "?***", url) if "://" in url else url
 
 
 def request_hash(payload: Any) -> str:
