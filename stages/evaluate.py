@@ -1,39 +1,68 @@
-"""DVC stage `evaluate`: VQA closed accuracy / open recall and judge-scored open chat for the tuned model.
+"""DVC stage `evaluate`: VQA (per dataset), judge-scored open chat and a pairwise win rate for the tuned model.
 
     dvc repro evaluate
+    dvc exp run -S evaluate.eval_sets=folder -S evaluate.eval_dir=/data/llava-med-eval     # your eval files
+    OPENAI_API_KEY=... dvc exp run -S evaluate.backend=openai -S evaluate.model=gpt-4o      # a real judge
 """
 import json
 import time
 from pathlib import Path
 
 import pandas as pd
-from common import image_store, load, params, write_metrics
+from common import image_store, load, model_client, params, write_metrics
 
 from vital import evaluate, tune
-from vital.client import Client, ClientConfig
-from vital.schema import CorpusRecord, read_jsonl, write_jsonl
+from vital.schema import AppendLog, CorpusRecord, read_jsonl, write_jsonl
+
+CACHE = "data/cache/evaluate.jsonl"  # judge replies: a rerun pays for nothing twice
 
 
 def main():
     t0, p = time.time(), params("evaluate")
+    folder = Path(p["eval_dir"])
     if p["eval_sets"] == "sample":
         vqa, chat = evaluate.sample_eval_sets(load("data/corpus/records.jsonl", CorpusRecord))
         images = image_store()
+    elif p["eval_sets"] == "folder":
+        try:
+            vqa, chat = evaluate.load_eval_sets(folder)
+        except FileNotFoundError as e:
+            raise SystemExit(f"evaluate: {e}") from None
+        images = image_store(folder / "images")
     else:
-        vqa = list(read_jsonl(Path(p["eval_sets"]) / "vqa.jsonl"))
-        chat = list(read_jsonl(Path(p["eval_sets"]) / "chat.jsonl"))
-        images = image_store(Path(p["eval_sets"]) / "images")
+        raise SystemExit(f"params.yaml: evaluate.eval_sets must be 'sample' or 'folder', got {p['eval_sets']!r}")
+    baseline_file = folder / "baseline_answers.jsonl"
+    if p["eval_sets"] == "folder" and baseline_file.exists():
+        baseline, against = {b["question_id"]: b["answer"] for b in read_jsonl(baseline_file)}, str(baseline_file)
+    else:
+        baseline, against = {c["question_id"]: c["gpt4_answer"] for c in chat}, "the reference (gpt4_answer) answers"
     write_jsonl("data/eval/vqa.jsonl", vqa)
     write_jsonl("data/eval/chat.jsonl", chat)
     model, processor = tune.load_tuned(Path("models/vlm"))
-    preds = evaluate.answer_questions(model, processor, vqa + chat, images, p["max_new_tokens"])
+    preds, unanswered = evaluate.answer_questions(model, processor, vqa + chat, images, p["max_new_tokens"])
     write_jsonl("data/eval/answers.jsonl", [{"question_id": k, "answer": v} for k, v in preds.items()])
-    judge = Client(ClientConfig(backend=p["judge_backend"]))
+    vqa_m, vqa_skipped = evaluate.vqa_metrics(vqa, preds)
+    write_jsonl("data/eval/skipped.jsonl", unanswered + vqa_skipped)
+    sampling = {"temperature": p["temperature"], "max_tokens": p["max_tokens"]}
+    with model_client("evaluate", p, batch=False) as (judge, _):
+        chat_m, chat_stats = evaluate.judge_chat(chat, preds, judge, images, AppendLog(CACHE), sampling,
+                                                 p["max_image_side"])
+        win_m, win_stats = evaluate.win_rate(chat, preds, baseline, judge, AppendLog(CACHE), sampling)
     info = json.loads(Path("models/vlm/model_info.json").read_text())
-    metrics = {"model": info["label"], "judge": judge.name,
-               **evaluate.vqa_metrics(vqa, preds), **evaluate.judge_chat(chat, preds, judge, images)}
-    rows = [{"domain": d, **evaluate.vqa_metrics([v for v in vqa if v["domain"] == d], preds),
-             "relative_score": metrics["relative_score_by_domain"].get(d)} for d in sorted({v["domain"] for v in vqa})]
+    metrics = {"model": info["label"], "judge": f"{judge.name}:{judge.model}", **vqa_m,
+               "skipped": len(unanswered) + len(vqa_skipped), "skipped_examples": (unanswered + vqa_skipped)[:5],
+               **chat_m, **win_m, "win_rate_against": against,
+               "judge_requests": chat_stats["requests"] + win_stats["requests"],
+               "judge_cached": chat_stats["cached"] + win_stats["cached"],
+               "judge_failed": chat_stats["failed"] + win_stats["failed"]}
+    by_domain: dict[str, list] = {}
+    for v in vqa:
+        by_domain.setdefault(v.get("domain", "other"), []).append(v)
+    rows = []
+    for d, items in sorted(by_domain.items()):
+        m = evaluate.vqa_metrics(items, preds)[0]
+        m.pop("by_dataset")
+        rows.append({"domain": d, **m, "relative_score": metrics["relative_score_by_domain"].get(d)})
     pd.DataFrame(rows).to_csv("metrics/evaluate_by_domain.csv", index=False)
     write_metrics("evaluate", metrics, t0)
 

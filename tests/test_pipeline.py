@@ -107,6 +107,13 @@ def test_dag_runs_offline_end_to_end_then_experiment_reruns_only_downstream(repo
     shown = run("dvc exp show --json", repo).stdout
     assert '"ratio": 0.5' in shown and '"kept": 7' in shown
 
+    exp = run("dvc exp run -S evaluate.eval_sets=folder", repo).stdout  # the LLaVA-Med eval files in examples/eval
+    assert ran(exp) == ["evaluate"]
+    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert set(ev["by_dataset"]) == {"vqa_rad", "slake", "pathvqa"} and ev["by_dataset"]["slake"]["closed_n"] == 1
+    assert ev["pairs"] == 3 and ev["win_rate_against"] == "examples/eval/baseline_answers.jsonl"
+    assert set(ev["relative_score_by_category"]) == {"conversation", "detailed_description"}
+
 
 def _publish_and_pull_into_a_fresh_clone(repo):
     """`dvc push` to the default remote (a directory next to the clone, no credentials); a fresh `git clone` +

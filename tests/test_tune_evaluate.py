@@ -1,4 +1,5 @@
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from vital import evaluate, tune
 from vital.client import Client, ClientConfig
 from vital.images import ImageStore
 from vital.offline import OfflineBackend
-from vital.schema import IMAGE_TOKEN
+from vital.schema import IMAGE_TOKEN, AppendLog
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +63,11 @@ def test_lora_tuning_saves_an_adapter_that_loads_and_generates(sample, tmp_path)
     for k, v in loaded.get_base_model().state_dict().items():
         if k in base_weights:
             assert torch.equal(v, base_weights[k]), k  # base saved before LoRA wrapped it
-    answers = evaluate.answer_questions(loaded, proc, [{"question_id": "x", "image": records[0].image,
-                                                        "text": "What is shown?"}], image_dir, 5)
-    assert isinstance(answers["x"], str)
+    items = [{"question_id": "x", "image": records[0].image, "text": "What is shown?"},
+             {"question_id": "gone", "image": "no-such.png", "text": "What is shown?"}]
+    answers, skipped = evaluate.answer_questions(loaded, proc, items, image_dir, 5)
+    assert isinstance(answers["x"], str) and "gone" not in answers
+    assert skipped == [{"question_id": "gone", "image": "no-such.png", "reason": f"image 'no-such.png' is not in {image_dir}"}]
 
 
 def test_base_model_by_path(sample, tmp_path, tiny):
@@ -76,33 +79,96 @@ def test_base_model_by_path(sample, tmp_path, tiny):
     assert p2.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == m2.config.image_token_index
 
 
-def test_vqa_metrics():
-    items = [{"question_id": "1", "answer_type": "CLOSED", "answer": "yes"},
-             {"question_id": "2", "answer_type": "CLOSED", "answer": "no"},
-             {"question_id": "3", "answer_type": "OPEN", "answer": "left lower lobe"}]
-    preds = {"1": "Yes, it is.", "2": "It is not clear", "3": "a lesion in the lower lobe"}
-    m = evaluate.vqa_metrics(items, preds)
-    assert m["closed_accuracy"] == 50.0 and m["open_recall"] == pytest.approx(66.67, abs=0.01)
-    with pytest.raises(ValueError, match="unknown answer_type 'MAYBE'"):
-        evaluate.vqa_metrics([{"question_id": "1", "answer_type": "MAYBE", "answer": "x"}], preds)
+def test_vqa_metrics_per_dataset_and_unknown_answer_types_are_skipped_by_id():
+    items = [{"question_id": "1", "answer_type": "CLOSED", "answer": "yes", "dataset": "vqa_rad"},
+             {"question_id": "2", "answer_type": "CLOSED", "answer": "no", "dataset": "vqa_rad"},
+             {"question_id": "3", "answer_type": "OPEN", "answer": "left lower lobe", "dataset": "slake"},
+             {"question_id": "4", "answer_type": "open", "answer": "Axial", "dataset": "slake"},
+             {"question_id": "5", "answer_type": "MAYBE", "answer": "x", "dataset": "slake"}]
+    preds = {"1": "Yes, it is.", "2": "It is not clear", "3": "a lesion in the lower lobe", "4": "axial", "5": "x"}
+    m, skipped = evaluate.vqa_metrics(items, preds)
+    assert m["closed_accuracy"] == 50.0 and m["open_recall"] == pytest.approx(83.33, abs=0.01)
+    assert m["by_dataset"]["vqa_rad"]["closed_accuracy"] == 50.0 and m["by_dataset"]["vqa_rad"]["open_n"] == 0
+    slake = m["by_dataset"]["slake"]
+    assert slake["open_recall"] == pytest.approx(83.33, abs=0.01) and slake["exact_match"] == 50.0
+    f1 = 2 * (2 / 6) * (2 / 3) / (2 / 6 + 2 / 3)  # "lower lobe" shared: precision 2/6, recall 2/3
+    assert slake["token_f1"] == pytest.approx(100 * (f1 + 1) / 2, abs=0.01)
+    assert skipped == [{"question_id": "5", "reason": "unknown answer_type 'MAYBE'; use CLOSED or OPEN"}]
 
 
-def test_judge_relative_score_and_unparsed_replies(sample):
+def test_the_example_eval_folder_loads_one_dataset_per_file():
+    vqa, chat = evaluate.load_eval_sets(Path(__file__).parents[1] / "examples/eval")
+    assert {v["dataset"] for v in vqa} == {"vqa_rad", "slake", "pathvqa"} and len(chat) == 3
+    with pytest.raises(FileNotFoundError, match="no vqa.jsonl"):
+        evaluate.load_eval_sets(Path(__file__).parent)
+
+
+def test_judge_relative_score_per_domain_and_type_cached_and_unparsed_listed(sample, tmp_path):
     records, image_dir = sample
     vqa, chat = evaluate.sample_eval_sets(records)
     assert {v["answer_type"] for v in vqa} == {"CLOSED", "OPEN"} and len(chat) == len(records)
     perfect = {c["question_id"]: c["gpt4_answer"] for c in chat}
-    m = evaluate.judge_chat(chat, perfect, Client(ClientConfig()), image_dir)
+    log = tmp_path / "judge.jsonl"
+    m, stats = evaluate.judge_chat(chat, perfect, Client(ClientConfig()), image_dir, AppendLog(log))
     assert m["relative_score"] == 100.0 and m["judged"] == len(chat)
+    assert stats["requests"] == len(chat)  # the same answer twice is one request: the cache serves the other
+    assert m["relative_score_by_category"] == {"detailed_description": 100.0}
+    assert set(m["relative_score_by_domain"]) == {r.domain for r in records}
+    again = evaluate.judge_chat(chat, perfect, Client(ClientConfig()), image_dir, AppendLog(log))[1]
+    assert again["requests"] == 0 and again["cached"] == 2 * len(chat)  # a rerun pays for nothing
     poor = {c["question_id"]: "no idea" for c in chat}
-    assert evaluate.judge_chat(chat, poor, Client(ClientConfig()), image_dir)["relative_score"] < 50
+    assert evaluate.judge_chat(chat, poor, Client(ClientConfig()), image_dir, AppendLog(log))[0]["relative_score"] < 50
 
     class Rambling(OfflineBackend):
+        model = identity = "rambling"
+
         def complete(self, messages, task):
             return "Both answers are fine."
 
-    m = evaluate.judge_chat(chat, perfect, Client(ClientConfig(), Rambling()), image_dir)
+    m, _ = evaluate.judge_chat(chat, perfect, Client(ClientConfig(), Rambling()), image_dir, AppendLog(log))
     assert m["judge_unparsed"] == len(chat) and m["relative_score"] is None
+    assert m["judge_unparsed_ids"] == [c["question_id"] for c in chat]
+
+
+def test_verdicts_parse_exactly():
+    assert evaluate.parse_verdict("A is more precise.\n[[A]]") == "A"
+    assert evaluate.parse_verdict("[[C]]") == "C" and evaluate.parse_verdict("[[B]] ... I repeat: [[B]]") == "B"
+    for bad in ("[A]", "A", "[[A]] or maybe [[B]]", "Verdict: A", "[[D]]", "", None):
+        assert evaluate.parse_verdict(bad) is None, bad
+
+
+def _judge(verdict):
+    """A judge that answers `verdict(answer A, answer B)` in the [[X]] form."""
+    class Judge(OfflineBackend):
+        model = identity = f"judge-{id(verdict)}"
+
+        def complete(self, messages, task):
+            text = messages[-1]["content"]
+            a = text.split("Answer A: ")[1].split("\nAnswer B: ")[0]
+            b = text.split("Answer B: ")[1]
+            return verdict(a, b)
+    return Client(ClientConfig(), Judge())
+
+
+def test_win_rate_judges_both_orders_so_position_bias_cancels(tmp_path):
+    chat = [{"question_id": f"q{i}", "text": "What is shown?", "fig_caption": "A chest radiograph.",
+             "fig_inline_mention": "Figure 1.", "gpt4_answer": "ref"} for i in range(4)]
+    mine = {c["question_id"]: f"good answer {i}" for i, c in enumerate(chat)}
+    theirs = {c["question_id"]: "bad" for c in chat}
+    log = lambda: AppendLog(tmp_path / f"{uuid.uuid4().hex}.jsonl")  # noqa: E731
+    better = _judge(lambda a, b: "[[A]]" if a.startswith("good") else "[[B]]")
+    m, stats = evaluate.win_rate(chat, mine, theirs, better, log())
+    assert (m["wins"], m["losses"], m["ties"], m["win_rate"]) == (4, 0, 0, 100.0) and stats["requests"] == 8
+    first = _judge(lambda a, b: "[[A]]")  # always picks the first answer: every pair is a tie
+    m, _ = evaluate.win_rate(chat, mine, theirs, first, log())
+    assert (m["ties"], m["win_rate"], m["judge_picked_first"]) == (4, 50.0, 8)
+    worse = _judge(lambda a, b: "[[B]]" if a.startswith("good") else "[[A]]")
+    assert evaluate.win_rate(chat, mine, theirs, worse, log())[0]["win_rate"] == 0.0
+    vague = _judge(lambda a, b: "[[A]] or [[B]]" if a.endswith("0") or b.endswith("0") else "[[C]]")
+    m, _ = evaluate.win_rate(chat, mine, theirs, vague, log())
+    assert m["pairs_unparsed_ids"] == ["q0"] and m["pairs"] == 3 and m["ties"] == 3
+    m, _ = evaluate.win_rate(chat, mine, theirs, Client(ClientConfig()), log())  # the offline judge
+    assert m["pairs"] == 4 and m["pairs_unparsed"] == 0
 
 
 def test_the_model_card_says_what_the_adapter_was_tuned_from_and_on(tmp_path):

@@ -21,7 +21,7 @@ HEADLINE = {
     "train_selector": ["backbone", "train_pairs", "best_epoch", "holdout_model_accuracy", "clinician_alignment", "auc"],
     "filter": ["candidates", "skipped", "kept", "ratio"],
     "tune": ["model", "steps", "final_loss"],
-    "evaluate": ["closed_accuracy", "open_recall", "relative_score", "judge"],
+    "evaluate": ["closed_accuracy", "open_recall", "relative_score", "win_rate", "judge"],
 }
 
 

@@ -1,24 +1,34 @@
-"""Stage `evaluate`: VQA accuracy/recall and judge-scored open visual chat, as LLaVA-Med reports them.
+"""Stage `evaluate`: the paper's three evaluations, in the LLaVA-Med formats.
 
-VQA items use the LLaVA-Med eval format {question_id, image, text, answer, answer_type: CLOSED|OPEN}:
-closed accuracy (yes/no extracted from the reply) and open recall (share of the reference answer's
-tokens found in the reply). Chat items {question_id, image, category, text, gpt4_answer, fig_caption,
-fig_inline_mention, domain}: a judge scores the reference answer and the model answer 1-10 with the
-same rubric; the relative score is 100 * sum(model) / sum(reference), per domain.
-`sample_eval_sets` writes a small VQA and chat set from the corpus for the embedded default.
+- VQA (VQA-RAD, SLAKE, PathVQA): items {question_id, image, text, answer, answer_type: CLOSED|OPEN}, one
+  file per dataset. Closed accuracy (yes/no extracted from the reply), open recall (share of the reference
+  answer's tokens found in the reply), exact match and token F1, per dataset. An item with another
+  answer_type, or whose image cannot be read, is skipped and counted with its id.
+- Open visual chat: items {question_id, image, category, text, gpt4_answer, fig_caption, fig_inline_mention,
+  domain}. A judge scores the reference answer and the model's answer 1-10 with the same rubric; the
+  relative score is 100 * sum(model) / sum(reference), overall, per domain and per question type.
+- Win rate against a baseline answers file ({question_id, answer}): the judge compares the two answers and
+  ends with [[A]], [[B]] or [[C]] (tie), parsed exactly; each pair is judged in both orders and counts as a
+  win or a loss only when both orders agree (otherwise a tie), which cancels position bias.
+
+Judge requests go through the shared client and its request cache (data/cache/evaluate.jsonl): a rerun
+pays for nothing twice. `sample_eval_sets` writes a small VQA and chat set from the corpus for the
+embedded default.
 """
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 
+from .client import Requests
+from .generate import figure_text
 from .images import ImageStore
 from .offline import qa_from_text
 from .rate import parse_score, rating_messages
-from .schema import IMAGE_TOKEN, CorpusRecord
+from .schema import IMAGE_TOKEN, AppendLog, CorpusRecord, read_jsonl
 from .tune import user_turn
 
 DOMAIN_NAMES = {"chest_xray": "chest X-ray", "mri": "MRI", "ct_scan": "CT", "histology": "histology"}
@@ -43,19 +53,41 @@ def sample_eval_sets(records: list[CorpusRecord]) -> tuple[list[dict], list[dict
     return vqa, chat
 
 
-def answer_questions(model, processor, items: list[dict], images: ImageStore | Path, max_new_tokens: int) -> dict[str, str]:
+def load_eval_sets(folder: Path) -> tuple[list[dict], list[dict]]:
+    """VQA items from `vqa.jsonl` (dataset: the item's `dataset`, else "vqa") and `vqa/<dataset>.jsonl`, and
+    chat items from `chat.jsonl`, in a folder that also holds `images/`."""
+    folder = Path(folder)
+    files = ([folder / "vqa.jsonl"] if (folder / "vqa.jsonl").exists() else []) + sorted(folder.glob("vqa/*.jsonl"))
+    vqa = []
+    for f in files:
+        default = "vqa" if f.name == "vqa.jsonl" else f.stem
+        vqa += [{**it, "dataset": it.get("dataset", default)} for it in read_jsonl(f)]
+    chat = list(read_jsonl(folder / "chat.jsonl")) if (folder / "chat.jsonl").exists() else []
+    if not vqa and not chat:
+        raise FileNotFoundError(f"{folder}: no vqa.jsonl, vqa/*.jsonl or chat.jsonl (LLaVA-Med eval format)")
+    return vqa, chat
+
+
+def answer_questions(model, processor, items: list[dict], images: ImageStore | Path,
+                     max_new_tokens: int) -> tuple[dict[str, str], list[dict]]:
+    """The model's answer per question id, and the items skipped with why (an image that is missing or that
+    the processor rejects)."""
     tok, images = processor.tokenizer, ImageStore.of(images)
-    out = {}
+    out, skipped = {}, []
     with torch.no_grad():
         for it in items:
-            with images.open(it["image"]) as im:
-                enc = processor(images=[im.convert("RGB")], text=[user_turn(f"{IMAGE_TOKEN}\n{it['text']}")],
-                                add_special_tokens=False, return_tensors="pt")
+            try:
+                with images.open(it["image"]) as im:
+                    enc = processor(images=[im.convert("RGB")], text=[user_turn(f"{IMAGE_TOKEN}\n{it['text']}")],
+                                    add_special_tokens=False, return_tensors="pt")
+            except (OSError, ValueError) as e:  # PIL and processors raise these for unreadable images
+                skipped.append({"question_id": it["question_id"], "image": it["image"], "reason": str(e)})
+                continue
             enc.pop("token_type_ids", None)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
             out[it["question_id"]] = tok.decode(gen[0][enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    return out
+    return out, skipped
 
 
 def _tokens(text: str) -> list[str]:
@@ -67,40 +99,145 @@ def closed_answer(text: str) -> str | None:
     return m.group(1) if m else None
 
 
-def vqa_metrics(items: list[dict], preds: dict[str, str]) -> dict:
-    closed, recall = [], []
-    for it in items:
-        pred = preds[it["question_id"]]
-        if it["answer_type"] == "CLOSED":
-            closed.append(closed_answer(pred) == it["answer"].lower())
-        elif it["answer_type"] == "OPEN":
-            ref = set(_tokens(it["answer"]))
-            recall.append(len(ref & set(_tokens(pred))) / len(ref) if ref else 0.0)
-        else:
-            raise ValueError(f"VQA item {it['question_id']}: unknown answer_type {it['answer_type']!r}; "
-                             "use CLOSED or OPEN")
-    mean = lambda xs: round(100 * sum(xs) / len(xs), 2) if xs else None  # noqa: E731
-    return {"closed_accuracy": mean(closed), "open_recall": mean(recall),
-            "closed_n": len(closed), "open_n": len(recall)}
+def token_f1(pred: str, ref: str) -> float:
+    p, r = _tokens(pred), _tokens(ref)
+    common = sum((Counter(p) & Counter(r)).values())
+    if not p or not r or not common:
+        return float(p == r)
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
 
 
-def judge_chat(items: list[dict], preds: dict[str, str], judge, images: ImageStore | Path) -> dict:
-    """Relative score per domain: 100 * sum(model score) / sum(reference score); unparsed replies counted."""
-    sums = defaultdict(lambda: [0, 0])
-    unparsed, images = 0, ImageStore.of(images)
+def _mean(xs: list) -> float | None:
+    return round(100 * sum(xs) / len(xs), 2) if xs else None
+
+
+def vqa_metrics(items: list[dict], preds: dict[str, str]) -> tuple[dict, list[dict]]:
+    """Metrics overall and per dataset, and the items skipped (unknown answer_type, no answer) with why."""
+    per: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    skipped = []
     for it in items:
-        scores = []
-        for answer in (it["gpt4_answer"], preds[it["question_id"]]):
-            msgs = rating_messages(it["fig_caption"], [it["fig_inline_mention"]], it["text"], answer,
-                                   images.read(it["image"]))
-            reply = judge.complete(msgs, "judge")  # None: the request failed
-            scores.append(parse_score(reply) if reply is not None else None)
-        if None in scores:
-            unparsed += 1
+        qid, kind = it["question_id"], str(it.get("answer_type", "")).upper()
+        if kind not in ("CLOSED", "OPEN"):
+            skipped.append({"question_id": qid, "reason": f"unknown answer_type {it.get('answer_type')!r}; "
+                                                          "use CLOSED or OPEN"})
             continue
-        for key in (it["domain"], "all"):
+        if qid not in preds:  # its image was skipped when answering
+            continue
+        pred, ref = preds[qid], str(it["answer"])
+        for group in (per[it.get("dataset", "vqa")], per["all"]):
+            if kind == "CLOSED":
+                group["closed_accuracy"].append(closed_answer(pred) == ref.strip().lower())
+                group["exact_match"].append(closed_answer(pred) == ref.strip().lower())
+            else:
+                ref_tokens = set(_tokens(ref))
+                group["open_recall"].append(len(ref_tokens & set(_tokens(pred))) / len(ref_tokens) if ref_tokens else 0.0)
+                group["exact_match"].append(_tokens(pred) == _tokens(ref))
+            group["token_f1"].append(token_f1(pred, ref))
+            group["closed_n" if kind == "CLOSED" else "open_n"].append(1)
+
+    def summary(g):
+        return {"closed_accuracy": _mean(g["closed_accuracy"]), "open_recall": _mean(g["open_recall"]),
+                "exact_match": _mean(g["exact_match"]), "token_f1": _mean(g["token_f1"]),
+                "closed_n": len(g["closed_n"]), "open_n": len(g["open_n"])}
+
+    overall = summary(per.pop("all", defaultdict(list)))
+    return {**overall, "by_dataset": {d: summary(g) for d, g in sorted(per.items())}}, skipped
+
+
+def _judged(client, log: AppendLog, task: str, items: list[tuple[str, object]], build, sampling: dict):
+    """{key: reply} for every request that got one, and the run's stats (cost ledger) and failures."""
+    rows, stats, failures = client.run(Requests(items, build), log, task, sampling, lambda k, e: e["reply"],
+                                       f"evaluate:{task}")
+    return rows, stats, failures
+
+
+def judge_chat(items: list[dict], preds: dict[str, str], client, images: ImageStore | Path, log: AppendLog,
+               sampling: dict | None = None, max_image_side: int = 0) -> tuple[dict, dict]:
+    """Relative score (100 * sum(model score) / sum(reference score)) overall, per domain and per question
+    type; a question whose two scores are not both parsed is left out and listed. Returns (metrics, stats)."""
+    images = ImageStore.of(images)
+    asked = [it for it in items if it["question_id"] in preds]
+    requests = [(f"{it['question_id']}:{who}", (it, answer)) for it in asked
+                for who, answer in (("reference", it["gpt4_answer"]), ("model", preds[it["question_id"]]))]
+
+    def build(x):
+        it, answer = x
+        return rating_messages(it["fig_caption"], [it["fig_inline_mention"]], it["text"], answer,
+                               images.read(it["image"]), max_image_side)
+
+    replies, stats, _ = _judged(client, log, "judge", requests, build, sampling or {})
+    sums = defaultdict(lambda: [0, 0])
+    unparsed = []
+    for it in asked:
+        scores = [parse_score(replies[k]) if k in replies else None
+                  for k in (f"{it['question_id']}:reference", f"{it['question_id']}:model")]
+        if None in scores:
+            unparsed.append(it["question_id"])
+            continue
+        for key in ("all", f"domain:{it.get('domain', 'other')}", f"category:{it.get('category', 'unknown')}"):
             sums[key][0] += scores[0]
             sums[key][1] += scores[1]
-    rel = {d: round(100 * m / r, 2) if r else None for d, (r, m) in sums.items()}
-    return {"relative_score": rel.pop("all", None), "relative_score_by_domain": dict(sorted(rel.items())),
-            "judged": len(items) - unparsed, "judge_unparsed": unparsed}
+    rel = {k: round(100 * m / r, 2) if r else None for k, (r, m) in sums.items()}
+    return {"relative_score": rel.pop("all", None),
+            "relative_score_by_domain": {k[7:]: v for k, v in sorted(rel.items()) if k.startswith("domain:")},
+            "relative_score_by_category": {k[9:]: v for k, v in sorted(rel.items()) if k.startswith("category:")},
+            "judged": len(asked) - len(unparsed), "judge_unparsed": len(unparsed),
+            "judge_unparsed_ids": unparsed[:20]}, dict(stats)
+
+
+PAIRWISE = (
+    "You are a clinician comparing two AI assistants' answers to a question about a biomedical figure. You "
+    "see the figure's caption and in-text mentions, the question, and the two answers. Judge helpfulness, "
+    "relevance, accuracy against the figure description, and level of detail; the order of the answers must "
+    "not matter. Explain briefly, then end with your verdict in exactly this form: [[A]] if answer A is "
+    "better, [[B]] if answer B is better, [[C]] for a tie."
+)
+_VERDICT = re.compile(r"\[\[([ABC])\]\]")
+
+
+def parse_verdict(reply: str) -> str | None:
+    """'A', 'B' or 'C' when the reply gives exactly one verdict ([[A]] / [[B]] / [[C]]); None otherwise."""
+    found = set(_VERDICT.findall(reply or ""))
+    return found.pop() if len(found) == 1 else None
+
+
+def pairwise_messages(caption: str, mentions: str, question: str, a: str, b: str) -> list[dict]:
+    text = f"{figure_text(caption, [mentions])}\nQuestion: {question}\nAnswer A: {a}\nAnswer B: {b}"
+    return [{"role": "system", "content": PAIRWISE}, {"role": "user", "content": text}]
+
+
+def win_rate(items: list[dict], preds: dict[str, str], baseline: dict[str, str], client, log: AppendLog,
+             sampling: dict | None = None) -> tuple[dict, dict]:
+    """The model against baseline answers, each pair judged twice (model as A, then as B). A pair is a win or a
+    loss only when both orders agree; otherwise a tie. A pair with an unparsed verdict is left out and listed.
+    win_rate = (wins + ties / 2) / pairs. Returns (metrics, stats)."""
+    asked = [it for it in items if it["question_id"] in preds and it["question_id"] in baseline]
+    requests = []
+    for it in asked:
+        q, mine, theirs = it["question_id"], preds[it["question_id"]], baseline[it["question_id"]]
+        requests += [(f"{q}:model-first", (it, mine, theirs)), (f"{q}:baseline-first", (it, theirs, mine))]
+
+    def build(x):
+        it, a, b = x
+        return pairwise_messages(it["fig_caption"], it["fig_inline_mention"], it["text"], a, b)
+
+    replies, stats, _ = _judged(client, log, "pairwise", requests, build, sampling or {})
+    outcome = {"A": "win", "B": "loss", "C": "tie"}  # of the model, when it is answer A
+    flipped = {"A": "loss", "B": "win", "C": "tie"}
+    counts, unparsed, position = Counter(), [], Counter()
+    for it in asked:
+        q = it["question_id"]
+        first = parse_verdict(replies.get(f"{q}:model-first", ""))
+        second = parse_verdict(replies.get(f"{q}:baseline-first", ""))
+        if first is None or second is None:
+            unparsed.append(q)
+            continue
+        position.update([first, second])  # how often the judge picks A / B / tie, whatever the order
+        a, b = outcome[first], flipped[second]
+        counts[a if a == b else "tie"] += 1
+    n = sum(counts.values())
+    return {"win_rate": round(100 * (counts["win"] + counts["tie"] / 2) / n, 2) if n else None,
+            "wins": counts["win"], "losses": counts["loss"], "ties": counts["tie"], "pairs": n,
+            "pairs_unparsed": len(unparsed), "pairs_unparsed_ids": unparsed[:20],
+            "judge_picked_first": position["A"], "judge_picked_second": position["B"]}, dict(stats)

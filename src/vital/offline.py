@@ -1,7 +1,7 @@
 """The `offline` backend: deterministic, no model, the embedded default that lets `dvc repro` run anywhere.
 
 It reads the figure text out of the prompt and writes a caption-grounded reply (generate), a heuristic
-rubric score (rate, judge) or a pair of candidate answers (annotation_pool). Every artifact it touches
+rubric score (rate, judge), a pairwise verdict (the win rate) or a pair of candidate answers (annotation_pool). Every artifact it touches
 says `backend: offline`, and its "model" name carries a hash of this file, so editing the offline logic
 never reuses a cached reply.
 """
@@ -53,7 +53,7 @@ class OfflineBackend:
 
     def complete(self, messages: list[dict], task: str) -> str:
         prompt = _last_user_text(messages)
-        return {"generate": self._generate, "rate": self._rate, "judge": self._rate,
+        return {"generate": self._generate, "rate": self._rate, "judge": self._rate, "pairwise": self._pairwise,
                 "pool_answers": self._pool_answers}[task](prompt)
 
     # -- generate: a caption-grounded multi-turn conversation in the `User:`/`Assistant:` format
@@ -69,6 +69,13 @@ class OfflineBackend:
         question, answer = section(prompt, "Question"), section(prompt, "Answer")
         score, why = heuristic_score(context, question, answer)
         return f"{score}\n{why}"
+
+    # -- pairwise (win rate): the rubric on both answers, the verdict in the [[A]] / [[B]] / [[C]] form
+    def _pairwise(self, prompt: str) -> str:
+        context = section(prompt, "Caption") + " " + section(prompt, "In-text mentions")
+        question = section(prompt, "Question")
+        a, b = (heuristic_score(context, question, section(prompt, f"Answer {x}"))[0] for x in "AB")
+        return f"Answer A scores {a}, answer B scores {b}.\n[[{'A' if a > b else 'B' if b > a else 'C'}]]"
 
     # -- annotation_pool: two candidate answers to one question, in `A:` / `B:` lines
     def _pool_answers(self, prompt: str) -> str:
