@@ -17,6 +17,9 @@ from vital import tune
 from vital.schema import write_atomic, write_json
 
 
+CHECKPOINT = Path("data/cache/tune_checkpoint")  # resumable state while training; removed when it finishes
+
+
 def main():
     t0, p = time.time(), params("tune")
     data, images = Path(p.pop("data")), image_store(Path(p.pop("images")))
@@ -26,9 +29,15 @@ def main():
     model, processor = tune.load_base(cfg.base_model, cfg.seed)
     if cfg.base_model == tune.TINY:
         tune.save_base(model, processor, out)
-    model, history, stats = tune.train(model, processor, release, images, cfg)
+    try:
+        model, history, stats = tune.train(model, processor, release, images, cfg, CHECKPOINT)
+    except ValueError as e:
+        raise SystemExit(f"tune: {data}: {e}") from None
     label = "tiny random LLaVA (pipeline check only, not a real model)" if cfg.base_model == tune.TINY else cfg.base_model
     tune.save_adapter(model, processor, out)
+    if cfg.merge:  # the base with the adapter folded in: loads without peft
+        model.merge_and_unload().save_pretrained(out / "merged")
+        processor.save_pretrained(out / "merged")
     card = tune.model_card(cfg, stats, data, len(release), hashlib.sha256(data.read_bytes()).hexdigest(), label)
     write_atomic(out / "adapter" / "README.md", card)  # replaces peft's empty template
     write_json("models/vlm/model_info.json", {"base_model": cfg.base_model, "label": label, "data": str(data), **stats})

@@ -70,6 +70,56 @@ def test_lora_tuning_saves_an_adapter_that_loads_and_generates(sample, tmp_path)
     assert skipped == [{"question_id": "gone", "image": "no-such.png", "reason": f"image 'no-such.png' is not in {image_dir}"}]
 
 
+def test_an_interrupted_tuning_run_resumes_from_its_checkpoint_to_the_same_adapter(sample, tmp_path, monkeypatch):
+    records, image_dir = sample
+    cfg = tune.TuneConfig(max_steps=6, checkpoint_every=2, lora_dropout=0.1, epochs=3)
+
+    def run(ckpt):
+        model, processor = tune.build_tiny_llava(seed=0)
+        return tune.train(model, processor, _release(records), image_dir, cfg, ckpt)
+
+    def lora(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    straight, history, stats = run(None)
+    assert stats["resumed_from_step"] == 0 and stats["steps"] == 6
+    real, calls = tune.collate, []
+
+    def killed_at_step_5(batch, pad):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("the machine went away")
+        return real(batch, pad)
+
+    monkeypatch.setattr(tune, "collate", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "state.pt").exists() and not list((tmp_path / "ckpt").glob("*.tmp"))
+    monkeypatch.setattr(tune, "collate", real)
+    resumed, history2, stats2 = run(tmp_path / "ckpt")
+    assert stats2["resumed_from_step"] == 4 and stats2["steps"] == 6
+    assert [h["loss"] for h in history2] == pytest.approx([h["loss"] for h in history], rel=1e-5)
+    a, b = lora(straight), lora(resumed)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not (tmp_path / "ckpt" / "state.pt").exists()  # finished: the next run starts afresh
+    other = tune.TuneConfig(max_steps=6, checkpoint_every=2, lora_dropout=0.1, epochs=3, lr=0.5)
+    assert other.resume_key(_release(records)) != cfg.resume_key(_release(records))  # another run: no resume
+
+
+def test_projector_training_bf16_and_gradient_checkpointing_options(sample):
+    records, image_dir = sample
+    cfg = tune.TuneConfig(max_steps=2, train_projector=True, bf16=True, gradient_checkpointing=True)
+    model, processor = tune.build_tiny_llava(seed=0)
+    peft_model, history, stats = tune.train(model, processor, _release(records), image_dir, cfg)
+    trained = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("multi_modal_projector" in n for n in trained) and any("lora_" in n for n in trained)
+    assert stats["bf16"] and all(h["loss"] == h["loss"] for h in history)  # finite, not NaN
+    broken = _release(records) + [{**_release(records)[0], "id": "lost", "image": "lost.png"}]
+    model, processor = tune.build_tiny_llava(seed=0)
+    _, _, stats = tune.train(model, processor, broken, image_dir, tune.TuneConfig(max_steps=1))
+    assert stats["skipped_unreadable_image"] == 1 and stats["skipped_examples"][0]["id"] == "lost"
+
+
 def test_base_model_by_path(sample, tmp_path, tiny):
     model, processor = tiny
     model.save_pretrained(tmp_path / "m")

@@ -10,8 +10,10 @@ Loss is on assistant tokens only: human turns and image tokens are masked (-100)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +48,18 @@ class TuneConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    train_projector: bool = False  # also train the multimodal projector (saved with the adapter)
+    bf16: bool = False  # bfloat16 autocast (weights stay float32)
+    gradient_checkpointing: bool = False  # recompute activations: less memory, ~30% slower
+    device: str = "auto"  # auto (cuda when there is one) | cpu | cuda[:n]
+    checkpoint_every: int = 10  # optimizer steps between resumable checkpoints; 0: none
+    merge: bool = False  # also save the base with the adapter merged in (models/vlm/merged)
     seed: int = 0
+
+    def resume_key(self, release: list[dict]) -> str:
+        """What a checkpoint must match to be resumed: every setting that shapes the run, and the data."""
+        keep = {k: v for k, v in self.__dict__.items() if k not in ("max_steps", "checkpoint_every", "merge", "device")}
+        return hashlib.sha256(json.dumps([keep, release], sort_keys=True, default=str).encode()).hexdigest()
 
 
 def build_tiny_llava(seed: int = 0):
@@ -131,53 +144,95 @@ def collate(batch: list[dict], pad_id: int) -> dict:
             "pixel_values": torch.cat([b["pixel_values"] for b in batch])}
 
 
-def train(model, processor, release: list[dict], images: ImageStore | Path, cfg: TuneConfig):
+def train(model, processor, release: list[dict], images: ImageStore | Path, cfg: TuneConfig,
+          checkpoint_dir: Path | None = None):
     """LoRA-tune `model` on the release. Returns (peft model, per-step log, stats).
 
-    LoRA goes into the language model only (`target_modules` names its projections), as LLaVA does;
-    the vision tower stays frozen."""
+    LoRA goes into the language model only (`target_modules` names its projections), as LLaVA does; the vision
+    tower stays frozen, and the projector too unless `train_projector`. With `checkpoint_dir`, the trainable
+    weights, optimizer, RNG and log are saved every `checkpoint_every` steps, and a run with the same settings
+    and data resumes from there after an interruption (the result equals an uninterrupted run)."""
     from peft import LoraConfig, get_peft_model
 
-    random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     targets = rf".*language_model.*\.({'|'.join(cfg.target_modules)})"
     model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                             target_modules=targets))
-    examples, skipped, images = [], [], ImageStore.of(images)
+                                             target_modules=targets,
+                                             modules_to_save=["multi_modal_projector"] if cfg.train_projector else None))
+    model.to(device)
+    examples, skipped, unreadable, images = [], [], [], ImageStore.of(images)
     for rec in release:
-        with images.open(rec["image"]) as im:
-            ex = encode_example(processor, im.convert("RGB"), rec["conversations"], cfg.max_length)
+        try:
+            with images.open(rec["image"]) as im:
+                ex = encode_example(processor, im.convert("RGB"), rec["conversations"], cfg.max_length)
+        except (OSError, ValueError) as e:  # missing, corrupt, or refused by the processor: this record only
+            unreadable.append({"id": rec["id"], "image": rec["image"], "reason": str(e)})
+            continue
         (examples.append(ex) if ex else skipped.append(rec["id"]))
-    assert examples, f"no trainable examples in the release ({len(skipped)} skipped: longer than max_length?)"
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    if not examples:
+        raise ValueError(f"no trainable examples: {len(skipped)} longer than max_length, {len(unreadable)} with an "
+                         f"unreadable image (first: {unreadable[:1]})")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
     pad = processor.tokenizer.pad_token_id
-    steps_per_epoch = math.ceil(len(examples) / (cfg.batch_size * cfg.grad_accum))
-    total = steps_per_epoch * cfg.epochs
-    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    schedule, rng = [], random.Random(cfg.seed)  # every optimizer step's micro-batches, fixed up front
+    for _ in range(cfg.epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        schedule += [batches[g:g + cfg.grad_accum] for g in range(0, len(batches), cfg.grad_accum)]
+    total = min(len(schedule), cfg.max_steps) if cfg.max_steps else len(schedule)
     history, step, tokens = [], 0, 0
+    key = cfg.resume_key(release)
+    state_file = Path(checkpoint_dir) / "state.pt" if checkpoint_dir else None
+    if state_file and state_file.exists():
+        state = torch.load(state_file, map_location=device, weights_only=False)
+        if state["key"] == key:  # the same run, interrupted: go on from its last checkpoint
+            model.load_state_dict(state["trainable"], strict=False)
+            opt.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            history, step, tokens = state["history"], state["step"], state["tokens"]
+    resumed_from = step
     model.train()
     while step < total:
-        order = list(range(len(examples)))
-        random.shuffle(order)
-        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        for g in range(0, len(batches), cfg.grad_accum):
-            loss_sum = 0.0
-            for idx in batches[g:g + cfg.grad_accum]:
-                batch = collate([examples[i] for i in idx], pad)
+        loss_sum = 0.0
+        for idx in schedule[step]:
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = model(**batch).loss / cfg.grad_accum
-                loss.backward()
-                loss_sum += loss.item()
-                tokens += int(batch["attention_mask"].sum())
-            opt.step()
-            opt.zero_grad()
-            step += 1
-            history.append({"step": step, "loss": loss_sum})
-            if step >= total:
-                break
-    stats = {"examples": len(examples), "skipped_too_long": len(skipped), "steps": step,
+            loss.backward()
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        opt.step()
+        opt.zero_grad()
+        step += 1
+        history.append({"step": step, "loss": loss_sum})
+        if state_file and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            save_checkpoint(state_file, {"key": key, "step": step, "history": history, "tokens": tokens,
+                                         "rng": torch.get_rng_state(), "optimizer": opt.state_dict(),
+                                         "trainable": {n: p.detach().cpu() for n, p in model.named_parameters()
+                                                       if p.requires_grad}})
+    if state_file:
+        state_file.unlink(missing_ok=True)  # done: a later run starts afresh
+    stats = {"examples": len(examples), "skipped_too_long": len(skipped), "skipped_unreadable_image": len(unreadable),
+             "skipped_examples": unreadable[:5], "steps": step, "resumed_from_step": resumed_from,
              "train_tokens": tokens, "final_loss": history[-1]["loss"],
-             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+             "trainable_params": sum(p.numel() for p in params), "device": device.type, "bf16": cfg.bf16}
     return model, history, stats
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomically: a kill while writing leaves the previous checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def save_base(model, processor, out_dir: Path) -> None:
