@@ -4,6 +4,10 @@
     dvc exp run -S tune.base_model=/models/llava-med-v1.5-mistral-7b-hf   # a real model (GPU: issue #7)
     dvc exp run tune -S tune.data=data/external/biomed-vital-80k/instructions.json \
         -S tune.images=data/external/biomed-vital-80k/images     # the official release (vital release import)
+    dvc exp run -S tune.accelerate_config=configs/accelerate/ddp.yaml -S tune.num_processes=8   # 8 GPUs
+
+dvc.yaml runs it as `accelerate launch --config_file <tune.accelerate_config> --num_processes <tune.num_processes>
+stages/tune.py`: every process trains its share; the main process writes the outputs.
 """
 import hashlib
 import json
@@ -23,18 +27,21 @@ CHECKPOINT = Path("data/cache/tune_checkpoint")  # resumable state while trainin
 def main():
     t0, p = time.time(), params("tune")
     data, images = Path(p.pop("data")), image_store(Path(p.pop("images")))
+    p.pop("accelerate_config"), p.pop("num_processes")  # read by `accelerate launch` (dvc.yaml)
     cfg = tune.TuneConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in p.items()})
+    main_process = tune.accelerator(cfg).is_main_process
     release = json.loads(data.read_text())
     out = Path("models/vlm")
     model, processor = tune.load_base(cfg.base_model, cfg.seed)
-    if cfg.base_model == tune.TINY:
+    if cfg.base_model == tune.TINY and main_process:
         tune.save_base(model, processor, out)
     try:
-        model, history, stats = tune.train(model, processor, release, images, cfg, CHECKPOINT)
+        model, history, stats = tune.train(model, processor, release, images, cfg, CHECKPOINT, out)
     except ValueError as e:
         raise SystemExit(f"tune: {data}: {e}") from None
+    if not main_process:
+        return
     label = "tiny random LLaVA (pipeline check only, not a real model)" if cfg.base_model == tune.TINY else cfg.base_model
-    tune.save_adapter(model, processor, out)
     if cfg.merge:  # the base with the adapter folded in: loads without peft
         model.merge_and_unload().save_pretrained(out / "merged")
         processor.save_pretrained(out / "merged")

@@ -5,6 +5,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -373,3 +374,14 @@ def test_an_imported_release_feeds_the_tune_stage_by_params(repo, tmp_path, samp
     assert json.loads((repo / "metrics/tune.json").read_text())["examples"] == 4
     card = (repo / "models/vlm/adapter/README.md").read_text()
     assert f"`{out}/instructions.json`: 4 conversations" in card and f"`{out}/DATA_CARD.md`" in card
+
+    # the same stage on two processes (torchrun on CPU; on GPUs: -S tune.accelerate_config=configs/accelerate/
+    # ddp.yaml -S tune.num_processes=N): the main process alone writes the adapter, card and metrics
+    shutil.rmtree(repo / "models/vlm")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run(f"{sys.executable} -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 --master_port {port} "
+        "stages/tune.py", repo, OMP_NUM_THREADS="1")
+    m = json.loads((repo / "metrics/tune.json").read_text())
+    assert m["processes"] == 2 and m["examples"] == 4 and (repo / "models/vlm/adapter/adapter_model.safetensors").exists()

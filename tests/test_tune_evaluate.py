@@ -47,6 +47,31 @@ def test_loss_is_on_assistant_tokens_only(sample, tiny):
                                max_length=10) is None  # image + first question alone do not fit
 
 
+INST_TEMPLATE = (  # a Mistral-style template: [INST] question [/INST] answer, the end of a turn marked
+    "{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+    "{% for p in m['content'] %}{{ '<image>\\n' if p['type'] == 'image' else p['text'] }}{% endfor %} [/INST]"
+    "{% else %}{% for p in m['content'] %} {{ p['text'] }}{% endfor %} [SEP]{% endif %}{% endfor %}")
+
+
+def test_the_models_own_chat_template_decides_what_is_an_answer(sample):
+    records, image_dir = sample
+    model, processor = tune.build_tiny_llava(seed=0)  # its own: the template is changed below
+    processor.chat_template = INST_TEMPLATE
+    conv = _release(records)[0]["conversations"]
+    segments = tune.chat_segments(processor, conv)
+    assert [answer for _, answer in segments] == [False, True, False, True]
+    assert segments[0][0] == "[INST] <image>\nWhat kind of image is this? [/INST]"
+    assert segments[3][0] == " Clinical correlation is advised. [SEP]"  # its own end marker, no second one
+    ex = tune.encode_example(processor, ImageStore(image_dir).open(records[0].image).convert("RGB"), conv, 512)
+    trained = processor.tokenizer.decode([i for i, lab in zip(ex["input_ids"].tolist(), ex["labels"].tolist())
+                                          if lab != -100])
+    assert "clinical correlation is advised" in trained.lower() and "inst" not in trained.lower()
+    assert tune.prompt(processor, "Modality?") == "[INST] <image>\nModality? [/INST]"
+    processor.chat_template = "{{ messages | length }} turns: " + INST_TEMPLATE  # not renderable turn by turn
+    with pytest.raises(ValueError, match="renders an earlier turn differently"):
+        tune.chat_segments(processor, conv)
+
+
 def test_lora_tuning_saves_an_adapter_that_loads_and_generates(sample, tmp_path):
     records, image_dir = sample
     cfg = tune.TuneConfig(epochs=3, max_steps=4, batch_size=2, lr=1e-3)  # 2 steps an epoch, capped at 4
@@ -118,6 +143,58 @@ def test_projector_training_bf16_and_gradient_checkpointing_options(sample):
     model, processor = tune.build_tiny_llava(seed=0)
     _, _, stats = tune.train(model, processor, broken, image_dir, tune.TuneConfig(max_steps=1))
     assert stats["skipped_unreadable_image"] == 1 and stats["skipped_examples"][0]["id"] == "lost"
+
+
+DDP_DRIVER = """
+import sys, torch
+from pathlib import Path
+from vital import tune
+sys.path.insert(0, sys.argv[3])
+from test_tune_evaluate import _release
+from vital.corpus import build_sample
+records = build_sample(Path(sys.argv[1]) / f"images-{sys.argv[4]}", 256).records
+model, processor = tune.build_tiny_llava(seed=0)
+cfg = tune.TuneConfig(max_steps=2, batch_size=1, grad_accum=1, lora_dropout=0.0, checkpoint_every=0)
+peft_model, history, stats = tune.train(model, processor, _release(records), Path(sys.argv[1]) / f"images-{sys.argv[4]}", cfg)
+if stats["processes"] == 2 and int(sys.argv[4]) == 0:
+    torch.save({"history": history, "stats": stats, "weights": {n: p.detach() for n, p in peft_model.named_parameters()
+                if p.requires_grad}}, sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_adapter_as_one_with_gradient_accumulation(sample, tmp_path):
+    """DDP (torchrun, 2 CPU processes, gloo), what `accelerate launch --num_processes 2` starts on GPUs: each
+    process takes its share of every step's micro-batches, and the adapter equals one process's with
+    grad_accum 2."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    records, image_dir = sample
+    (tmp_path / "driver.py").write_text(DDP_DRIVER.replace("sys.argv[4]", "os.environ['RANK']").replace(
+        "import sys, torch", "import os, sys, torch"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp.pt"
+    with socket.socket() as sock:  # a free port for the rendezvous (torchrun's port 0 hangs)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(port),
+                        str(tmp_path / "driver.py"), str(tmp_path), str(out), str(Path(__file__).parent)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ddp = torch.load(out, weights_only=False)
+    assert ddp["stats"]["processes"] == 2 and ddp["stats"]["steps"] == 2
+    model, processor = tune.build_tiny_llava(seed=0)
+    cfg = tune.TuneConfig(max_steps=2, batch_size=1, grad_accum=2, lora_dropout=0.0, checkpoint_every=0)
+    one, history, stats = tune.train(model, processor, _release(records), image_dir, cfg)
+    assert stats["processes"] == 1 and stats["train_tokens"] == ddp["stats"]["train_tokens"]
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in ddp["history"]], rel=1e-4)
+    mine = {n: p.detach() for n, p in one.named_parameters() if p.requires_grad}
+    assert mine.keys() == ddp["weights"].keys()
+    assert all(torch.allclose(mine[k], ddp["weights"][k], atol=1e-5) for k in mine)
 
 
 def test_base_model_by_path(sample, tmp_path, tiny):

@@ -29,7 +29,7 @@ from .images import ImageStore
 from .offline import qa_from_text
 from .rate import parse_score, rating_messages
 from .schema import IMAGE_TOKEN, AppendLog, CorpusRecord, read_jsonl
-from .tune import user_turn
+from .tune import prompt
 
 DOMAIN_NAMES = {"chest_xray": "chest X-ray", "mri": "MRI", "ct_scan": "CT", "histology": "histology"}
 
@@ -78,7 +78,7 @@ def answer_questions(model, processor, items: list[dict], images: ImageStore | P
         for it in items:
             try:
                 with images.open(it["image"]) as im:
-                    enc = processor(images=[im.convert("RGB")], text=[user_turn(f"{IMAGE_TOKEN}\n{it['text']}")],
+                    enc = processor(images=[im.convert("RGB")], text=[prompt(processor, it["text"])],
                                     add_special_tokens=False, return_tensors="pt")
             except (OSError, ValueError) as e:  # PIL and processors raise these for unreadable images
                 skipped.append({"question_id": it["question_id"], "image": it["image"], "reason": str(e)})

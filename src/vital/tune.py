@@ -10,6 +10,7 @@ Loss is on assistant tokens only: human turns and image tokens are masked (-100)
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -51,7 +52,7 @@ class TuneConfig:
     train_projector: bool = False  # also train the multimodal projector (saved with the adapter)
     bf16: bool = False  # bfloat16 autocast (weights stay float32)
     gradient_checkpointing: bool = False  # recompute activations: less memory, ~30% slower
-    device: str = "auto"  # auto (cuda when there is one) | cpu | cuda[:n]
+    device: str = "auto"  # auto (the GPU(s) accelerate gives this process, when there are) | cpu | cuda[:n]
     checkpoint_every: int = 10  # optimizer steps between resumable checkpoints; 0: none
     merge: bool = False  # also save the base with the adapter merged in (models/vlm/merged)
     seed: int = 0
@@ -95,9 +96,44 @@ def load_base(base_model: str, seed: int = 0):
     return AutoModelForImageTextToText.from_pretrained(base_model), AutoProcessor.from_pretrained(base_model)
 
 
-def user_turn(question: str) -> str:
-    """The human half of one round, ending where the model's answer starts."""
-    return f"USER: {question} ASSISTANT:"
+def _messages(conversations: list[dict]) -> list[dict]:
+    """LLaVA turns as chat messages, the image as the first part of the first question."""
+    msgs = []
+    for i, t in enumerate(conversations):
+        text = t["value"].replace(IMAGE_TOKEN, "").strip()
+        msgs.append({"role": "user" if t["from"] == "human" else "assistant",
+                     "content": ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": text}]})
+    return msgs
+
+
+def _render(processor, msgs: list[dict], add_generation_prompt: bool) -> str:
+    template = getattr(processor, "chat_template", None) or LLAVA_V1_TEMPLATE  # none: LLaVA v1's format
+    return processor.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def prompt(processor, question: str) -> str:
+    """What the model sees before answering one question about an image, in its own chat template."""
+    return _render(processor, _messages([{"from": "human", "value": question}]), True)
+
+
+def chat_segments(processor, conversations: list[dict]) -> list[tuple[str, bool]]:
+    """The conversation in the model's chat template, cut where each turn ends: (text, is the answer). Each
+    question's segment ends with the template's generation prompt, so an answer segment holds exactly what the
+    model must write (its end-of-turn marker included, or the end-of-sequence token added)."""
+    msgs, segments, prev = _messages(conversations), [], ""
+    eos = eos_token(processor)
+    for k in range(1, len(msgs) + 1):
+        asking = msgs[k - 1]["role"] == "user"
+        text = _render(processor, msgs[:k], asking)
+        if not text.startswith(prev):
+            raise ValueError("the model's chat template renders an earlier turn differently once later turns "
+                             "follow, so answer tokens cannot be told apart; give the processor a chat_template "
+                             "that renders conversations turn by turn")
+        piece = text[len(prev):]
+        segments.append((piece + eos if not asking and eos and eos not in piece else piece, not asking))
+        prev = text
+    return segments
 
 
 def eos_token(processor) -> str:
@@ -106,23 +142,17 @@ def eos_token(processor) -> str:
 
 
 def encode_example(processor, image: Image.Image, conversations: list[dict], max_length: int):
-    """input_ids, labels (assistant tokens only), pixel_values; None if the first turn alone is too long."""
-    tok, eos = processor.tokenizer, eos_token(processor)
+    """input_ids, labels (the answers' tokens only: the image and the questions are masked), pixel_values;
+    None if the image and the first question alone are longer than max_length."""
     ids, labels, pixel_values = [], [], None
-    for i in range(0, len(conversations) - 1, 2):
-        q = conversations[i]["value"]
-        a = conversations[i + 1]["value"]
-        if i == 0:
-            q = q if q.startswith(IMAGE_TOKEN) else f"{IMAGE_TOKEN}\n{q}"
-            enc = processor(images=[image], text=[user_turn(q)], add_special_tokens=False,
-                            return_tensors="pt")
-            human = enc["input_ids"][0].tolist()
-            pixel_values = enc["pixel_values"]
+    for i, (text, answer) in enumerate(chat_segments(processor, conversations)):
+        if i == 0:  # the first question carries the image: the processor expands its tokens
+            enc = processor(images=[image], text=[text], add_special_tokens=False, return_tensors="pt")
+            piece, pixel_values = enc["input_ids"][0].tolist(), enc["pixel_values"]
         else:
-            human = tok(user_turn(q), add_special_tokens=False)["input_ids"]
-        answer = tok(f" {a}{eos}", add_special_tokens=False)["input_ids"]
-        ids += human + answer
-        labels += [-100] * len(human) + answer
+            piece = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if answer else [-100] * len(piece)
     if not ids or len(labels) - labels.count(-100) == 0:
         return None
     if max_length and len(ids) > max_length:
@@ -144,18 +174,38 @@ def collate(batch: list[dict], pad_id: int) -> dict:
             "pixel_values": torch.cat([b["pixel_values"] for b in batch])}
 
 
+def accelerator(cfg: TuneConfig):
+    """This process's place among those `accelerate launch` (or torchrun) started; the GPU unless `device: cpu`."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+
+
 def train(model, processor, release: list[dict], images: ImageStore | Path, cfg: TuneConfig,
-          checkpoint_dir: Path | None = None):
+          checkpoint_dir: Path | None = None, out_dir: Path | None = None):
     """LoRA-tune `model` on the release. Returns (peft model, per-step log, stats).
 
     LoRA goes into the language model only (`target_modules` names its projections), as LLaVA does; the vision
     tower stays frozen, and the projector too unless `train_projector`. With `checkpoint_dir`, the trainable
     weights, optimizer, RNG and log are saved every `checkpoint_every` steps, and a run with the same settings
-    and data resumes from there after an interruption (the result equals an uninterrupted run)."""
+    and data resumes from there after an interruption (the result equals an uninterrupted run). With `out_dir`,
+    the adapter and processor are saved there (`adapter/`), gathered from every process.
+
+    Started by `accelerate launch` (see configs/accelerate/), it runs on every process: each takes its share
+    of every step's micro-batches, so N processes with grad_accum g train what one process does with g * N.
+    Resumable checkpoints are kept for one process and DDP; FSDP and DeepSpeed ZeRO-3 shard the optimizer,
+    so an interrupted sharded run starts again."""
+    from accelerate import DistributedType
     from peft import LoraConfig, get_peft_model
 
+    acc = accelerator(cfg)
+    rank, world = acc.process_index, acc.num_processes
+    sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and cfg.merge:
+        raise ValueError("tune.merge needs the whole model in one process; with FSDP or ZeRO-3, merge the saved "
+                         "adapter afterwards (PeftModel.merge_and_unload on one machine)")
+    checkpoint_dir = None if sharded else checkpoint_dir
     torch.manual_seed(cfg.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -163,7 +213,6 @@ def train(model, processor, release: list[dict], images: ImageStore | Path, cfg:
     model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                              target_modules=targets,
                                              modules_to_save=["multi_modal_projector"] if cfg.train_projector else None))
-    model.to(device)
     examples, skipped, unreadable, images = [], [], [], ImageStore.of(images)
     for rec in release:
         try:
@@ -176,53 +225,74 @@ def train(model, processor, release: list[dict], images: ImageStore | Path, cfg:
     if not examples:
         raise ValueError(f"no trainable examples: {len(skipped)} longer than max_length, {len(unreadable)} with an "
                          f"unreadable image (first: {unreadable[:1]})")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr)
-    pad = processor.tokenizer.pad_token_id
-    schedule, rng = [], random.Random(cfg.seed)  # every optimizer step's micro-batches, fixed up front
+    # every optimizer step's micro-batches, fixed up front: grad_accum per process, each process its share
+    per_step, schedule, rng = cfg.grad_accum * world, [], random.Random(cfg.seed)
     for _ in range(cfg.epochs):
         order = list(range(len(examples)))
         rng.shuffle(order)
         batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        schedule += [batches[g:g + cfg.grad_accum] for g in range(0, len(batches), cfg.grad_accum)]
+        batches += batches[:(-len(batches)) % world]  # every process gets a micro-batch in every step
+        schedule += [batches[g:g + per_step] for g in range(0, len(batches), per_step)]
     total = min(len(schedule), cfg.max_steps) if cfg.max_steps else len(schedule)
     history, step, tokens = [], 0, 0
     key = cfg.resume_key(release)
     state_file = Path(checkpoint_dir) / "state.pt" if checkpoint_dir else None
     if state_file and state_file.exists():
-        state = torch.load(state_file, map_location=device, weights_only=False)
-        if state["key"] == key:  # the same run, interrupted: go on from its last checkpoint
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        if state["key"] == key and state["world"] == world:  # the same run, interrupted: go on from there
             model.load_state_dict(state["trainable"], strict=False)
-            opt.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"])
             history, step, tokens = state["history"], state["step"], state["tokens"]
-    resumed_from = step
+        else:
+            state = None
+    else:
+        state = None
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    model, opt = acc.prepare(model, opt)
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"][rank])
+    resumed_from, pad = step, processor.tokenizer.pad_token_id
     model.train()
     while step < total:
-        loss_sum = 0.0
-        for idx in schedule[step]:
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad).items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = model(**batch).loss / cfg.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
+        micro = schedule[step][rank::world]
+        loss_sum = torch.zeros((), device=acc.device)
+        for j, idx in enumerate(micro):
+            batch = {k: v.to(acc.device) for k, v in collate([examples[i] for i in idx], pad).items()}
+            sync = acc.no_sync(model) if j < len(micro) - 1 else contextlib.nullcontext()  # all-reduce once a step
+            with sync, torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = model(**batch).loss * world / len(schedule[step])  # DDP averages over processes
+                acc.backward(loss)
+            loss_sum += loss.detach().float()
             tokens += int(batch["attention_mask"].sum())
         opt.step()
         opt.zero_grad()
         step += 1
-        history.append({"step": step, "loss": loss_sum})
+        history.append({"step": step, "loss": acc.reduce(loss_sum, "sum").item() / world})
         if state_file and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-            save_checkpoint(state_file, {"key": key, "step": step, "history": history, "tokens": tokens,
-                                         "rng": torch.get_rng_state(), "optimizer": opt.state_dict(),
-                                         "trainable": {n: p.detach().cpu() for n, p in model.named_parameters()
-                                                       if p.requires_grad}})
-    if state_file:
+            rngs = acc.gather(torch.get_rng_state().unsqueeze(0).to(acc.device)).cpu()
+            if acc.is_main_process:
+                save_checkpoint(state_file, {
+                    "key": key, "world": world, "step": step, "history": history, "tokens": tokens,
+                    "rng": list(rngs), "optimizer": opt.state_dict(),
+                    "trainable": {n: p.detach().cpu() for n, p in acc.unwrap_model(model).named_parameters()
+                                  if p.requires_grad}})
+            acc.wait_for_everyone()
+    acc.wait_for_everyone()
+    if out_dir is not None:
+        full = acc.get_state_dict(model)  # gathered from every shard (FSDP, ZeRO-3); on the main process
+        if acc.is_main_process:
+            save_adapter(acc.unwrap_model(model), processor, Path(out_dir), full)
+    if state_file and acc.is_main_process:
         state_file.unlink(missing_ok=True)  # done: a later run starts afresh
+    tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum").item())
     stats = {"examples": len(examples), "skipped_too_long": len(skipped), "skipped_unreadable_image": len(unreadable),
-             "skipped_examples": unreadable[:5], "steps": step, "resumed_from_step": resumed_from,
+             "skipped_examples": (unreadable + [{"id": i, "reason": f"the image and first question exceed max_length "
+                                                                  f"{cfg.max_length}"} for i in skipped])[:5], "steps": step, "resumed_from_step": resumed_from,
              "train_tokens": tokens, "final_loss": history[-1]["loss"],
-             "trainable_params": sum(p.numel() for p in params), "device": device.type, "bf16": cfg.bf16}
-    return model, history, stats
+             "trainable_params": sum(p.numel() for p in params), "device": acc.device.type, "processes": world,
+             "bf16": cfg.bf16}
+    return acc.unwrap_model(model), history, stats
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -241,8 +311,8 @@ def save_base(model, processor, out_dir: Path) -> None:
     processor.save_pretrained(out_dir / "base")
 
 
-def save_adapter(model, processor, out_dir: Path) -> None:
-    model.save_pretrained(out_dir / "adapter")
+def save_adapter(model, processor, out_dir: Path, state_dict: dict | None = None) -> None:
+    model.save_pretrained(out_dir / "adapter", state_dict=state_dict)
     processor.save_pretrained(out_dir / "adapter")
 
 
