@@ -26,7 +26,7 @@ def main():
     elif p["eval_sets"] == "folder":
         try:
             vqa, chat = evaluate.load_eval_sets(folder)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"evaluate: {e}") from None
         images = image_store(folder / "images")
     else:
@@ -40,7 +40,7 @@ def main():
     write_jsonl("data/eval/chat.jsonl", chat)
     model, processor = tune.load_tuned(Path("models/vlm"))
     preds, unanswered = evaluate.answer_questions(model, processor, vqa + chat, images, p["max_new_tokens"])
-    write_jsonl("data/eval/answers.jsonl", [{"question_id": k, "answer": v} for k, v in preds.items()])
+    write_jsonl("data/eval/answers.jsonl", [{"id": k, "answer": v} for k, v in preds.items()])
     vqa_m, vqa_skipped = evaluate.vqa_metrics(vqa, preds)
     write_jsonl("data/eval/skipped.jsonl", unanswered + vqa_skipped)
     sampling = {"temperature": p["temperature"], "max_tokens": p["max_tokens"]}
@@ -48,6 +48,10 @@ def main():
         chat_m, chat_stats = evaluate.judge_chat(chat, preds, judge, images, AppendLog(CACHE), sampling,
                                                  p["max_image_side"])
         win_m, win_stats = evaluate.win_rate(chat, preds, baseline, judge, AppendLog(CACHE), sampling)
+    problems = [{"id": i, "problem": "judge reply without a score"} for i in chat_m.pop("judge_unparsed_ids")]
+    problems += [{"id": i, "problem": "judge request failed"} for i in chat_m.pop("judge_failed_ids")]
+    problems += [{"id": i, "problem": "no [[A]]/[[B]]/[[C]] verdict in both orders"} for i in win_m.pop("pairs_unparsed_ids")]
+    write_jsonl("data/eval/judge_problems.jsonl", problems)  # every id; the metrics hold the counts
     info = json.loads(Path("models/vlm/model_info.json").read_text())
     metrics = {"model": info["label"], "judge": f"{judge.name}:{judge.model}", **vqa_m,
                "skipped": len(unanswered) + len(vqa_skipped), "skipped_examples": (unanswered + vqa_skipped)[:5],
@@ -55,12 +59,9 @@ def main():
                "judge_requests": chat_stats["requests"] + win_stats["requests"],
                "judge_cached": chat_stats["cached"] + win_stats["cached"],
                "judge_failed": chat_stats["failed"] + win_stats["failed"]}
-    by_domain: dict[str, list] = {}
-    for v in vqa:
-        by_domain.setdefault(v.get("domain", "other"), []).append(v)
     rows = []
-    for d, items in sorted(by_domain.items()):
-        m = evaluate.vqa_metrics(items, preds)[0]
+    for d in sorted({v.get("domain", "other") for v in vqa} | set(metrics["relative_score_by_domain"])):
+        m = evaluate.vqa_metrics([v for v in vqa if v.get("domain", "other") == d], preds)[0]
         m.pop("by_dataset")
         rows.append({"domain": d, **m, "relative_score": metrics["relative_score_by_domain"].get(d)})
     pd.DataFrame(rows).to_csv("metrics/evaluate_by_domain.csv", index=False)

@@ -1,7 +1,7 @@
 """DVC stage `tune`: LoRA instruction tuning of a LLaVA-family model on the release.
 
     dvc repro tune                                   # embedded default: tiny random LLaVA on CPU
-    dvc exp run -S tune.base_model=/models/llava-med-v1.5-mistral-7b-hf   # a real model (GPU: issue #7)
+    dvc exp run -S tune.base_model=/models/llava-med-v1.5-mistral-7b-hf -S tune.max_length=2048   # a real model
     dvc exp run tune -S tune.data=data/external/biomed-vital-80k/instructions.json \
         -S tune.images=data/external/biomed-vital-80k/images     # the official release (vital release import)
     dvc exp run -S tune.accelerate_config=configs/accelerate/ddp.yaml -S tune.num_processes=8   # 8 GPUs
@@ -28,7 +28,10 @@ def main():
     t0, p = time.time(), params("tune")
     data, images = Path(p.pop("data")), image_store(Path(p.pop("images")))
     p.pop("accelerate_config"), p.pop("num_processes")  # read by `accelerate launch` (dvc.yaml)
-    cfg = tune.TuneConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in p.items()})
+    try:
+        cfg = tune.TuneConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in p.items()})
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"params.yaml tune: {e}") from None
     main_process = tune.accelerator(cfg).is_main_process
     release = json.loads(data.read_text())
     out = Path("models/vlm")
@@ -37,6 +40,8 @@ def main():
         tune.save_base(model, processor, out)
     try:
         model, history, stats = tune.train(model, processor, release, images, cfg, CHECKPOINT, out)
+    except tune.TemplateError as e:
+        raise SystemExit(f"tune: {cfg.base_model}: {e}") from None
     except ValueError as e:
         raise SystemExit(f"tune: {data}: {e}") from None
     if not main_process:

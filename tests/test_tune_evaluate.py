@@ -70,6 +70,8 @@ def test_the_models_own_chat_template_decides_what_is_an_answer(sample):
     processor.chat_template = "{{ messages | length }} turns: " + INST_TEMPLATE  # not renderable turn by turn
     with pytest.raises(ValueError, match="renders an earlier turn differently"):
         tune.chat_segments(processor, conv)
+    with pytest.raises(tune.TemplateError):  # stops the run: never counted as an unreadable image
+        tune.train(model, processor, _release(records), image_dir, tune.TuneConfig(max_steps=1))
 
 
 def test_lora_tuning_saves_an_adapter_that_loads_and_generates(sample, tmp_path):
@@ -88,11 +90,11 @@ def test_lora_tuning_saves_an_adapter_that_loads_and_generates(sample, tmp_path)
     for k, v in loaded.get_base_model().state_dict().items():
         if k in base_weights:
             assert torch.equal(v, base_weights[k]), k  # base saved before LoRA wrapped it
-    items = [{"question_id": "x", "image": records[0].image, "text": "What is shown?"},
-             {"question_id": "gone", "image": "no-such.png", "text": "What is shown?"}]
+    items = [{"question_id": "x", "dataset": "d", "image": records[0].image, "text": "What is shown?"},
+             {"question_id": "gone", "dataset": "d", "image": "no-such.png", "text": "What is shown?"}]
     answers, skipped = evaluate.answer_questions(loaded, proc, items, image_dir, 5)
-    assert isinstance(answers["x"], str) and "gone" not in answers
-    assert skipped == [{"question_id": "gone", "image": "no-such.png", "reason": f"image 'no-such.png' is not in {image_dir}"}]
+    assert isinstance(answers["d/x"], str) and "d/gone" not in answers
+    assert skipped == [{"id": "d/gone", "image": "no-such.png", "reason": f"image 'no-such.png' is not in {image_dir}"}]
 
 
 def test_an_interrupted_tuning_run_resumes_from_its_checkpoint_to_the_same_adapter(sample, tmp_path, monkeypatch):
@@ -127,8 +129,13 @@ def test_an_interrupted_tuning_run_resumes_from_its_checkpoint_to_the_same_adapt
     a, b = lora(straight), lora(resumed)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not (tmp_path / "ckpt" / "state.pt").exists()  # finished: the next run starts afresh
+    ex = [{"input_ids": torch.tensor([5, 6]), "labels": torch.tensor([-100, 6]), "pixel_values": torch.ones(1, 3)}]
     other = tune.TuneConfig(max_steps=6, checkpoint_every=2, lora_dropout=0.1, epochs=3, lr=0.5)
-    assert other.resume_key(_release(records)) != cfg.resume_key(_release(records))  # another run: no resume
+    assert other.resume_key(ex) != cfg.resume_key(ex)  # other settings: another run, no resume
+    changed = [{**ex[0], "pixel_values": torch.full((1, 3), 2.0)}]
+    assert cfg.resume_key(changed) != cfg.resume_key(ex)  # another image: no resume either
+    longer = tune.TuneConfig(max_steps=60, checkpoint_every=5, lora_dropout=0.1, epochs=3, gradient_checkpointing=True)
+    assert longer.resume_key(ex) == cfg.resume_key(ex)  # more steps, or less memory: the same run goes on
 
 
 def test_projector_training_bf16_and_gradient_checkpointing_options(sample):
@@ -207,34 +214,51 @@ def test_base_model_by_path(sample, tmp_path, tiny):
 
 
 def test_vqa_metrics_per_dataset_and_unknown_answer_types_are_skipped_by_id():
-    items = [{"question_id": "1", "answer_type": "CLOSED", "answer": "yes", "dataset": "vqa_rad"},
+    items = [{"question_id": "1", "answer_type": "CLOSED", "answer": "Yes.", "dataset": "vqa_rad"},
              {"question_id": "2", "answer_type": "CLOSED", "answer": "no", "dataset": "vqa_rad"},
-             {"question_id": "3", "answer_type": "OPEN", "answer": "left lower lobe", "dataset": "slake"},
+             {"question_id": "9", "answer_type": "CLOSED", "answer": "CT", "dataset": "vqa_rad"},  # "CT or MRI?"
+             {"question_id": "1", "answer_type": "OPEN", "answer": "left lower lobe", "dataset": "slake"},  # same id
              {"question_id": "4", "answer_type": "open", "answer": "Axial", "dataset": "slake"},
              {"question_id": "5", "answer_type": "MAYBE", "answer": "x", "dataset": "slake"}]
-    preds = {"1": "Yes, it is.", "2": "It is not clear", "3": "a lesion in the lower lobe", "4": "axial", "5": "x"}
+    preds = {"vqa_rad/1": "Yes, it is.", "vqa_rad/2": "It is not clear", "vqa_rad/9": "This is a CT scan.",
+             "slake/1": "a lesion in the lower lobe", "slake/4": "axial", "slake/5": "x"}
     m, skipped = evaluate.vqa_metrics(items, preds)
-    assert m["closed_accuracy"] == 50.0 and m["open_recall"] == pytest.approx(83.33, abs=0.01)
-    assert m["by_dataset"]["vqa_rad"]["closed_accuracy"] == 50.0 and m["by_dataset"]["vqa_rad"]["open_n"] == 0
+    assert m["closed_accuracy"] == pytest.approx(66.67, abs=0.01) and m["open_recall"] == pytest.approx(83.33, abs=0.01)
+    rad = m["by_dataset"]["vqa_rad"]
+    assert rad["closed_n"] == 3 and rad["open_n"] == 0 and rad["exact_match"] == 0.0
     slake = m["by_dataset"]["slake"]
     assert slake["open_recall"] == pytest.approx(83.33, abs=0.01) and slake["exact_match"] == 50.0
     f1 = 2 * (2 / 6) * (2 / 3) / (2 / 6 + 2 / 3)  # "lower lobe" shared: precision 2/6, recall 2/3
     assert slake["token_f1"] == pytest.approx(100 * (f1 + 1) / 2, abs=0.01)
-    assert skipped == [{"question_id": "5", "reason": "unknown answer_type 'MAYBE'; use CLOSED or OPEN"}]
+    assert skipped == [{"id": "slake/5", "reason": "unknown answer_type 'MAYBE'; use CLOSED or OPEN"}]
 
 
-def test_the_example_eval_folder_loads_one_dataset_per_file():
+def test_the_example_eval_folder_loads_one_dataset_per_file(tmp_path):
     vqa, chat = evaluate.load_eval_sets(Path(__file__).parents[1] / "examples/eval")
     assert {v["dataset"] for v in vqa} == {"vqa_rad", "slake", "pathvqa"} and len(chat) == 3
     with pytest.raises(FileNotFoundError, match="no vqa.jsonl"):
         evaluate.load_eval_sets(Path(__file__).parent)
+    qa50 = {"question_id": 0, "image": "x.jpg", "type": "conversation", "text": "What is seen?", "fig_label": "Fig 2",
+            "gpt4_answer": "Nodules.", "fig_caption": "A chest CT.", "in_text_mention": [{"tokens": "Figure 2 shows"},
+                                                                                       {"tokens": "nodules."}],
+            "domain": {"chest_xray": False, "mri": False, "ct_scan": True, "histology": False, "gross": False}}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(qa50) + "\n")  # LLaVA-Med's own llava_med_eval_qa50 form
+    _, chat = evaluate.load_eval_sets(tmp_path)
+    assert chat[0]["domain"] == "ct_scan" and chat[0]["category"] == "conversation"
+    assert chat[0]["fig_inline_mention"] == "Figure 2 shows nodules." and evaluate.uid(chat[0]) == "chat/0"
+    (tmp_path / "chat.jsonl").write_text(json.dumps(qa50) + "\n" + json.dumps({**qa50, "text": ""}) + "\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl:2: no 'text'"):
+        evaluate.load_eval_sets(tmp_path)
+    (tmp_path / "chat.jsonl").write_text(json.dumps(qa50) + "\n" + json.dumps(qa50) + "\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl:2: question_id 0 repeats in dataset 'chat'"):
+        evaluate.load_eval_sets(tmp_path)
 
 
 def test_judge_relative_score_per_domain_and_type_cached_and_unparsed_listed(sample, tmp_path):
     records, image_dir = sample
     vqa, chat = evaluate.sample_eval_sets(records)
     assert {v["answer_type"] for v in vqa} == {"CLOSED", "OPEN"} and len(chat) == len(records)
-    perfect = {c["question_id"]: c["gpt4_answer"] for c in chat}
+    perfect = {evaluate.uid(c): c["gpt4_answer"] for c in chat}
     log = tmp_path / "judge.jsonl"
     m, stats = evaluate.judge_chat(chat, perfect, Client(ClientConfig()), image_dir, AppendLog(log))
     assert m["relative_score"] == 100.0 and m["judged"] == len(chat)
@@ -243,7 +267,7 @@ def test_judge_relative_score_per_domain_and_type_cached_and_unparsed_listed(sam
     assert set(m["relative_score_by_domain"]) == {r.domain for r in records}
     again = evaluate.judge_chat(chat, perfect, Client(ClientConfig()), image_dir, AppendLog(log))[1]
     assert again["requests"] == 0 and again["cached"] == 2 * len(chat)  # a rerun pays for nothing
-    poor = {c["question_id"]: "no idea" for c in chat}
+    poor = {evaluate.uid(c): "no idea" for c in chat}
     assert evaluate.judge_chat(chat, poor, Client(ClientConfig()), image_dir, AppendLog(log))[0]["relative_score"] < 50
 
     class Rambling(OfflineBackend):
@@ -254,7 +278,7 @@ def test_judge_relative_score_per_domain_and_type_cached_and_unparsed_listed(sam
 
     m, _ = evaluate.judge_chat(chat, perfect, Client(ClientConfig(), Rambling()), image_dir, AppendLog(log))
     assert m["judge_unparsed"] == len(chat) and m["relative_score"] is None
-    assert m["judge_unparsed_ids"] == [c["question_id"] for c in chat]
+    assert m["judge_unparsed_ids"] == [evaluate.uid(c) for c in chat] and m["judge_failed_ids"] == []
 
 
 def test_verdicts_parse_exactly():
@@ -278,9 +302,9 @@ def _judge(verdict):
 
 
 def test_win_rate_judges_both_orders_so_position_bias_cancels(tmp_path):
-    chat = [{"question_id": f"q{i}", "text": "What is shown?", "fig_caption": "A chest radiograph.",
+    chat = [{"question_id": f"q{i}", "dataset": "chat", "text": "What is shown?", "fig_caption": "A chest radiograph.",
              "fig_inline_mention": "Figure 1.", "gpt4_answer": "ref"} for i in range(4)]
-    mine = {c["question_id"]: f"good answer {i}" for i, c in enumerate(chat)}
+    mine = {evaluate.uid(c): f"good answer {i}" for i, c in enumerate(chat)}
     theirs = {c["question_id"]: "bad" for c in chat}
     log = lambda: AppendLog(tmp_path / f"{uuid.uuid4().hex}.jsonl")  # noqa: E731
     better = _judge(lambda a, b: "[[A]]" if a.startswith("good") else "[[B]]")
@@ -293,7 +317,7 @@ def test_win_rate_judges_both_orders_so_position_bias_cancels(tmp_path):
     assert evaluate.win_rate(chat, mine, theirs, worse, log())[0]["win_rate"] == 0.0
     vague = _judge(lambda a, b: "[[A]] or [[B]]" if a.endswith("0") or b.endswith("0") else "[[C]]")
     m, _ = evaluate.win_rate(chat, mine, theirs, vague, log())
-    assert m["pairs_unparsed_ids"] == ["q0"] and m["pairs"] == 3 and m["ties"] == 3
+    assert m["pairs_unparsed_ids"] == ["chat/q0"] and m["pairs"] == 3 and m["ties"] == 3
     m, _ = evaluate.win_rate(chat, mine, theirs, Client(ClientConfig()), log())  # the offline judge
     assert m["pairs"] == 4 and m["pairs_unparsed"] == 0
 

@@ -42,29 +42,65 @@ def sample_eval_sets(records: list[CorpusRecord]) -> tuple[list[dict], list[dict
         wrong = next(n for d, n in names[i % len(names):] + names if d != r.domain)
         if r.domain in DOMAIN_NAMES:
             vqa.append(dict(question_id=f"{r.id}-closed-yes", image=r.image, domain=r.domain, answer_type="CLOSED",
-                            text=f"Is this a {DOMAIN_NAMES[r.domain]} image?", answer="yes"))
+                            text=f"Is this a {DOMAIN_NAMES[r.domain]} image?", answer="yes", dataset="sample"))
         vqa.append(dict(question_id=f"{r.id}-closed-no", image=r.image, domain=r.domain, answer_type="CLOSED",
-                        text=f"Is this a {wrong} image?", answer="no"))
+                        text=f"Is this a {wrong} image?", answer="no", dataset="sample"))
         vqa.append(dict(question_id=f"{r.id}-open", image=r.image, domain=r.domain, answer_type="OPEN",
-                        text=qa[0][0], answer=qa[0][1]))
-        chat.append(dict(question_id=f"{r.id}-chat", image=r.image, domain=r.domain, category="detailed_description",
+                        text=qa[0][0], answer=qa[0][1], dataset="sample"))
+        chat.append(dict(question_id=f"{r.id}-chat", dataset="chat", image=r.image, domain=r.domain,
+                         category="detailed_description",
                          text=qa[1][0], gpt4_answer=qa[1][1], fig_caption=r.caption,
                          fig_inline_mention=" ".join(r.inline_mentions)))
     return vqa, chat
 
 
+def uid(item: dict) -> str:
+    """An item's id across files: datasets number their questions independently."""
+    return f"{item['dataset']}/{item['question_id']}"
+
+
+def _chat_item(raw: dict) -> dict:
+    """A chat question as LLaVA-Med writes it (qa50: `type`, `domain` as flags, `in_text_mention` as a list of
+    {tokens}) or in the flat form (`category`, `domain` name, `fig_inline_mention`)."""
+    from .corpus import _text, parse_domain
+
+    for key in ("question_id", "image", "text", "gpt4_answer"):
+        if raw.get(key) in (None, ""):
+            raise ValueError(f"no {key!r}")
+    mention = raw.get("fig_inline_mention", raw.get("in_text_mention"))
+    return {"question_id": raw["question_id"], "dataset": "chat", "image": raw["image"], "text": _text(raw["text"], "text"),
+            "gpt4_answer": _text(raw["gpt4_answer"], "gpt4_answer"), "domain": parse_domain(raw.get("domain")),
+            "category": raw.get("category", raw.get("type", "unknown")),
+            "fig_caption": _text(raw.get("fig_caption"), "fig_caption"), "fig_inline_mention": _text(mention, "mention")}
+
+
 def load_eval_sets(folder: Path) -> tuple[list[dict], list[dict]]:
     """VQA items from `vqa.jsonl` (dataset: the item's `dataset`, else "vqa") and `vqa/<dataset>.jsonl`, and
-    chat items from `chat.jsonl`, in a folder that also holds `images/`."""
+    chat items from `chat.jsonl`, in a folder that also holds `images/`. A malformed item or a repeated id
+    within a dataset stops with file:line."""
+    from .corpus import CorpusError
+
     folder = Path(folder)
     files = ([folder / "vqa.jsonl"] if (folder / "vqa.jsonl").exists() else []) + sorted(folder.glob("vqa/*.jsonl"))
-    vqa = []
-    for f in files:
-        default = "vqa" if f.name == "vqa.jsonl" else f.stem
-        vqa += [{**it, "dataset": it.get("dataset", default)} for it in read_jsonl(f)]
-    chat = list(read_jsonl(folder / "chat.jsonl")) if (folder / "chat.jsonl").exists() else []
-    if not vqa and not chat:
+    files += [folder / "chat.jsonl"] if (folder / "chat.jsonl").exists() else []
+    if not files:
         raise FileNotFoundError(f"{folder}: no vqa.jsonl, vqa/*.jsonl or chat.jsonl (LLaVA-Med eval format)")
+    vqa, chat, seen = [], [], set()
+    for f in files:
+        for line, raw in enumerate(read_jsonl(f), 1):
+            try:
+                if f.name == "chat.jsonl":
+                    item = _chat_item(raw)
+                else:
+                    item = {**raw, "dataset": raw.get("dataset", "vqa" if f.name == "vqa.jsonl" else f.stem)}
+                    if "question_id" not in item:
+                        raise ValueError("no 'question_id'")
+                if uid(item) in seen:
+                    raise ValueError(f"question_id {item['question_id']!r} repeats in dataset {item['dataset']!r}")
+            except (ValueError, CorpusError) as e:
+                raise ValueError(f"{f}:{line}: {e}") from None
+            seen.add(uid(item))
+            (chat if f.name == "chat.jsonl" else vqa).append(item)
     return vqa, chat
 
 
@@ -81,12 +117,12 @@ def answer_questions(model, processor, items: list[dict], images: ImageStore | P
                     enc = processor(images=[im.convert("RGB")], text=[prompt(processor, it["text"])],
                                     add_special_tokens=False, return_tensors="pt")
             except (OSError, ValueError) as e:  # PIL and processors raise these for unreadable images
-                skipped.append({"question_id": it["question_id"], "image": it["image"], "reason": str(e)})
+                skipped.append({"id": uid(it), "image": it["image"], "reason": str(e)})
                 continue
             enc.pop("token_type_ids", None)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
-            out[it["question_id"]] = tok.decode(gen[0][enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            out[uid(it)] = tok.decode(gen[0][enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     return out, skipped
 
 
@@ -117,22 +153,22 @@ def vqa_metrics(items: list[dict], preds: dict[str, str]) -> tuple[dict, list[di
     per: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     skipped = []
     for it in items:
-        qid, kind = it["question_id"], str(it.get("answer_type", "")).upper()
+        key, kind = uid(it), str(it.get("answer_type", "")).upper()
         if kind not in ("CLOSED", "OPEN"):
-            skipped.append({"question_id": qid, "reason": f"unknown answer_type {it.get('answer_type')!r}; "
-                                                          "use CLOSED or OPEN"})
+            skipped.append({"id": key, "reason": f"unknown answer_type {it.get('answer_type')!r}; use CLOSED or OPEN"})
             continue
-        if qid not in preds:  # its image was skipped when answering
+        if key not in preds:  # its image was skipped when answering
             continue
-        pred, ref = preds[qid], str(it["answer"])
-        for group in (per[it.get("dataset", "vqa")], per["all"]):
-            if kind == "CLOSED":
-                group["closed_accuracy"].append(closed_answer(pred) == ref.strip().lower())
-                group["exact_match"].append(closed_answer(pred) == ref.strip().lower())
+        pred, ref = preds[key], str(it["answer"])
+        ref_tokens, pred_tokens = _tokens(ref), _tokens(pred)
+        for group in (per[it["dataset"]], per["all"]):
+            if kind == "CLOSED":  # yes/no read from the reply; other closed answers ("CT or MRI?"): all in the reply
+                group["closed_accuracy"].append(closed_answer(pred) == ref_tokens[0] if ref_tokens in (["yes"], ["no"])
+                                                else bool(ref_tokens) and set(ref_tokens) <= set(pred_tokens))
             else:
-                ref_tokens = set(_tokens(ref))
-                group["open_recall"].append(len(ref_tokens & set(_tokens(pred))) / len(ref_tokens) if ref_tokens else 0.0)
-                group["exact_match"].append(_tokens(pred) == _tokens(ref))
+                group["open_recall"].append(len(set(ref_tokens) & set(pred_tokens)) / len(set(ref_tokens))
+                                            if ref_tokens else 0.0)
+            group["exact_match"].append(pred_tokens == ref_tokens)
             group["token_f1"].append(token_f1(pred, ref))
             group["closed_n" if kind == "CLOSED" else "open_n"].append(1)
 
@@ -145,35 +181,32 @@ def vqa_metrics(items: list[dict], preds: dict[str, str]) -> tuple[dict, list[di
     return {**overall, "by_dataset": {d: summary(g) for d, g in sorted(per.items())}}, skipped
 
 
-def _judged(client, log: AppendLog, task: str, items: list[tuple[str, object]], build, sampling: dict):
-    """{key: reply} for every request that got one, and the run's stats (cost ledger) and failures."""
-    rows, stats, failures = client.run(Requests(items, build), log, task, sampling, lambda k, e: e["reply"],
-                                       f"evaluate:{task}")
-    return rows, stats, failures
-
-
 def judge_chat(items: list[dict], preds: dict[str, str], client, images: ImageStore | Path, log: AppendLog,
                sampling: dict | None = None, max_image_side: int = 0) -> tuple[dict, dict]:
     """Relative score (100 * sum(model score) / sum(reference score)) overall, per domain and per question
     type; a question whose two scores are not both parsed is left out and listed. Returns (metrics, stats)."""
     images = ImageStore.of(images)
-    asked = [it for it in items if it["question_id"] in preds]
-    requests = [(f"{it['question_id']}:{who}", (it, answer)) for it in asked
-                for who, answer in (("reference", it["gpt4_answer"]), ("model", preds[it["question_id"]]))]
+    asked = [it for it in items if uid(it) in preds]
+    requests = [(f"{uid(it)}:{who}", (it, answer)) for it in asked
+                for who, answer in (("reference", it["gpt4_answer"]), ("model", preds[uid(it)]))]
 
     def build(x):
         it, answer = x
         return rating_messages(it["fig_caption"], [it["fig_inline_mention"]], it["text"], answer,
                                images.read(it["image"]), max_image_side)
 
-    replies, stats, _ = _judged(client, log, "judge", requests, build, sampling or {})
+    replies, stats, _ = client.run(Requests(requests, build), log, "judge", sampling or {}, lambda k, e: e["reply"],
+                                   "evaluate:judge")
     sums = defaultdict(lambda: [0, 0])
-    unparsed = []
+    unparsed, failed = [], []
     for it in asked:
-        scores = [parse_score(replies[k]) if k in replies else None
-                  for k in (f"{it['question_id']}:reference", f"{it['question_id']}:model")]
+        keys = (f"{uid(it)}:reference", f"{uid(it)}:model")
+        if any(k not in replies for k in keys):  # the request failed (retried up to llm.max_attempts)
+            failed.append(uid(it))
+            continue
+        scores = [parse_score(replies[k]) for k in keys]
         if None in scores:
-            unparsed.append(it["question_id"])
+            unparsed.append(uid(it))
             continue
         for key in ("all", f"domain:{it.get('domain', 'other')}", f"category:{it.get('category', 'unknown')}"):
             sums[key][0] += scores[0]
@@ -182,8 +215,8 @@ def judge_chat(items: list[dict], preds: dict[str, str], client, images: ImageSt
     return {"relative_score": rel.pop("all", None),
             "relative_score_by_domain": {k[7:]: v for k, v in sorted(rel.items()) if k.startswith("domain:")},
             "relative_score_by_category": {k[9:]: v for k, v in sorted(rel.items()) if k.startswith("category:")},
-            "judged": len(asked) - len(unparsed), "judge_unparsed": len(unparsed),
-            "judge_unparsed_ids": unparsed[:20]}, dict(stats)
+            "judged": len(asked) - len(unparsed) - len(failed), "judge_unparsed": len(unparsed),
+            "judge_unparsed_ids": unparsed, "judge_failed_ids": failed}, dict(stats)
 
 
 PAIRWISE = (
@@ -212,22 +245,23 @@ def win_rate(items: list[dict], preds: dict[str, str], baseline: dict[str, str],
     """The model against baseline answers, each pair judged twice (model as A, then as B). A pair is a win or a
     loss only when both orders agree; otherwise a tie. A pair with an unparsed verdict is left out and listed.
     win_rate = (wins + ties / 2) / pairs. Returns (metrics, stats)."""
-    asked = [it for it in items if it["question_id"] in preds and it["question_id"] in baseline]
+    asked = [it for it in items if uid(it) in preds and it["question_id"] in baseline]
     requests = []
     for it in asked:
-        q, mine, theirs = it["question_id"], preds[it["question_id"]], baseline[it["question_id"]]
+        q, mine, theirs = uid(it), preds[uid(it)], baseline[it["question_id"]]
         requests += [(f"{q}:model-first", (it, mine, theirs)), (f"{q}:baseline-first", (it, theirs, mine))]
 
     def build(x):
         it, a, b = x
         return pairwise_messages(it["fig_caption"], it["fig_inline_mention"], it["text"], a, b)
 
-    replies, stats, _ = _judged(client, log, "pairwise", requests, build, sampling or {})
+    replies, stats, _ = client.run(Requests(requests, build), log, "pairwise", sampling or {}, lambda k, e: e["reply"],
+                                   "evaluate:pairwise")
     outcome = {"A": "win", "B": "loss", "C": "tie"}  # of the model, when it is answer A
     flipped = {"A": "loss", "B": "win", "C": "tie"}
     counts, unparsed, position = Counter(), [], Counter()
     for it in asked:
-        q = it["question_id"]
+        q = uid(it)
         first = parse_verdict(replies.get(f"{q}:model-first", ""))
         second = parse_verdict(replies.get(f"{q}:baseline-first", ""))
         if first is None or second is None:
@@ -239,5 +273,5 @@ def win_rate(items: list[dict], preds: dict[str, str], baseline: dict[str, str],
     n = sum(counts.values())
     return {"win_rate": round(100 * (counts["win"] + counts["tie"] / 2) / n, 2) if n else None,
             "wins": counts["win"], "losses": counts["loss"], "ties": counts["tie"], "pairs": n,
-            "pairs_unparsed": len(unparsed), "pairs_unparsed_ids": unparsed[:20],
+            "pairs_unparsed": len(unparsed), "pairs_unparsed_ids": unparsed,
             "judge_picked_first": position["A"], "judge_picked_second": position["B"]}, dict(stats)

@@ -57,10 +57,20 @@ class TuneConfig:
     merge: bool = False  # also save the base with the adapter merged in (models/vlm/merged)
     seed: int = 0
 
-    def resume_key(self, release: list[dict]) -> str:
-        """What a checkpoint must match to be resumed: every setting that shapes the run, and the data."""
-        keep = {k: v for k, v in self.__dict__.items() if k not in ("max_steps", "checkpoint_every", "merge", "device")}
-        return hashlib.sha256(json.dumps([keep, release], sort_keys=True, default=str).encode()).hexdigest()
+    def __post_init__(self):
+        if self.device not in ("auto", "cpu"):
+            raise ValueError(f"tune.device must be auto (the GPU accelerate assigns) or cpu, got {self.device!r}")
+
+    def resume_key(self, examples: list[dict]) -> str:
+        """What a checkpoint must match to be resumed: the settings that change the maths, and the encoded data
+        (tokens, labels and images: a new chat template, processor or image is a new run)."""
+        skip = ("max_steps", "checkpoint_every", "merge", "device", "gradient_checkpointing")
+        h = hashlib.sha256(json.dumps({k: v for k, v in self.__dict__.items() if k not in skip}, sort_keys=True,
+                                      default=str).encode())
+        for ex in examples:
+            h.update(ex["input_ids"].numpy().tobytes() + ex["labels"].numpy().tobytes())
+            h.update(f"{float(ex['pixel_values'].double().sum()):.6e}".encode())
+        return h.hexdigest()
 
 
 def build_tiny_llava(seed: int = 0):
@@ -93,7 +103,13 @@ def load_base(base_model: str, seed: int = 0):
         return build_tiny_llava(seed)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    return AutoModelForImageTextToText.from_pretrained(base_model), AutoProcessor.from_pretrained(base_model)
+    # float32 master weights: LoRA and the projector train in full precision; bf16 is autocast (tune.bf16)
+    return (AutoModelForImageTextToText.from_pretrained(base_model, dtype=torch.float32),
+            AutoProcessor.from_pretrained(base_model))
+
+
+class TemplateError(ValueError):
+    """The model's chat template cannot be split into turns: no example can be encoded."""
 
 
 def _messages(conversations: list[dict]) -> list[dict]:
@@ -127,7 +143,7 @@ def chat_segments(processor, conversations: list[dict]) -> list[tuple[str, bool]
         asking = msgs[k - 1]["role"] == "user"
         text = _render(processor, msgs[:k], asking)
         if not text.startswith(prev):
-            raise ValueError("the model's chat template renders an earlier turn differently once later turns "
+            raise TemplateError("the model's chat template renders an earlier turn differently once later turns "
                              "follow, so answer tokens cannot be told apart; give the processor a chat_template "
                              "that renders conversations turn by turn")
         piece = text[len(prev):]
@@ -144,11 +160,12 @@ def eos_token(processor) -> str:
 def encode_example(processor, image: Image.Image, conversations: list[dict], max_length: int):
     """input_ids, labels (the answers' tokens only: the image and the questions are masked), pixel_values;
     None if the image and the first question alone are longer than max_length."""
-    ids, labels, pixel_values = [], [], None
+    ids, labels, vision = [], [], {}
     for i, (text, answer) in enumerate(chat_segments(processor, conversations)):
         if i == 0:  # the first question carries the image: the processor expands its tokens
             enc = processor(images=[image], text=[text], add_special_tokens=False, return_tensors="pt")
-            piece, pixel_values = enc["input_ids"][0].tolist(), enc["pixel_values"]
+            piece = enc["input_ids"][0].tolist()
+            vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
         else:
             piece = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += piece
@@ -159,7 +176,7 @@ def encode_example(processor, image: Image.Image, conversations: list[dict], max
         if all(x == -100 for x in labels[:max_length]):
             return None  # the image and first question alone exceed max_length
         ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixel_values}
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), **vision}  # pixel_values, image_sizes...
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
@@ -170,8 +187,8 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     for i, b in enumerate(batch):
         k = len(b["input_ids"])
         ids[i, :k], labels[i, :k], mask[i, :k] = b["input_ids"], b["labels"], 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-            "pixel_values": torch.cat([b["pixel_values"] for b in batch])}
+    vision = {k: torch.cat([b[k] for b in batch]) for k in batch[0] if k not in ("input_ids", "labels")}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, **vision}
 
 
 def accelerator(cfg: TuneConfig):
@@ -193,17 +210,21 @@ def train(model, processor, release: list[dict], images: ImageStore | Path, cfg:
 
     Started by `accelerate launch` (see configs/accelerate/), it runs on every process: each takes its share
     of every step's micro-batches, so N processes with grad_accum g train what one process does with g * N.
-    Resumable checkpoints are kept for one process and DDP; FSDP and DeepSpeed ZeRO-3 shard the optimizer,
-    so an interrupted sharded run starts again."""
+    Resumable checkpoints are kept for one process and DDP; FSDP shards the optimizer, so an interrupted FSDP
+    run starts again. DeepSpeed is refused: its engine steps and scales on its own schedule."""
     from accelerate import DistributedType
+    from accelerate.utils import broadcast_object_list
     from peft import LoraConfig, get_peft_model
 
     acc = accelerator(cfg)
     rank, world = acc.process_index, acc.num_processes
-    sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("DeepSpeed is not supported yet (its engine accumulates and steps on its own); use "
+                         "configs/accelerate/fsdp.yaml to shard the model, or ddp.yaml")
+    sharded = acc.distributed_type == DistributedType.FSDP
     if sharded and cfg.merge:
-        raise ValueError("tune.merge needs the whole model in one process; with FSDP or ZeRO-3, merge the saved "
-                         "adapter afterwards (PeftModel.merge_and_unload on one machine)")
+        raise ValueError("tune.merge needs the whole model in one process; with FSDP, merge the saved adapter "
+                         "afterwards (PeftModel.merge_and_unload on one machine)")
     checkpoint_dir = None if sharded else checkpoint_dir
     torch.manual_seed(cfg.seed)
     if cfg.gradient_checkpointing:
@@ -218,40 +239,48 @@ def train(model, processor, release: list[dict], images: ImageStore | Path, cfg:
         try:
             with images.open(rec["image"]) as im:
                 ex = encode_example(processor, im.convert("RGB"), rec["conversations"], cfg.max_length)
+        except TemplateError:
+            raise
         except (OSError, ValueError) as e:  # missing, corrupt, or refused by the processor: this record only
             unreadable.append({"id": rec["id"], "image": rec["image"], "reason": str(e)})
             continue
         (examples.append(ex) if ex else skipped.append(rec["id"]))
     if not examples:
-        raise ValueError(f"no trainable examples: {len(skipped)} longer than max_length, {len(unreadable)} with an "
-                         f"unreadable image (first: {unreadable[:1]})")
+        raise ValueError(f"no trainable examples: {len(skipped)} whose image and first question exceed max_length "
+                         f"{cfg.max_length} (a LLaVA-1.5 image alone takes 576 tokens: raise tune.max_length), "
+                         f"{len(unreadable)} with an unreadable image (first: {unreadable[:1]})")
     # every optimizer step's micro-batches, fixed up front: grad_accum per process, each process its share
     per_step, schedule, rng = cfg.grad_accum * world, [], random.Random(cfg.seed)
     for _ in range(cfg.epochs):
         order = list(range(len(examples)))
         rng.shuffle(order)
         batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        batches += batches[:(-len(batches)) % world]  # every process gets a micro-batch in every step
+        batches += [batches[i % len(batches)] for i in range(-len(batches) % world)]  # a micro-batch for everyone
         schedule += [batches[g:g + per_step] for g in range(0, len(batches), per_step)]
     total = min(len(schedule), cfg.max_steps) if cfg.max_steps else len(schedule)
     history, step, tokens = [], 0, 0
-    key = cfg.resume_key(release)
     state_file = Path(checkpoint_dir) / "state.pt" if checkpoint_dir else None
-    if state_file and state_file.exists():
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
-        if state["key"] == key and state["world"] == world:  # the same run, interrupted: go on from there
-            model.load_state_dict(state["trainable"], strict=False)
-            history, step, tokens = state["history"], state["step"], state["tokens"]
-        else:
-            state = None
-    else:
+    key = cfg.resume_key(examples) if state_file else None
+    box = [torch.load(state_file, map_location="cpu", weights_only=False)
+           if state_file and acc.is_main_process and state_file.exists() else None]
+    broadcast_object_list(box)  # every process resumes alike, wherever the file lives
+    state = box[0]
+    if state and (state["key"], state["world"]) != (key, world):
+        acc.print(f"tune: {state_file} is from another run (other settings, data or number of processes): "
+                  "starting afresh")
         state = None
+    if state:  # the same run, interrupted: go on from its last checkpoint
+        model.load_state_dict(state["trainable"], strict=False)
+        history, step = state["history"], state["step"]
+        tokens = state["tokens"] if acc.is_main_process else 0  # the total so far, counted once
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     model, opt = acc.prepare(model, opt)
     if state:
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"][rank])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"][rank])
     resumed_from, pad = step, processor.tokenizer.pad_token_id
     model.train()
     while step < total:
@@ -271,16 +300,20 @@ def train(model, processor, release: list[dict], images: ImageStore | Path, cfg:
         history.append({"step": step, "loss": acc.reduce(loss_sum, "sum").item() / world})
         if state_file and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
             rngs = acc.gather(torch.get_rng_state().unsqueeze(0).to(acc.device)).cpu()
+            cuda_rngs = (acc.gather(torch.cuda.get_rng_state().unsqueeze(0).to(acc.device)).cpu()
+                         if acc.device.type == "cuda" else None)
+            total_tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum").item())
             if acc.is_main_process:
                 save_checkpoint(state_file, {
-                    "key": key, "world": world, "step": step, "history": history, "tokens": tokens,
-                    "rng": list(rngs), "optimizer": opt.state_dict(),
+                    "key": key, "world": world, "step": step, "history": history, "tokens": total_tokens,
+                    "rng": list(rngs), "cuda_rng": None if cuda_rngs is None else list(cuda_rngs),
+                    "optimizer": opt.state_dict(),
                     "trainable": {n: p.detach().cpu() for n, p in acc.unwrap_model(model).named_parameters()
                                   if p.requires_grad}})
             acc.wait_for_everyone()
     acc.wait_for_everyone()
     if out_dir is not None:
-        full = acc.get_state_dict(model)  # gathered from every shard (FSDP, ZeRO-3); on the main process
+        full = acc.get_state_dict(model)  # gathered from every shard (FSDP); on the main process
         if acc.is_main_process:
             save_adapter(acc.unwrap_model(model), processor, Path(out_dir), full)
     if state_file and acc.is_main_process:
