@@ -50,7 +50,8 @@ def main():
         win_m, win_stats = evaluate.win_rate(chat, preds, baseline, judge, AppendLog(CACHE), sampling)
     problems = [{"id": i, "problem": "judge reply without a score"} for i in chat_m.pop("judge_unparsed_ids")]
     problems += [{"id": i, "problem": "judge request failed"} for i in chat_m.pop("judge_failed_ids")]
-    problems += [{"id": i, "problem": "no [[A]]/[[B]]/[[C]] verdict in both orders"} for i in win_m.pop("pairs_unparsed_ids")]
+    problems += [{"id": i, "problem": "no [[A]]/[[B]]/[[C]] verdict in both orders"}
+                 for i in win_m.pop("pairs_unparsed_ids")]
     write_jsonl("data/eval/judge_problems.jsonl", problems)  # every id; the metrics hold the counts
     info = json.loads(Path("models/vlm/model_info.json").read_text())
     metrics = {"model": info["label"], "judge": f"{judge.name}:{judge.model}", **vqa_m,

@@ -108,12 +108,12 @@ def build_sample(image_dir: Path, max_image_side: int, shard_mb: float = 256) ->
 
 # ------------------------------------------------------------------ user corpus (LLaVA-Med fig_captions)
 
-def _text(value, what: str) -> str:
+def text_value(value, what: str) -> str:
     """LLaVA-Med stores text as a string or as {"tokens": ...}."""
     if isinstance(value, dict):
         value = value.get("tokens", value.get("text"))
     if isinstance(value, list):
-        value = " ".join(_text(v, what) for v in value)
+        value = " ".join(text_value(v, what) for v in value)
     if value is None:
         return ""
     if isinstance(value, (int, float)) and not isinstance(value, bool):  # numeric pmid / pair_id (parquet)
@@ -127,7 +127,7 @@ def _mentions(value) -> list[str]:
     if value is None:
         return []
     items = value if isinstance(value, list) else [value]
-    return [t for t in (_text(v, "in_text_mention") for v in items) if t]
+    return [t for t in (text_value(v, "in_text_mention") for v in items) if t]
 
 
 # how other releases name the domains (BioMed-VITAL: CXR, MRI, Histology, Gross, CT), case-insensitive
@@ -234,19 +234,19 @@ def parse_record(raw, image_dir: Path, source: str) -> tuple[CorpusRecord, Path]
         raise CorpusError(f"malformed record: expected an object, got {type(raw).__name__}")
     if _has_bad_utf8(raw):
         raise CorpusError("non-UTF-8 text: re-encode the file as UTF-8")
-    rid = _text(raw.get("pair_id", raw.get("id")), "pair_id")
+    rid = text_value(raw.get("pair_id", raw.get("id")), "pair_id")
     if not rid:
         raise CorpusError("missing id: the record has no pair_id")
     if "/" in rid or "\\" in rid or rid.startswith("."):
         raise CorpusError(f"bad id: {rid!r} cannot name an image file; use letters, digits, '-', '_'")
-    caption = _text(raw.get("fig_caption", raw.get("caption")), "fig_caption")
+    caption = text_value(raw.get("fig_caption", raw.get("caption")), "fig_caption")
     if not caption:
         raise CorpusError("missing caption: fig_caption is empty")
     record = CorpusRecord(
-        id=rid, image="", caption=caption, fig_label=_text(raw.get("fig_label"), "fig_label"),
+        id=rid, image="", caption=caption, fig_label=text_value(raw.get("fig_label"), "fig_label"),
         inline_mentions=_mentions(raw.get("in_text_mention", raw.get("inline_mentions"))),
         domain=parse_domain(raw.get("domain")), source=source,
-        pmid=_text(raw.get("pmid"), "pmid") or None)
+        pmid=text_value(raw.get("pmid"), "pmid") or None)
     image = _find_image(image_dir, raw, rid)
     problem = _check_image(image)
     if problem:

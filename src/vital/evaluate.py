@@ -28,7 +28,7 @@ from .generate import figure_text
 from .images import ImageStore
 from .offline import qa_from_text
 from .rate import parse_score, rating_messages
-from .schema import IMAGE_TOKEN, AppendLog, CorpusRecord, read_jsonl
+from .schema import AppendLog, CorpusRecord, read_jsonl
 from .tune import prompt
 
 DOMAIN_NAMES = {"chest_xray": "chest X-ray", "mri": "MRI", "ct_scan": "CT", "histology": "histology"}
@@ -62,16 +62,17 @@ def uid(item: dict) -> str:
 def _chat_item(raw: dict) -> dict:
     """A chat question as LLaVA-Med writes it (qa50: `type`, `domain` as flags, `in_text_mention` as a list of
     {tokens}) or in the flat form (`category`, `domain` name, `fig_inline_mention`)."""
-    from .corpus import _text, parse_domain
+    from .corpus import parse_domain, text_value
 
     for key in ("question_id", "image", "text", "gpt4_answer"):
         if raw.get(key) in (None, ""):
             raise ValueError(f"no {key!r}")
     mention = raw.get("fig_inline_mention", raw.get("in_text_mention"))
-    return {"question_id": raw["question_id"], "dataset": "chat", "image": raw["image"], "text": _text(raw["text"], "text"),
-            "gpt4_answer": _text(raw["gpt4_answer"], "gpt4_answer"), "domain": parse_domain(raw.get("domain")),
-            "category": raw.get("category", raw.get("type", "unknown")),
-            "fig_caption": _text(raw.get("fig_caption"), "fig_caption"), "fig_inline_mention": _text(mention, "mention")}
+    return {"question_id": raw["question_id"], "dataset": "chat", "image": raw["image"],
+            "text": text_value(raw["text"], "text"), "gpt4_answer": text_value(raw["gpt4_answer"], "gpt4_answer"),
+            "domain": parse_domain(raw.get("domain")), "category": raw.get("category", raw.get("type", "unknown")),
+            "fig_caption": text_value(raw.get("fig_caption"), "fig_caption"),
+            "fig_inline_mention": text_value(mention, "mention")}
 
 
 def load_eval_sets(folder: Path) -> tuple[list[dict], list[dict]]:

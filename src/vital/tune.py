@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import random
 from dataclasses import dataclass
@@ -321,7 +320,8 @@ def train(model, processor, release: list[dict], images: ImageStore | Path, cfg:
     tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum").item())
     stats = {"examples": len(examples), "skipped_too_long": len(skipped), "skipped_unreadable_image": len(unreadable),
              "skipped_examples": (unreadable + [{"id": i, "reason": f"the image and first question exceed max_length "
-                                                                  f"{cfg.max_length}"} for i in skipped])[:5], "steps": step, "resumed_from_step": resumed_from,
+                                                                  f"{cfg.max_length}"} for i in skipped])[:5],
+             "steps": step, "resumed_from_step": resumed_from,
              "train_tokens": tokens, "final_loss": history[-1]["loss"],
              "trainable_params": sum(p.numel() for p in params), "device": acc.device.type, "processes": world,
              "bf16": cfg.bf16}
