@@ -117,11 +117,9 @@ def release_import(url: str = typer.Argument(..., help="the instructions JSON, e
                    shard_mb: float = typer.Option(256, help="image shard size")):
     """Download a published release, check it like `vital validate release`, convert it to this project's
     format (<out>/instructions.json) and list what could not be converted (<out>/rejected.jsonl)."""
-    from urllib.parse import urlsplit
+    from .release import import_folder, import_release
 
-    from .release import import_release
-
-    out = out or Path("data/external") / (Path(urlsplit(url).path).stem.lower() or "release")
+    out = out or import_folder(url)
     try:
         s = import_release(url, out, images, shard_mb)
     except (OSError, ValueError) as e:

@@ -272,18 +272,28 @@ def download(url: str, dest: Path, timeout: float = 60) -> None:
     os.replace(part, dest)
 
 
+def url_file_name(url: str) -> str:
+    """The file a URL names (no query string): what an import is saved as, and its folder's name."""
+    from urllib.parse import urlsplit
+
+    return Path(urlsplit(url).path).name or "release.json"
+
+
+def import_folder(url: str) -> Path:
+    """Where `vital release import` puts a release by default: data/external/<file name, lower case>."""
+    return Path("data/external") / Path(url_file_name(url)).stem.lower()
+
+
 def import_release(url: str, out_dir: Path, image_dir: Path | None = None, shard_mb: float = 256) -> dict:
     """Download a published instructions JSON into `out_dir/source/` (kept as fetched; a rerun reuses it),
     convert it to `instructions.json` in this project's release format with a `DATA_CARD.md`, list what could
     not be converted in `rejected.jsonl`, and with `image_dir` (the downloaded figures) pack the images the
     records use into `out_dir/images`; records whose image is not there are rejected too. Returns the
     `import.json` summary."""
-    from urllib.parse import urlsplit
-
     from .encoders import count_tokens
 
     out_dir, shown = Path(out_dir), mask_url(url)
-    raw = out_dir / "source" / (Path(urlsplit(url).path).name or "release.json")
+    raw = out_dir / "source" / url_file_name(url)
     if not raw.exists():
         download(url, raw)
     try:
