@@ -5,6 +5,7 @@
     dvc exp run tune -S tune.data=data/external/biomed-vital-80k/instructions.json \
         -S tune.images=data/external/biomed-vital-80k/images     # the official release (vital release import)
     dvc exp run -S tune.accelerate_config=configs/accelerate/ddp.yaml -S tune.num_processes=8   # 8 GPUs
+    dvc exp run -S tune.accelerate_config=configs/accelerate/zero3.yaml -S tune.num_processes=8   # DeepSpeed ZeRO-3
 
 dvc.yaml runs it as `accelerate launch --config_file <tune.accelerate_config> --num_processes <tune.num_processes>
 stages/tune.py`: every process trains its share; the main process writes the outputs.

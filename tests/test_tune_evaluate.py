@@ -152,56 +152,65 @@ def test_projector_training_bf16_and_gradient_checkpointing_options(sample):
     assert stats["skipped_unreadable_image"] == 1 and stats["skipped_examples"][0]["id"] == "lost"
 
 
-DDP_DRIVER = """
-import sys, torch
+DRIVER = """
+import json, os, sys
 from pathlib import Path
 from vital import tune
 sys.path.insert(0, sys.argv[3])
 from test_tune_evaluate import _release
 from vital.corpus import build_sample
-records = build_sample(Path(sys.argv[1]) / f"images-{sys.argv[4]}", 256).records
+images = Path(sys.argv[1]) / f"images-{os.environ['RANK']}"
+records = build_sample(images, 256).records
 model, processor = tune.build_tiny_llava(seed=0)
 cfg = tune.TuneConfig(max_steps=2, batch_size=1, grad_accum=1, lora_dropout=0.0, checkpoint_every=0)
-peft_model, history, stats = tune.train(model, processor, _release(records), Path(sys.argv[1]) / f"images-{sys.argv[4]}", cfg)
-if stats["processes"] == 2 and int(sys.argv[4]) == 0:
-    torch.save({"history": history, "stats": stats, "weights": {n: p.detach() for n, p in peft_model.named_parameters()
-                if p.requires_grad}}, sys.argv[2])
+_, history, stats = tune.train(model, processor, _release(records), images, cfg, out_dir=Path(sys.argv[2]))
+if os.environ["RANK"] == "0":
+    (Path(sys.argv[2]) / "run.json").write_text(json.dumps({"history": history, "stats": stats}))
 """
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_same_adapter_as_one_with_gradient_accumulation(sample, tmp_path):
-    """DDP (torchrun, 2 CPU processes, gloo), what `accelerate launch --num_processes 2` starts on GPUs: each
-    process takes its share of every step's micro-batches, and the adapter equals one process's with
-    grad_accum 2."""
+@pytest.mark.parametrize("launcher", ["ddp", "zero3"])
+def test_two_processes_train_the_same_adapter_as_one_with_gradient_accumulation(sample, tmp_path, launcher):
+    """Two CPU processes, as `accelerate launch --num_processes 2` starts them on GPUs: DDP (torchrun, gloo)
+    or DeepSpeed ZeRO-3 (configs/accelerate/zero3.yaml, parameters and optimizer state partitioned). Each
+    process takes its share of every step's micro-batches; the adapter the main process saves (gathered from
+    the shards under ZeRO-3) equals one process's with grad_accum 2."""
     import os
     import socket
     import subprocess
     import sys
 
+    from safetensors.torch import load_file
+
     records, image_dir = sample
-    (tmp_path / "driver.py").write_text(DDP_DRIVER.replace("sys.argv[4]", "os.environ['RANK']").replace(
-        "import sys, torch", "import os, sys, torch"))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "ddp.pt"
+    (tmp_path / "driver.py").write_text(DRIVER)
+    repo = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1"}
     with socket.socket() as sock:  # a free port for the rendezvous (torchrun's port 0 hangs)
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_addr", "127.0.0.1", "--master_port", str(port),
-                        str(tmp_path / "driver.py"), str(tmp_path), str(out), str(Path(__file__).parent)],
-                       env=env, capture_output=True, text=True, timeout=600)
+        port = str(sock.getsockname()[1])
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", port] if launcher == "ddp" else
+              [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+               str(repo / "configs/accelerate/zero3.yaml"), "--num_processes", "2", "--main_process_ip",
+               "127.0.0.1", "--main_process_port", port])
+    p = subprocess.run([*launch, str(tmp_path / "driver.py"), str(tmp_path), str(tmp_path / "two"),
+                        str(Path(__file__).parent)], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    ddp = torch.load(out, weights_only=False)
-    assert ddp["stats"]["processes"] == 2 and ddp["stats"]["steps"] == 2
+    two = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert two["stats"]["processes"] == 2 and two["stats"]["steps"] == 2
+    assert two["stats"]["parallelism"] == {"ddp": "MULTI_CPU", "zero3": "DEEPSPEED"}[launcher]
     model, processor = tune.build_tiny_llava(seed=0)
     cfg = tune.TuneConfig(max_steps=2, batch_size=1, grad_accum=2, lora_dropout=0.0, checkpoint_every=0)
-    one, history, stats = tune.train(model, processor, _release(records), image_dir, cfg)
-    assert stats["processes"] == 1 and stats["train_tokens"] == ddp["stats"]["train_tokens"]
-    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in ddp["history"]], rel=1e-4)
-    mine = {n: p.detach() for n, p in one.named_parameters() if p.requires_grad}
-    assert mine.keys() == ddp["weights"].keys()
-    assert all(torch.allclose(mine[k], ddp["weights"][k], atol=1e-5) for k in mine)
+    _, history, stats = tune.train(model, processor, _release(records), image_dir, cfg, out_dir=tmp_path / "one")
+    assert stats["processes"] == 1 and stats["train_tokens"] == two["stats"]["train_tokens"]
+    assert stats["trainable_params"] == two["stats"]["trainable_params"]
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in two["history"]], rel=1e-4)
+    mine, theirs = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("one", "two"))
+    assert mine.keys() == theirs.keys() and len(mine) == 28
+    assert all(torch.allclose(mine[k], theirs[k], atol=1e-5) for k in mine)
+    assert any(theirs[k].abs().max() > 0 for k in theirs if "lora_B" in k)  # trained, not the zero init
 
 
 def test_base_model_by_path(sample, tmp_path, tiny):

@@ -193,8 +193,17 @@ def collate(batch: list[dict], pad_id: int) -> dict:
 def accelerator(cfg: TuneConfig):
     """This process's place among those `accelerate launch` (or torchrun) started; the GPU unless `device: cpu`."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
-    return Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available())  # CPU: gloo
+    if torch.cuda.is_available():
+        if cfg.device == "cpu":
+            raise ValueError("tune.device: cpu with a DeepSpeed config: DeepSpeed trains on the GPUs; use "
+                             "configs/accelerate/single.yaml or ddp.yaml for the CPU")
+        return Accelerator()
+    # no GPU: DeepSpeed's CPU accelerator over gloo (how the tests run ZeRO-3; slow, but the same maths)
+    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
 
 
 def train(model, processor, release: list[dict], images: ImageStore | Path, cfg: TuneConfig,
@@ -209,21 +218,27 @@ def train(model, processor, release: list[dict], images: ImageStore | Path, cfg:
 
     Started by `accelerate launch` (see configs/accelerate/), it runs on every process: each takes its share
     of every step's micro-batches, so N processes with grad_accum g train what one process does with g * N.
-    Resumable checkpoints are kept for one process and DDP; FSDP shards the optimizer, so an interrupted FSDP
-    run starts again. DeepSpeed is refused: its engine steps and scales on its own schedule."""
+    Resumable checkpoints are kept for one process and DDP; FSDP and DeepSpeed ZeRO-3 shard the weights and
+    the optimizer, so an interrupted sharded run starts again. Under DeepSpeed the engine steps at each step's
+    last micro-batch (its own gradient_accumulation_steps must stay 1)."""
     from accelerate import DistributedType
     from accelerate.utils import broadcast_object_list
     from peft import LoraConfig, get_peft_model
 
     acc = accelerator(cfg)
     rank, world = acc.process_index, acc.num_processes
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        raise ValueError("DeepSpeed is not supported yet (its engine accumulates and steps on its own); use "
-                         "configs/accelerate/fsdp.yaml to shard the model, or ddp.yaml")
-    sharded = acc.distributed_type == DistributedType.FSDP
+    deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        if ds.get("gradient_accumulation_steps", 1) not in (1, "auto"):
+            raise ValueError("the DeepSpeed config sets gradient_accumulation_steps: set it to 1 and use "
+                             "tune.grad_accum (the tune stage accumulates itself)")
+        ds.update(train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=1,
+                  train_batch_size=cfg.batch_size * world)
+    sharded = deepspeed or acc.distributed_type == DistributedType.FSDP
     if sharded and cfg.merge:
-        raise ValueError("tune.merge needs the whole model in one process; with FSDP, merge the saved adapter "
-                         "afterwards (PeftModel.merge_and_unload on one machine)")
+        raise ValueError("tune.merge needs the whole model in one process; with FSDP or DeepSpeed, merge the "
+                         "saved adapter afterwards (PeftModel.merge_and_unload on one machine)")
     checkpoint_dir = None if sharded else checkpoint_dir
     torch.manual_seed(cfg.seed)
     if cfg.gradient_checkpointing:
@@ -273,6 +288,7 @@ def train(model, processor, release: list[dict], images: ImageStore | Path, cfg:
         history, step = state["history"], state["step"]
         tokens = state["tokens"] if acc.is_main_process else 0  # the total so far, counted once
     params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)  # counted before ZeRO-3 partitions them
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     model, opt = acc.prepare(model, opt)
     if state:
@@ -287,7 +303,9 @@ def train(model, processor, release: list[dict], images: ImageStore | Path, cfg:
         loss_sum = torch.zeros((), device=acc.device)
         for j, idx in enumerate(micro):
             batch = {k: v.to(acc.device) for k, v in collate([examples[i] for i in idx], pad).items()}
-            sync = acc.no_sync(model) if j < len(micro) - 1 else contextlib.nullcontext()  # all-reduce once a step
+            last = j == len(micro) - 1
+            acc.sync_gradients = last  # DeepSpeed: its engine steps at the last micro-batch (opt.step is a no-op)
+            sync = contextlib.nullcontext() if last else acc.no_sync(model)  # DDP: all-reduce once a step
             with sync, torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = model(**batch).loss * world / len(schedule[step])  # DDP averages over processes
                 acc.backward(loss)
@@ -323,7 +341,7 @@ def train(model, processor, release: list[dict], images: ImageStore | Path, cfg:
                                                                   f"{cfg.max_length}"} for i in skipped])[:5],
              "steps": step, "resumed_from_step": resumed_from,
              "train_tokens": tokens, "final_loss": history[-1]["loss"],
-             "trainable_params": sum(p.numel() for p in params), "device": acc.device.type, "processes": world,
+             "trainable_params": n_trainable, "device": acc.device.type, "processes": world, "parallelism": acc.distributed_type.value,
              "bf16": cfg.bf16}
     return acc.unwrap_model(model), history, stats
 
