@@ -152,6 +152,52 @@ def test_projector_training_bf16_and_gradient_checkpointing_options(sample):
     assert stats["skipped_unreadable_image"] == 1 and stats["skipped_examples"][0]["id"] == "lost"
 
 
+def _sentencepiece_style_processor(texts):
+    """A LLaVA processor whose tokenizer marks word starts with "▁" the way Llama's and Mistral's do (BPE over
+    Metaspace, trained here on `texts`), with a BOS the chat template does not write."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    bpe.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=[
+        "<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", additional_special_tokens=[IMAGE_TOKEN])
+    image_proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return LlavaProcessor(image_processor=image_proc, tokenizer=tok, patch_size=8, num_additional_image_tokens=1,
+                          vision_feature_select_strategy="default", chat_template=INST_TEMPLATE.replace(
+                              "[SEP]", "</s>"))
+
+
+def test_training_tokens_are_the_tokens_the_model_reads_at_inference(sample):
+    """A SentencePiece-style tokenizer: the conversation is tokenized as one text, so no "▁" appears where a
+    turn was cut, the BOS is there, the answers' tokens are exactly the answers, and the first question's
+    tokens are the inference prompt's."""
+    records, image_dir = sample
+    conv = _release(records)[0]["conversations"]
+    processor = _sentencepiece_style_processor([t["value"] for r in _release(records, 14) for t in r["conversations"]]
+                                               + ["[INST] [/INST] </s>"] * 20)
+    image = ImageStore(image_dir).open(records[0].image).convert("RGB")
+    ex = tune.encode_example(processor, image, conv, max_length=512)
+    ids, labels = ex["input_ids"].tolist(), ex["labels"].tolist()
+    whole = "".join(text for text, _ in tune.chat_segments(processor, conv))
+    assert whole.startswith("<s>[INST] <image>\n") and tune.prompt(processor, "Modality?").startswith("<s>[INST]")
+    assert ids == processor(images=[image], text=[whole], add_special_tokens=False)["input_ids"][0]
+    asked = processor(images=[image], text=[tune.prompt(processor, conv[0]["value"])],
+                      add_special_tokens=False)["input_ids"][0]
+    assert ids[:len(asked)] == asked and all(lab == -100 for lab in labels[:len(asked)])
+    tok = processor.tokenizer
+    answers = [tok.decode([i for i, lab in zip(ids[a:b], labels[a:b]) if lab != -100])
+               for a, b in [(0, ids.index(tok.convert_tokens_to_ids("</s>")) + 1), (None, None)]]
+    assert answers[0].strip() == conv[1]["value"] + " </s>"  # the first answer, the template's end marker included
+    assert answers[1].strip().endswith(conv[3]["value"] + " </s>") and "[INST]" not in answers[1]
+    # "</s>[INST]" in one text; tokenized on its own, the second question would start with a word marker
+    assert "\u2581[INST]" not in tok.convert_ids_to_tokens(ids)
+    assert "\u2581[INST]" in tok.convert_ids_to_tokens(tok(tune.chat_segments(processor, conv)[2][0])["input_ids"])
+
+
 DRIVER = """
 import json, os, sys
 from pathlib import Path

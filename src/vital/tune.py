@@ -122,9 +122,14 @@ def _messages(conversations: list[dict]) -> list[dict]:
 
 
 def _render(processor, msgs: list[dict], add_generation_prompt: bool) -> str:
+    """The messages in the model's chat template, starting with the tokenizer's BOS when it has one and the
+    template does not write it: text is then always tokenized without added special tokens, in training and
+    at inference alike."""
     template = getattr(processor, "chat_template", None) or LLAVA_V1_TEMPLATE  # none: LLaVA v1's format
-    return processor.apply_chat_template(msgs, chat_template=template, tokenize=False,
+    text = processor.apply_chat_template(msgs, chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
+    bos = processor.tokenizer.bos_token
+    return text if not bos or text.startswith(bos) else bos + text
 
 
 def prompt(processor, question: str) -> str:
@@ -158,24 +163,52 @@ def eos_token(processor) -> str:
 
 def encode_example(processor, image: Image.Image, conversations: list[dict], max_length: int):
     """input_ids, labels (the answers' tokens only: the image and the questions are masked), pixel_values;
-    None if the image and the first question alone are longer than max_length."""
-    ids, labels, vision = [], [], {}
-    for i, (text, answer) in enumerate(chat_segments(processor, conversations)):
-        if i == 0:  # the first question carries the image: the processor expands its tokens
-            enc = processor(images=[image], text=[text], add_special_tokens=False, return_tensors="pt")
-            piece = enc["input_ids"][0].tolist()
-            vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
-        else:
-            piece = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += piece
-        labels += piece if answer else [-100] * len(piece)
-    if not ids or len(labels) - labels.count(-100) == 0:
+    None if the image and the first question alone are longer than max_length.
+
+    The whole conversation is tokenized at once, as the model reads it at inference (tokenizing turn by turn
+    would add SentencePiece's word-start marker at every cut); a token is an answer token when it starts
+    inside an answer's characters."""
+    text, spans = "", []
+    for piece, answer in chat_segments(processor, conversations):
+        if answer:
+            spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    enc = processor(images=[image], text=[text], add_special_tokens=False, return_tensors="pt")
+    ids = enc["input_ids"][0].tolist()
+    labels = _answer_labels(processor, text, spans, ids)
+    if len(labels) - labels.count(-100) == 0:
         return None
     if max_length and len(ids) > max_length:
         if all(x == -100 for x in labels[:max_length]):
             return None  # the image and first question alone exceed max_length
         ids, labels = ids[:max_length], labels[:max_length]
+    vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), **vision}  # pixel_values, image_sizes...
+
+
+def _answer_labels(processor, text: str, spans: list[tuple[int, int]], ids: list[int]) -> list[int]:
+    """Labels for the processor's `ids` of `text`: the token where it starts inside an answer span, else -100.
+    The tokenizer's offsets say where each token starts; the processor's ids are the same tokens with the
+    image token repeated once per image feature, which stay masked."""
+    tok = processor.tokenizer
+    plain = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    image_id = getattr(processor, "image_token_id", None) or tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    labels, j = [], 0
+    for t, (start, end) in zip(plain["input_ids"], plain["offset_mapping"]):
+        if t == image_id:
+            n = next((k for k in range(j, len(ids)) if ids[k] != image_id), len(ids)) - j
+            labels, j = labels + [-100] * n, j + n
+            if n:
+                continue
+        if j >= len(ids) or ids[j] != t:
+            raise TemplateError(f"the processor's tokens differ from its tokenizer's at token {j} beyond the "
+                                "expanded image tokens, so answer tokens cannot be told apart")
+        labels.append(t if end > start and any(a <= start < b for a, b in spans) else -100)
+        j += 1
+    if j != len(ids):
+        raise TemplateError(f"the processor gives {len(ids)} tokens, its tokenizer {j}, beyond the expanded "
+                            "image tokens, so answer tokens cannot be told apart")
+    return labels
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
