@@ -315,15 +315,35 @@ def test_judge_relative_score_per_domain_and_type_cached_and_unparsed_listed(sam
     assert {v["answer_type"] for v in vqa} == {"CLOSED", "OPEN"} and len(chat) == len(records)
     perfect = {evaluate.uid(c): c["gpt4_answer"] for c in chat}
     log = tmp_path / "judge.jsonl"
-    m, stats = evaluate.judge_chat(chat, perfect, Client(ClientConfig()), image_dir, AppendLog(log))
-    assert m["relative_score"] == 100.0 and m["judged"] == len(chat)
-    assert stats["requests"] == len(chat)  # the same answer twice is one request: the cache serves the other
+    m, stats = evaluate.judge_chat(chat, perfect, Client(ClientConfig()), AppendLog(log))  # the offline judge
+    assert m["relative_score"] == 100.0 and m["judged"] == len(chat) and stats["requests"] == len(chat)
+    assert m["reference_score"] == m["model_score"] >= 1
     assert m["relative_score_by_category"] == {"detailed_description": 100.0}
     assert set(m["relative_score_by_domain"]) == {r.domain for r in records}
-    again = evaluate.judge_chat(chat, perfect, Client(ClientConfig()), image_dir, AppendLog(log))[1]
-    assert again["requests"] == 0 and again["cached"] == 2 * len(chat)  # a rerun pays for nothing
+    again = evaluate.judge_chat(chat, perfect, Client(ClientConfig()), AppendLog(log))[1]
+    assert again["requests"] == 0 and again["cached"] == len(chat)  # a rerun pays for nothing
     poor = {evaluate.uid(c): "no idea" for c in chat}
-    assert evaluate.judge_chat(chat, poor, Client(ClientConfig()), image_dir, AppendLog(log))[0]["relative_score"] < 50
+    assert evaluate.judge_chat(chat, poor, Client(ClientConfig()), AppendLog(log))[0]["relative_score"] < 50
+
+    class Scripted(OfflineBackend):  # reads the prompt as LLaVA-Med's judge does: reference first, no image
+        model = identity = "scripted"
+
+        def complete(self, messages, task):
+            text = messages[-1]["content"]
+            assert isinstance(text, str) and task == "judge" and "Caption:" in text
+            reference, answer = text.split("Assistant 1: ")[1].split("\nAssistant 2: ")
+            assert reference.startswith("ref") and answer.startswith("model")
+            return {"ref-a": "10 5\nA is fuller.", "ref-b": "2, 2\nBoth poor.", "ref-c": "9.5"}[reference]
+
+    two = [dict(chat[0], question_id="a", gpt4_answer="ref-a", domain="ct_scan", category="conversation"),
+           dict(chat[1], question_id="b", gpt4_answer="ref-b", domain="mri", category="conversation"),
+           dict(chat[2], question_id="c", gpt4_answer="ref-c", domain="mri", category="conversation")]
+    m, _ = evaluate.judge_chat(two, {evaluate.uid(c): "model answer" for c in two}, Client(ClientConfig(), Scripted()),
+                               AppendLog(tmp_path / "scripted.jsonl"))
+    # the mean of per-question ratios (0.5 and 1.0), as LLaVA-Med reports it; not the ratio of sums (7/12)
+    assert (m["relative_score"], m["reference_score"], m["model_score"]) == (75.0, 6.0, 3.5)
+    assert m["relative_score_by_domain"] == {"ct_scan": 50.0, "mri": 100.0}
+    assert m["judged"] == 2 and m["judge_unparsed_ids"] == ["chat/c"]  # "9.5": one score, not two
 
     class Rambling(OfflineBackend):
         model = identity = "rambling"
@@ -331,9 +351,16 @@ def test_judge_relative_score_per_domain_and_type_cached_and_unparsed_listed(sam
         def complete(self, messages, task):
             return "Both answers are fine."
 
-    m, _ = evaluate.judge_chat(chat, perfect, Client(ClientConfig(), Rambling()), image_dir, AppendLog(log))
+    m, _ = evaluate.judge_chat(chat, perfect, Client(ClientConfig(), Rambling()), AppendLog(log))
     assert m["judge_unparsed"] == len(chat) and m["relative_score"] is None
     assert m["judge_unparsed_ids"] == [evaluate.uid(c) for c in chat] and m["judge_failed_ids"] == []
+
+
+def test_judge_scores_parse_only_as_two_scores_on_the_first_line():
+    assert evaluate.parse_scores("8 7\nAssistant 1 is more detailed.") == (8.0, 7.0)
+    assert evaluate.parse_scores("8, 7") == (8.0, 7.0) and evaluate.parse_scores(" 7.5 10 ") == (7.5, 10.0)
+    for bad in ("8", "8 7 6", "11 3", "0 5", "Scores: 8 7", "Assistant 1 is better.\n8 7", "", None):
+        assert evaluate.parse_scores(bad) is None, bad
 
 
 def test_verdicts_parse_exactly():

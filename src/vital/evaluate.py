@@ -5,8 +5,9 @@
   answer's tokens found in the reply), exact match and token F1, per dataset. An item with another
   answer_type, or whose image cannot be read, is skipped and counted with its id.
 - Open visual chat: items {question_id, image, category, text, gpt4_answer, fig_caption, fig_inline_mention,
-  domain}. A judge scores the reference answer and the model's answer 1-10 with the same rubric; the
-  relative score is 100 * sum(model) / sum(reference), overall, per domain and per question type.
+  domain}. As LLaVA-Med does, a judge reads the caption and mentions, the question, the reference answer and
+  the model's, and scores both 1-10 in one reply; the relative score is 100 * the mean over questions of
+  model / reference, overall, per domain and per question type.
 - Win rate against a baseline answers file ({question_id, answer}): the judge compares the two answers and
   ends with [[A]], [[B]] or [[C]] (tie), parsed exactly; each pair is judged in both orders and counts as a
   win or a loss only when both orders agree (otherwise a tie), which cancels position bias.
@@ -27,7 +28,6 @@ from .client import Requests
 from .generate import figure_text
 from .images import ImageStore
 from .offline import qa_from_text
-from .rate import parse_score, rating_messages
 from .schema import AppendLog, CorpusRecord, read_jsonl
 from .tune import prompt
 
@@ -182,40 +182,70 @@ def vqa_metrics(items: list[dict], preds: dict[str, str]) -> tuple[dict, list[di
     return {**overall, "by_dataset": {d: summary(g) for d, g in sorted(per.items())}}, skipped
 
 
-def judge_chat(items: list[dict], preds: dict[str, str], client, images: ImageStore | Path, log: AppendLog,
-               sampling: dict | None = None, max_image_side: int = 0) -> tuple[dict, dict]:
-    """Relative score (100 * sum(model score) / sum(reference score)) overall, per domain and per question
-    type; a question whose two scores are not both parsed is left out and listed. Returns (metrics, stats)."""
-    images = ImageStore.of(images)
+CHAT_JUDGE = (
+    "You are a helpful and precise assistant who checks the quality of answers. Two AI assistants answered a "
+    "user's question about a biomedical figure, which is described to you by its caption and in-text mentions. "
+    "Rate the helpfulness, relevance, accuracy and level of detail of each response with an overall score from "
+    "1 to 10, higher meaning better. On the first line write only the two scores, for Assistant 1 and "
+    "Assistant 2, separated by a space. Then explain your evaluation, without bias, and do not let the order of "
+    "the responses affect your judgment."
+)
+_TWO_SCORES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[, ]\s*(\d+(?:\.\d+)?)\s*$")
+
+
+def parse_scores(reply: str) -> tuple[float, float] | None:
+    """(Assistant 1's score, Assistant 2's) from the reply's first line, both on the 1-10 scale; else None."""
+    m = _TWO_SCORES.match((reply or "").strip().split("\n")[0])
+    scores = (float(m.group(1)), float(m.group(2))) if m else None
+    return scores if scores and all(1 <= x <= 10 for x in scores) else None
+
+
+def judge_messages(caption: str, mentions: str, question: str, reference: str, answer: str) -> list[dict]:
+    text = (f"{figure_text(caption, [mentions])}\nQuestion: {question}\nAssistant 1: {reference}\n"
+            f"Assistant 2: {answer}")
+    return [{"role": "system", "content": CHAT_JUDGE}, {"role": "user", "content": text}]
+
+
+def judge_chat(items: list[dict], preds: dict[str, str], client, log: AppendLog,
+               sampling: dict | None = None) -> tuple[dict, dict]:
+    """LLaVA-Med's open-chat evaluation: the judge sees the figure's caption and mentions (not the image),
+    the question, the reference answer as Assistant 1 and the model's as Assistant 2, and scores both 1-10.
+    relative score = 100 * mean over questions of model score / reference score, overall, per domain and per
+    question type, with both mean scores beside it. A question whose reply has no two scores is left out and
+    listed. Returns (metrics, stats)."""
     asked = [it for it in items if uid(it) in preds]
-    requests = [(f"{uid(it)}:{who}", (it, answer)) for it in asked
-                for who, answer in (("reference", it["gpt4_answer"]), ("model", preds[uid(it)]))]
 
-    def build(x):
-        it, answer = x
-        return rating_messages(it["fig_caption"], [it["fig_inline_mention"]], it["text"], answer,
-                               images.read(it["image"]), max_image_side)
+    def build(it):
+        return judge_messages(it["fig_caption"], it["fig_inline_mention"], it["text"], it["gpt4_answer"],
+                              preds[uid(it)])
 
-    replies, stats, _ = client.run(Requests(requests, build), log, "judge", sampling or {}, lambda k, e: e["reply"],
-                                   "evaluate:judge")
-    sums = defaultdict(lambda: [0, 0])
+    replies, stats, _ = client.run(Requests([(uid(it), it) for it in asked], build), log, "judge", sampling or {},
+                                   lambda k, e: e["reply"], "evaluate:judge")
+    groups = defaultdict(list)
     unparsed, failed = [], []
     for it in asked:
-        keys = (f"{uid(it)}:reference", f"{uid(it)}:model")
-        if any(k not in replies for k in keys):  # the request failed (retried up to llm.max_attempts)
+        if uid(it) not in replies:  # the request failed (retried up to llm.max_attempts)
             failed.append(uid(it))
             continue
-        scores = [parse_score(replies[k]) for k in keys]
-        if None in scores:
+        scores = parse_scores(replies[uid(it)])
+        if scores is None:
             unparsed.append(uid(it))
             continue
         for key in ("all", f"domain:{it.get('domain', 'other')}", f"category:{it.get('category', 'unknown')}"):
-            sums[key][0] += scores[0]
-            sums[key][1] += scores[1]
-    rel = {k: round(100 * m / r, 2) if r else None for k, (r, m) in sums.items()}
-    return {"relative_score": rel.pop("all", None),
-            "relative_score_by_domain": {k[7:]: v for k, v in sorted(rel.items()) if k.startswith("domain:")},
-            "relative_score_by_category": {k[9:]: v for k, v in sorted(rel.items()) if k.startswith("category:")},
+            groups[key].append(scores)
+
+    def summary(key):
+        pairs = groups.get(key, [])
+        return {"relative_score": round(100 * sum(m / r for r, m in pairs) / len(pairs), 2),
+                "reference_score": round(sum(r for r, _ in pairs) / len(pairs), 2),
+                "model_score": round(sum(m for _, m in pairs) / len(pairs), 2)}
+
+    overall = summary("all") if groups else dict.fromkeys(("relative_score", "reference_score", "model_score"))
+    return {**overall,
+            "relative_score_by_domain": {k[7:]: summary(k)["relative_score"] for k in sorted(groups)
+                                         if k.startswith("domain:")},
+            "relative_score_by_category": {k[9:]: summary(k)["relative_score"] for k in sorted(groups)
+                                           if k.startswith("category:")},
             "judged": len(asked) - len(unparsed) - len(failed), "judge_unparsed": len(unparsed),
             "judge_unparsed_ids": unparsed, "judge_failed_ids": failed}, dict(stats)
 

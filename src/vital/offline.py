@@ -1,7 +1,7 @@
 """The `offline` backend: deterministic, no model, the embedded default that lets `dvc repro` run anywhere.
 
 It reads the figure text out of the prompt and writes a caption-grounded reply (generate), a heuristic
-rubric score (rate, judge), a pairwise verdict (the win rate) or a pair of candidate answers
+rubric score (rate), the two scores of the open-chat judge, a pairwise verdict (the win rate) or a pair of candidate answers
 (annotation_pool). Every artifact it touches says `backend: offline`, and its "model" name carries a hash
 of this file, so editing the offline logic never reuses a cached reply.
 """
@@ -53,7 +53,7 @@ class OfflineBackend:
 
     def complete(self, messages: list[dict], task: str) -> str:
         prompt = _last_user_text(messages)
-        return {"generate": self._generate, "rate": self._rate, "judge": self._rate, "pairwise": self._pairwise,
+        return {"generate": self._generate, "rate": self._rate, "judge": self._judge, "pairwise": self._pairwise,
                 "pool_answers": self._pool_answers}[task](prompt)
 
     # -- generate: a caption-grounded multi-turn conversation in the `User:`/`Assistant:` format
@@ -69,6 +69,13 @@ class OfflineBackend:
         question, answer = section(prompt, "Question"), section(prompt, "Answer")
         score, why = heuristic_score(context, question, answer)
         return f"{score}\n{why}"
+
+    # -- judge (open chat, LLaVA-Med's form): the rubric on the reference and the model's answer, "s1 s2" first
+    def _judge(self, prompt: str) -> str:
+        context = section(prompt, "Caption") + " " + section(prompt, "In-text mentions")
+        question = section(prompt, "Question")
+        s1, s2 = (max(1, heuristic_score(context, question, section(prompt, f"Assistant {k}"))[0]) for k in "12")
+        return f"{s1} {s2}\nThe rubric gives Assistant 1 {s1} and Assistant 2 {s2}."
 
     # -- pairwise (win rate): the rubric on both answers, the verdict in the [[A]] / [[B]] / [[C]] form
     def _pairwise(self, prompt: str) -> str:
