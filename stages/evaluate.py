@@ -38,8 +38,13 @@ def main():
         baseline, against = {c["question_id"]: c["gpt4_answer"] for c in chat}, "the reference (gpt4_answer) answers"
     write_jsonl("data/eval/vqa.jsonl", vqa)
     write_jsonl("data/eval/chat.jsonl", chat)
-    model, processor = tune.load_tuned(Path("models/vlm"))
-    preds, unanswered = evaluate.answer_questions(model, processor, vqa + chat, images, p["max_new_tokens"])
+    try:
+        model, processor = tune.load_tuned(Path("models/vlm"), p["device"])
+    except ValueError as e:
+        raise SystemExit(f"params.yaml evaluate.device: {e}") from None
+    preds, unanswered = evaluate.answer_questions(model, processor, vqa, images, p["max_new_tokens"])
+    chat_preds, chat_unanswered = evaluate.answer_questions(model, processor, chat, images, p["chat_max_new_tokens"])
+    preds, unanswered = {**preds, **chat_preds}, unanswered + chat_unanswered
     write_jsonl("data/eval/answers.jsonl", [{"id": k, "answer": v} for k, v in preds.items()])
     vqa_m, vqa_skipped = evaluate.vqa_metrics(vqa, preds)
     write_jsonl("data/eval/skipped.jsonl", unanswered + vqa_skipped)

@@ -86,7 +86,7 @@ def test_lora_tuning_saves_an_adapter_that_loads_and_generates(sample, tmp_path)
     lora = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert lora and all("language_model" in n and "lora_" in n for n in lora)
     tune.save_adapter(peft_model, processor, tmp_path)
-    loaded, proc = tune.load_tuned(tmp_path)
+    loaded, proc = tune.load_tuned(tmp_path, "auto")
     for k, v in loaded.get_base_model().state_dict().items():
         if k in base_weights:
             assert torch.equal(v, base_weights[k]), k  # base saved before LoRA wrapped it
@@ -95,6 +95,11 @@ def test_lora_tuning_saves_an_adapter_that_loads_and_generates(sample, tmp_path)
     answers, skipped = evaluate.answer_questions(loaded, proc, items, image_dir, 5)
     assert isinstance(answers["d/x"], str) and "d/gone" not in answers
     assert skipped == [{"id": "d/gone", "image": "no-such.png", "reason": f"image 'no-such.png' is not in {image_dir}"}]
+    assert loaded.device.type == "cpu" and loaded.dtype == torch.float32  # auto on a machine without a GPU
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
+        tune.load_tuned(tmp_path, "gpu")
+    # bfloat16 weights, as load_tuned gives on a GPU, answer too (inputs follow the model's device and dtype)
+    assert isinstance(evaluate.answer_questions(loaded.to(torch.bfloat16), proc, items[:1], image_dir, 3)[0]["d/x"], str)
 
 
 def test_an_interrupted_tuning_run_resumes_from_its_checkpoint_to_the_same_adapter(sample, tmp_path, monkeypatch):

@@ -121,6 +121,7 @@ def answer_questions(model, processor, items: list[dict], images: ImageStore | P
                 skipped.append({"id": uid(it), "image": it["image"], "reason": str(e)})
                 continue
             enc.pop("token_type_ids", None)
+            enc = {k: v.to(model.device, model.dtype if v.is_floating_point() else v.dtype) for k, v in enc.items()}
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
             out[uid(it)] = tok.decode(gen[0][enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()

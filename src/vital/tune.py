@@ -400,16 +400,22 @@ def save_adapter(model, processor, out_dir: Path, state_dict: dict | None = None
     processor.save_pretrained(out_dir / "adapter")
 
 
-def load_tuned(model_dir: Path):
-    """(model with adapter, processor) from a `tune` output directory."""
+def load_tuned(model_dir: Path, device: str = "cpu"):
+    """(model with adapter, processor) from a `tune` output directory, on `device` (auto: the GPU when there
+    is one). On a GPU the weights are bfloat16, as LLaVA-Med evaluates; on the CPU float32."""
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:n], got {device!r}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     adapter = model_dir / "adapter"
     base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     base = str(model_dir / "base") if (model_dir / "base").exists() else base
-    model = AutoModelForImageTextToText.from_pretrained(base)
-    return PeftModel.from_pretrained(model, adapter).eval(), AutoProcessor.from_pretrained(adapter)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype)
+    model = PeftModel.from_pretrained(model, adapter).to(device).eval()
+    return model, AutoProcessor.from_pretrained(adapter)
 
 
 def model_card(cfg: TuneConfig, stats: dict, data: Path, records: int, data_sha256: str, label: str) -> str:
