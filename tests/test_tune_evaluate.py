@@ -45,6 +45,11 @@ def test_loss_is_on_assistant_tokens_only(sample, tiny):
     assert "anything else" not in trained.lower() and "user" not in trained.lower()
     assert tune.encode_example(processor, ImageStore(image_dir).open(records[0].image), _release(records)[0]["conversations"],
                                max_length=10) is None  # image + first question alone do not fit
+    # longer than the tokenizer's own max_length (128 for MiniLM): only tune.max_length cuts, never the processor
+    long = _release(records)[0]["conversations"] + [{"from": "human", "value": "Describe it at length."},
+                                                   {"from": "gpt", "value": "Lesion margin. " * 60 + "The end."}]
+    ex = tune.encode_example(processor, ImageStore(image_dir).open(records[0].image).convert("RGB"), long, 1024)
+    assert len(ex["input_ids"]) > 200 and processor.tokenizer.decode(ex["labels"][-6:]).endswith("the end. [SEP]")
 
 
 INST_TEMPLATE = (  # a Mistral-style template: [INST] question [/INST] answer, the end of a turn marked

@@ -116,7 +116,7 @@ def answer_questions(model, processor, items: list[dict], images: ImageStore | P
             try:
                 with images.open(it["image"]) as im:
                     enc = processor(images=[im.convert("RGB")], text=[prompt(processor, it["text"])],
-                                    add_special_tokens=False, return_tensors="pt")
+                                    add_special_tokens=False, truncation=False, return_tensors="pt")
             except (OSError, ValueError) as e:  # PIL and processors raise these for unreadable images
                 skipped.append({"id": uid(it), "image": it["image"], "reason": str(e)})
                 continue

@@ -173,7 +173,7 @@ def encode_example(processor, image: Image.Image, conversations: list[dict], max
         if answer:
             spans.append((len(text), len(text) + len(piece)))
         text += piece
-    enc = processor(images=[image], text=[text], add_special_tokens=False, return_tensors="pt")
+    enc = processor(images=[image], text=[text], add_special_tokens=False, truncation=False, return_tensors="pt")
     ids = enc["input_ids"][0].tolist()
     labels = _answer_labels(processor, text, spans, ids)
     if len(labels) - labels.count(-100) == 0:
@@ -191,7 +191,7 @@ def _answer_labels(processor, text: str, spans: list[tuple[int, int]], ids: list
     The tokenizer's offsets say where each token starts; the processor's ids are the same tokens with the
     image token repeated once per image feature, which stay masked."""
     tok = processor.tokenizer
-    plain = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    plain = tok(text, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
     image_id = getattr(processor, "image_token_id", None) or tok.convert_tokens_to_ids(IMAGE_TOKEN)
     labels, j = [], 0
     for t, (start, end) in zip(plain["input_ids"], plain["offset_mapping"]):
