@@ -7,8 +7,8 @@ The model is built from a config with random weights (nothing to download): a CL
 336 px (576 image tokens per figure) and a Llama-2-7B-shaped language model, with the project's offline
 MiniLM tokenizer. The conversations are the sample corpus's figures with long answers. It runs
 `vital.tune.train` (what the stage runs) twice on the same model, bf16 autocast with and without gradient
-checkpointing, and prints side by side: seconds per step, steps/s, trained tokens/s and peak GPU memory, and
-their ratios. Then the adapter is saved, loaded back onto the base (peft) with the trained weights intact,
+checkpointing, and prints side by side: seconds per step, steps/s, tokens/s (every non-padding token read:
+image, questions, answers) and peak GPU memory, and their ratios. Then the adapter is saved, loaded back onto the base (peft) with the trained weights intact,
 and the tuned model answers a question about a figure (`vital.evaluate.answer_questions`).
 """
 import argparse
@@ -104,6 +104,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--answer-words", type=int, default=300)
     args = ap.parse_args()
+    if args.steps < 4:
+        ap.error("--steps must be at least 4 (the first two steps warm up)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = torch.cuda.get_device_name() if device == "cuda" else "none (CPU)"
     print(f"device: {gpu}; torch {torch.__version__}; model: LLaVA-1.5 shape '{args.size}', random weights")
@@ -136,7 +138,8 @@ def main():
         from peft import PeftModel
 
         loaded = PeftModel.from_pretrained(peft_model.unload(), tmp / "out" / "adapter").eval()
-        same = all(torch.equal(p, trained[n]) for n, p in loaded.named_parameters() if n in trained)
+        back = {n: p for n, p in loaded.named_parameters() if n in trained}
+        same = len(back) == len(trained) and all(torch.equal(p, trained[n]) for n, p in back.items())
         item = {"question_id": "q", "dataset": "check", "image": records[0].image, "text": "What is shown?"}
         t0 = time.perf_counter()
         answers, skipped = evaluate.answer_questions(loaded.to(torch.bfloat16 if device == "cuda" else torch.float32),

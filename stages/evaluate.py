@@ -39,9 +39,10 @@ def main():
     write_jsonl("data/eval/vqa.jsonl", vqa)
     write_jsonl("data/eval/chat.jsonl", chat)
     try:
-        model, processor = tune.load_tuned(Path("models/vlm"), p["device"])
+        device = tune.resolve_device(p["device"])
     except ValueError as e:
         raise SystemExit(f"params.yaml evaluate.device: {e}") from None
+    model, processor = tune.load_tuned(Path("models/vlm"), device)
     preds, unanswered = evaluate.answer_questions(model, processor, vqa, images, p["max_new_tokens"])
     chat_preds, chat_unanswered = evaluate.answer_questions(model, processor, chat, images, p["chat_max_new_tokens"])
     preds, unanswered = {**preds, **chat_preds}, unanswered + chat_unanswered

@@ -191,19 +191,21 @@ CHAT_JUDGE = (
     "Assistant 2, separated by a space. Then explain your evaluation, without bias, and do not let the order of "
     "the responses affect your judgment."
 )
-_TWO_SCORES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[, ]\s*(\d+(?:\.\d+)?)\s*$")
+_TWO_SCORES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:,|\s)\s*(\d+(?:\.\d+)?)\s*$")
 
 
 def parse_scores(reply: str) -> tuple[float, float] | None:
     """(Assistant 1's score, Assistant 2's) from the reply's first line, both on the 1-10 scale; else None."""
-    m = _TWO_SCORES.match((reply or "").strip().split("\n")[0])
+    m = _TWO_SCORES.match((reply or "").strip().split("\n")[0].replace("*", ""))
     scores = (float(m.group(1)), float(m.group(2))) if m else None
     return scores if scores and all(1 <= x <= 10 for x in scores) else None
 
 
 def judge_messages(caption: str, mentions: str, question: str, reference: str, answer: str) -> list[dict]:
-    text = (f"{figure_text(caption, [mentions])}\nQuestion: {question}\nAssistant 1: {reference}\n"
-            f"Assistant 2: {answer}")
+    """The answers between [Assistant N] / [End of Assistant N] lines, as LLaVA-Med writes them: an answer
+    of several lines stays one answer."""
+    text = (f"{figure_text(caption, [mentions] if mentions else [])}\nQuestion: {question}\n"
+            f"[Assistant 1]\n{reference}\n[End of Assistant 1]\n[Assistant 2]\n{answer}\n[End of Assistant 2]")
     return [{"role": "system", "content": CHAT_JUDGE}, {"role": "user", "content": text}]
 
 

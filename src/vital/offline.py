@@ -72,9 +72,10 @@ class OfflineBackend:
 
     # -- judge (open chat, LLaVA-Med's form): the rubric on the reference and the model's answer, "s1 s2" first
     def _judge(self, prompt: str) -> str:
-        context = section(prompt, "Caption") + " " + section(prompt, "In-text mentions")
-        question = section(prompt, "Question")
-        s1, s2 = (max(1, heuristic_score(context, question, section(prompt, f"Assistant {k}"))[0]) for k in "12")
+        head = prompt.split("\n[Assistant 1]\n")[0]
+        context = section(head, "Caption") + " " + section(head, "In-text mentions")
+        answers = dict(re.findall(r"^\[Assistant (\d)\]\n(.*?)\n\[End of Assistant \1\]$", prompt, re.M | re.S))
+        s1, s2 = (max(1, heuristic_score(context, section(head, "Question"), answers.get(k, ""))[0]) for k in "12")
         return f"{s1} {s2}\nThe rubric gives Assistant 1 {s1} and Assistant 2 {s2}."
 
     # -- pairwise (win rate): the rubric on both answers, the verdict in the [[A]] / [[B]] / [[C]] form

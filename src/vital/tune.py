@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,14 +123,15 @@ def _messages(conversations: list[dict]) -> list[dict]:
 
 
 def _render(processor, msgs: list[dict], add_generation_prompt: bool) -> str:
-    """The messages in the model's chat template, starting with the tokenizer's BOS when it has one and the
+    """The messages in the model's chat template, starting with the BOS when the tokenizer adds one and the
     template does not write it: text is then always tokenized without added special tokens, in training and
     at inference alike."""
     template = getattr(processor, "chat_template", None) or LLAVA_V1_TEMPLATE  # none: LLaVA v1's format
     text = processor.apply_chat_template(msgs, chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
-    bos = processor.tokenizer.bos_token
-    return text if not bos or text.startswith(bos) else bos + text
+    tok = processor.tokenizer
+    adds_bos = tok.bos_token and tok("a")["input_ids"][:1] == [tok.bos_token_id]  # as it does by default
+    return text if not adds_bos or text.startswith(tok.bos_token) else tok.bos_token + text
 
 
 def prompt(processor, question: str) -> str:
@@ -188,27 +190,20 @@ def encode_example(processor, image: Image.Image, conversations: list[dict], max
 
 def _answer_labels(processor, text: str, spans: list[tuple[int, int]], ids: list[int]) -> list[int]:
     """Labels for the processor's `ids` of `text`: the token where it starts inside an answer span, else -100.
-    The tokenizer's offsets say where each token starts; the processor's ids are the same tokens with the
-    image token repeated once per image feature, which stay masked."""
-    tok = processor.tokenizer
-    plain = tok(text, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
-    image_id = getattr(processor, "image_token_id", None) or tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    labels, j = [], 0
-    for t, (start, end) in zip(plain["input_ids"], plain["offset_mapping"]):
-        if t == image_id:
-            n = next((k for k in range(j, len(ids)) if ids[k] != image_id), len(ids)) - j
-            labels, j = labels + [-100] * n, j + n
-            if n:
-                continue
-        if j >= len(ids) or ids[j] != t:
-            raise TemplateError(f"the processor's tokens differ from its tokenizer's at token {j} beyond the "
-                                "expanded image tokens, so answer tokens cannot be told apart")
-        labels.append(t if end > start and any(a <= start < b for a, b in spans) else -100)
-        j += 1
-    if j != len(ids):
-        raise TemplateError(f"the processor gives {len(ids)} tokens, its tokenizer {j}, beyond the expanded "
-                            "image tokens, so answer tokens cannot be told apart")
-    return labels
+    The tokenizer's offsets say where each of its tokens starts. The processor's ids are the same tokens
+    except where it expands the image (repeated image tokens, and for some models break and end tokens):
+    they agree up to and after one stretch, which is masked and must hold no answer token."""
+    plain = processor.tokenizer(text, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
+    ref = plain["input_ids"]
+    labels = [t if any(a <= start < b for a, b in spans) else -100
+              for t, (start, _) in zip(ref, plain["offset_mapping"])]
+    n = min(len(ref), len(ids))
+    head = next((k for k in range(n) if ref[k] != ids[k]), n)
+    tail = next((k for k in range(n - head) if ref[-1 - k] != ids[-1 - k]), n - head)
+    if any(lab != -100 for lab in labels[head:len(ref) - tail]):
+        raise TemplateError(f"the processor's tokens differ from its tokenizer's inside an answer (token {head}), "
+                            "so answer tokens cannot be told apart")
+    return labels[:head] + [-100] * (len(ids) - head - tail) + labels[len(ref) - tail:]
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
@@ -268,6 +263,8 @@ def train(model, processor, release: list[dict], images: ImageStore | Path, cfg:
                              "tune.grad_accum (the tune stage accumulates itself)")
         ds.update(train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=1,
                   train_batch_size=cfg.batch_size * world)
+        if cfg.bf16:  # the engine runs the forward under its own autocast settings: bf16 must be set there
+            ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     sharded = deepspeed or acc.distributed_type == DistributedType.FSDP
     if sharded and cfg.merge:
         raise ValueError("tune.merge needs the whole model in one process; with FSDP or DeepSpeed, merge the "
@@ -339,8 +336,9 @@ def train(model, processor, release: list[dict], images: ImageStore | Path, cfg:
             last = j == len(micro) - 1
             acc.sync_gradients = last  # DeepSpeed: its engine steps at the last micro-batch (opt.step is a no-op)
             sync = contextlib.nullcontext() if last else acc.no_sync(model)  # DDP: all-reduce once a step
-            with sync, torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = model(**batch).loss * world / len(schedule[step])  # DDP averages over processes
+            with sync:
+                with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss = model(**batch).loss * world / len(schedule[step])  # DDP averages over processes
                 acc.backward(loss)
             loss_sum += loss.detach().float()
             tokens += int(batch["attention_mask"].sum())
@@ -363,7 +361,10 @@ def train(model, processor, release: list[dict], images: ImageStore | Path, cfg:
             acc.wait_for_everyone()
     acc.wait_for_everyone()
     if out_dir is not None:
-        full = acc.get_state_dict(model)  # gathered from every shard (FSDP); on the main process
+        if deepspeed:  # ZeRO-3: gather only the trained weights (every process takes part), not the base
+            full = model._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+        else:
+            full = acc.get_state_dict(model)  # gathered from every shard (FSDP); on the main process
         if acc.is_main_process:
             save_adapter(acc.unwrap_model(model), processor, Path(out_dir), full)
     if state_file and acc.is_main_process:
@@ -400,15 +401,24 @@ def save_adapter(model, processor, out_dir: Path, state_dict: dict | None = None
     processor.save_pretrained(out_dir / "adapter")
 
 
+def resolve_device(device: str) -> str:
+    """auto: the GPU when there is one, else the CPU; cpu; cuda[:n] (a GPU must be there)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"device must be auto, cpu or cuda[:n], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no GPU is visible here (torch.cuda.is_available() is False)")
+    return device
+
+
 def load_tuned(model_dir: Path, device: str = "cpu"):
-    """(model with adapter, processor) from a `tune` output directory, on `device` (auto: the GPU when there
-    is one). On a GPU the weights are bfloat16, as LLaVA-Med evaluates; on the CPU float32."""
+    """(model with adapter, processor) from a `tune` output directory, on `device` (see resolve_device). On a
+    GPU the base is bfloat16, as LLaVA-Med evaluates; on the CPU float32."""
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda[:n], got {device!r}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = resolve_device(device)
     adapter = model_dir / "adapter"
     base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     base = str(model_dir / "base") if (model_dir / "base").exists() else base
