@@ -103,6 +103,9 @@ def test_lora_tuning_saves_an_adapter_that_loads_and_generates(sample, tmp_path)
     assert loaded.device.type == "cpu" and loaded.dtype == torch.float32  # auto on a machine without a GPU
     with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
         tune.load_tuned(tmp_path, "gpu")
+    if not torch.cuda.is_available():  # evaluate.device: cuda where there is none is named before loading
+        with pytest.raises(ValueError, match="'cuda:1': no GPU is visible here"):
+            tune.resolve_device("cuda:1")
     # a bfloat16 model answers too (load_tuned gives a bfloat16 base on a GPU; inputs follow the model's dtype)
     assert isinstance(evaluate.answer_questions(loaded.to(torch.bfloat16), proc, items[:1], image_dir, 3)[0]["d/x"], str)
 
