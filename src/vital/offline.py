@@ -1,9 +1,9 @@
 """The `offline` backend: deterministic, no model, the embedded default that lets `dvc repro` run anywhere.
 
 It reads the figure text out of the prompt and writes a caption-grounded reply (generate), a heuristic
-rubric score (rate), the two scores of the open-chat judge, a pairwise verdict (the win rate) or a pair of candidate answers
-(annotation_pool). Every artifact it touches says `backend: offline`, and its "model" name carries a hash
-of this file, so editing the offline logic never reuses a cached reply.
+rubric score (rate), the two scores of the open-chat judge, a pairwise verdict (the win rate) or a pair of
+candidate answers (annotation_pool). Every artifact it touches says `backend: offline`, and its "model"
+name carries a hash of this file, so editing the offline logic never reuses a cached reply.
 """
 from __future__ import annotations
 

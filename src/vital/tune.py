@@ -375,8 +375,8 @@ def train(model, processor, release: list[dict], images: ImageStore | Path, cfg:
                                                                   f"{cfg.max_length}"} for i in skipped])[:5],
              "steps": step, "resumed_from_step": resumed_from,
              "train_tokens": tokens, "final_loss": history[-1]["loss"],
-             "trainable_params": n_trainable, "device": acc.device.type, "processes": world, "parallelism": acc.distributed_type.value,
-             "bf16": cfg.bf16}
+             "trainable_params": n_trainable, "device": acc.device.type, "processes": world,
+             "parallelism": acc.distributed_type.value, "bf16": cfg.bf16}
     return acc.unwrap_model(model), history, stats
 
 
