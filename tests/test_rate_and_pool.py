@@ -61,3 +61,38 @@ def test_pool_is_diverse_and_has_two_answers_per_question(sample, tmp_path):
     assert len({i.domain for i in items}) >= 3  # not all of one kind
     assert all(i.answer_a and i.answer_b and i.answer_a != i.answer_b for i in items)
     assert len({i.question_id for i in items}) == len(items)
+
+
+def test_pool_questions_come_from_the_models_conversation_not_a_template(sample, tmp_path):
+    from vital.backends import Reply
+    from vital.pool import POOL_PROMPT
+
+    seen = []
+
+    class Scripted(OfflineBackend):
+        async def acomplete(self, messages, task, sampling):
+            seen.append((task, messages[0]["content"]))
+            return Reply("User: Where is the lesion?\nAnswer 1: In the right lobe.\nAnswer 2: In the left lobe.\n"
+                         "User: Same twice?\nAnswer 1: Yes.\nAnswer 2: Yes.\n"  # no choice to judge: left out
+                         "**Question:** Is it calcified?\n**Answer A:** No calcification is seen.\n"
+                         "continued on a second line.\n**Answer B:** It may be calcified.\n"
+                         "User: A third question?\nAnswer 1: One.\nAnswer 2: Two.", 10, 10, "stop")
+
+    records, image_dir = sample
+    items, _, stats = build_pool(records[:4], image_dir, Client(ClientConfig(), Scripted()),
+                                 AppendLog(tmp_path / "p.jsonl"), clusters=2, per_cluster=1, questions_per_figure=2,
+                                 image_weight=1.0, seed=0)
+    assert len(seen) == 2 and all(t == "pool" and s == POOL_PROMPT.format(rounds=2) for t, s in seen)  # one a figure
+    assert [(i.question, i.answer_a, i.answer_b) for i in items[:2]] == [
+        ("Where is the lesion?", "In the right lobe.", "In the left lobe."),
+        ("Is it calcified?", "No calcification is seen. continued on a second line.", "It may be calcified.")]
+    assert [i.question_id.split(":")[1] for i in items[:2]] == ["q0", "q1"]
+
+
+def test_the_offline_pool_asks_different_questions_of_different_figures(sample, tmp_path):
+    records, image_dir = sample
+    items, _, stats = build_pool(records, image_dir, OFFLINE, AppendLog(tmp_path / "p.jsonl"),
+                                 clusters=6, per_cluster=2, questions_per_figure=2, image_weight=1.0, seed=0)
+    firsts = {i.question for i in items if i.question_id.endswith(":q0")}
+    assert stats["distinct_questions"] >= 8 and len(firsts) >= 4  # a template would ask two questions of all
+    assert any(w in " ".join(i.question.lower() for i in items) for w in ("side", "plane", "size", "anatomy"))

@@ -87,7 +87,8 @@ class FakeOpenAI:
 
         messages = body["messages"]
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-        task = "rate" if system == RUBRIC else "pool_answers" if system == POOL_PROMPT else "generate"
+        pool = system.startswith(POOL_PROMPT.split("{")[0])
+        task = "rate" if system == RUBRIC else "pool" if pool else "generate"
         text = OfflineBackend().complete(messages, task)
         if fault == "nonsense":
             text = "Lorem ipsum dolor sit amet."

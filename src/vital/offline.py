@@ -1,9 +1,10 @@
 """The `offline` backend: deterministic, no model, the embedded default that lets `dvc repro` run anywhere.
 
 It reads the figure text out of the prompt and writes a caption-grounded reply (generate), a heuristic
-rubric score (rate), the two scores of the open-chat judge, a pairwise verdict (the win rate) or a pair of
-candidate answers (annotation_pool). Every artifact it touches says `backend: offline`, and its "model"
-name carries a hash of this file, so editing the offline logic never reuses a cached reply.
+rubric score (rate), the two scores of the open-chat judge, a pairwise verdict (the win rate) or a
+conversation with two candidate answers per question (annotation_pool). Every artifact it touches says
+`backend: offline`, and its "model" name carries a hash of this file, so editing the offline logic never
+reuses a cached reply.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class OfflineBackend:
     def complete(self, messages: list[dict], task: str) -> str:
         prompt = _last_user_text(messages)
         return {"generate": self._generate, "rate": self._rate, "judge": self._judge, "pairwise": self._pairwise,
-                "pool_answers": self._pool_answers}[task](prompt)
+                "pool": self._pool}[task](prompt)
 
     # -- generate: a caption-grounded multi-turn conversation in the `User:`/`Assistant:` format
     def _generate(self, prompt: str) -> str:
@@ -85,21 +86,33 @@ class OfflineBackend:
         a, b = (heuristic_score(context, question, section(prompt, f"Answer {x}"))[0] for x in "AB")
         return f"Answer A scores {a}, answer B scores {b}.\n[[{'A' if a > b else 'B' if b > a else 'C'}]]"
 
-    # -- annotation_pool: two candidate answers to one question, in `A:` / `B:` lines
-    def _pool_answers(self, prompt: str) -> str:
+    # -- annotation_pool: a conversation with two candidate answers per question (`User:`, `Answer 1:`, `Answer 2:`)
+    def _pool(self, prompt: str) -> str:
         caption, mentions = section(prompt, "Caption"), section(prompt, "In-text mentions")
-        question = section(prompt, "Question")
-        grounded = dict(qa_from_text(caption, mentions)).get(question) or split_sentences(caption)[0]
-        style = stable_int(caption, question) % 3
-        if style == 0:  # generic, overconfident: the kind of answer clinicians reject
-            other = "This is a normal study and there is definitely no abnormality to report."
-        elif style == 1:  # terse but correct
-            other = " ".join(grounded.split()[:10]).rstrip(",;") + "."
-        else:  # hedged restatement
-            other = f"It is hard to be sure from a single image, but it may show the following: {grounded[0].lower()}{grounded[1:]}"
-        swap = stable_int(question, caption, "swap") % 2
-        a, b = (other, grounded) if swap else (grounded, other)
-        return f"A: {a}\nB: {b}"
+        lines = []
+        for question, grounded in qa_from_text(caption, mentions):
+            other = _weaker_answer(caption, question, grounded)
+            a, b = (other, grounded) if stable_int(question, caption, "swap") % 2 else (grounded, other)
+            lines += [f"User: {question}", f"Answer 1: {a}", f"Answer 2: {b}"]
+        return "\n".join(lines)
+
+
+FLIPS = {"left": "right", "right": "left", "CT": "MRI", "MRI": "CT", "MR": "CT", "radiograph": "ultrasound image",
+         "ultrasound": "radiograph", "axial": "sagittal", "coronal": "axial"}
+
+
+def _weaker_answer(caption: str, question: str, grounded: str) -> str:
+    """The second candidate answer of the offline pool: overconfident and generic, terse, hedged, or contradicting
+    the figure (the side or the modality swapped), the kinds of answer clinicians tell apart."""
+    style = stable_int(caption, question) % 4
+    flip = re.compile(r"\b(" + "|".join(FLIPS) + r")\b")
+    if style == 3 and flip.search(grounded):
+        return flip.sub(lambda m: FLIPS[m.group(1)], grounded)
+    if style == 1:
+        return " ".join(grounded.split()[:10]).rstrip(",;.") + "."
+    if style == 2:
+        return f"It is hard to be sure from a single image, but it may show the following: {grounded[0].lower()}{grounded[1:]}"
+    return "This is a normal study and there is definitely no abnormality to report."
 
 
 def _last_user_text(messages: list[dict]) -> str:
@@ -107,8 +120,37 @@ def _last_user_text(messages: list[dict]) -> str:
     return "\n".join(p["text"] for p in parts(content) if p["type"] == "text")
 
 
+# What a figure's questions can be about, the paper's list (modality, organ, location and side, possible disease,
+# size, number): (what, the words that show the caption speaks of it, two phrasings of the question).
+ASPECTS = [
+    ("plane", r"\b(axial|coronal|sagittal|frontal|lateral|transverse|planar|oblique|dual-panel|split-screen)\b",
+     ("In which plane or projection was this image acquired?", "What view does this image show?")),
+    ("side", r"\b(left|right|bilateral|both)\b",
+     ("Which side of the body does this involve?", "Is the finding on the left, the right or both sides?")),
+    ("anatomy", r"\b(lungs?|liver|kidneys?|heart|brain|skull|calvarium|tibia|ankle|shoulder|humeral|glenoid|spine|"
+                r"vertebra\w*|aorta|bladder|pelvi\w*|retina\w*|optic disc|macula|colon\w*|gland\w*|lymph node|"
+                r"skeleton|spleen|bowel|abdomen|thora\w+|chest)\b",
+     ("Which organ or anatomical structures are shown?", "What anatomy can be identified in this image?")),
+    ("size", r"\b(\d+(?:\.\d+)? ?(?:mm|cm)|large|small|varying size|enlarged|distended|normal size|heart size)\b",
+     ("What can be said about the size of what is seen?", "How big are the structures or findings shown?")),
+    ("count", r"\b(multiple|numerous|several|single|solitary|many|scattered)\b",
+     ("How many lesions or structures of interest are seen?", "Is the finding single or multiple?")),
+    ("abnormal", r"\b(lesion|opacit\w+|nodules?|mass|consolidation|fracture|effusion|tumou?r|metasta\w+|fibroma)\b",
+     ("Is there an abnormality in this image?", "Does this image show anything abnormal?")),
+    ("stain", r"\b(stain\w*|immuno\w+|hematoxylin|eosin|dab|counterstain)\b",
+     ("What does the staining show?", "What do the colours of the stain indicate?")),
+    ("flow", r"\b(doppler|flow|vascularity|tracer|uptake)\b",
+     ("What does the signal or uptake pattern show?", "What does the colour or tracer signal indicate?")),
+]
+
+
 def qa_from_text(caption: str, mentions: str) -> list[tuple[str, str]]:
-    """Deterministic Q&A rounds grounded in a caption and its in-text mentions (offline generator)."""
+    """Deterministic Q&A rounds grounded in a caption and its in-text mentions (the offline generator).
+
+    Questions differ by figure: one per aspect the caption speaks of (modality, plane, side, anatomy, size,
+    number, abnormality, stain, signal), each answered by the sentence that speaks of it, in an order and a
+    phrasing drawn from the caption; then the main findings, what else is seen, the clinical significance
+    (from the mentions) and whether the image alone settles a diagnosis."""
     sents = split_sentences(caption)
     mention_sents = split_sentences(mentions)
     first = sents[0].rstrip(".") if sents else caption
@@ -118,11 +160,17 @@ def qa_from_text(caption: str, mentions: str) -> list[tuple[str, str]]:
         findings = rest[8].upper() + rest[9:] + "."
     else:
         findings = sents[1] if len(sents) > 1 else first + "."
-    qa = [("What kind of image is this?", f"This image is {_article(kind)} {kind[0].lower() + kind[1:]}."),
-          ("What are the main findings in this image?", findings)]
-    for s in sents[1:]:
-        if s != findings:
-            qa.append(("What else can be seen in the image?", s))
+    pick = stable_int(caption, "phrasing") % 2
+    modality = (("What kind of image is this?", "Which imaging modality or technique was used?")[pick],
+                f"This image is {_article(kind)} {kind[0].lower() + kind[1:]}.")
+    aspects, used = [modality, ("What are the main findings in this image?", findings)], {findings}
+    for name, pattern, questions in ASPECTS:
+        hit = next((s for s in sents + mention_sents if re.search(pattern, s, re.I)), None)
+        if hit:
+            aspects.append((questions[stable_int(caption, name) % 2], hit))
+            used.add(hit)
+    aspects.sort(key=lambda qa: stable_int(caption, qa[0]))  # the order differs by figure too
+    qa = aspects + [("What else can be seen in the image?", s) for s in sents[1:] if s not in used]
     for s in mention_sents:
         qa.append(("What is the clinical significance of this appearance?",
                    f"The appearance may be explained as follows: {s[0].lower() + s[1:]} "

@@ -2,9 +2,10 @@
 
 Figures are embedded (MiniLM caption+mention text, plus image features), clustered with k-means, and
 the `per_cluster` figures nearest each centre are pooled, so clinicians see every kind of figure
-rather than a thousand chest X-rays. For each pooled figure the first `questions_per_figure` questions
-of the generator are asked, and the backend writes two candidate answers (A and B) for clinicians
-to mark acceptable or not.
+rather than a thousand chest X-rays. For each pooled figure the backend writes a multi-round
+conversation with two distinct answers to every question (as the authors' two-answer generation did),
+and the pool takes its first `questions_per_figure` questions with their answers (A and B) for
+clinicians to mark acceptable or not.
 """
 from __future__ import annotations
 
@@ -17,14 +18,21 @@ from sklearn.cluster import KMeans
 from .backends import image_part
 from .images import ImageStore
 from .client import Requests
-from .offline import qa_from_text
 from .encoders import encode_images, encode_texts
 from .generate import figure_text
 from .schema import AppendLog, CorpusRecord, PoolItem
 
-POOL_PROMPT = ("You are helping build a set of questions for clinicians to judge. Given a biomedical figure, "
-               "its caption and mentions, and a question about it, write two different candidate answers, "
-               "one per line, as 'A: ...' and 'B: ...'.")
+POOL_PROMPT = (
+    "You are an AI assistant with expertise in biomedical images, helping to build questions for clinicians to "
+    "judge. You are shown a figure from a biomedical paper with its caption and the sentences that mention it. "
+    "Write a conversation about the image: diverse questions a person looking at it would ask (the modality, the "
+    "organ and anatomy, the location and side, possible diseases, the size and number of findings), at least "
+    "{rounds} of them, and for every question two different answers, each a distinct explanation or perspective "
+    "grounded in the image, so that clinicians can judge which is acceptable. Never say that information comes "
+    "from a caption or text. Format each round as three lines: 'User: <question>', 'Answer 1: <answer>' and "
+    "'Answer 2: <answer>'.")
+_LINE = re.compile(r"^\s*(?:\d+[.)]\s*)?[*_#\s]*(user|human|question|q|answer\s*[12ab]|assistant\s*[12ab]|a|b)[*_\s]*:"
+                   r"[*_\s]*(.*)$", re.I)
 
 
 def figure_embeddings(records: list[CorpusRecord], images: ImageStore | Path, image_weight: float) -> np.ndarray:
@@ -47,47 +55,60 @@ def select_diverse(emb: np.ndarray, clusters: int, per_cluster: int, seed: int) 
     return sorted(chosen)
 
 
-def parse_ab(reply: str) -> tuple[str, str] | None:
-    a = re.search(r"^\s*A:\s*(.+)$", reply, re.M)
-    b = re.search(r"^\s*B:\s*(.+)$", reply, re.M)
-    return (a.group(1).strip(), b.group(1).strip()) if a and b else None
+def parse_pool_reply(reply: str) -> list[tuple[str, str, str]]:
+    """(question, answer 1, answer 2) of each round of a reply in `User:` / `Answer 1:` / `Answer 2:` lines (also
+    `Question:`, `Answer A:`, `A:`, numbered or bold); rounds without two different answers are left out."""
+    rounds, current = [], None
+    for line in reply.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            if current and line.strip():  # a continuation line of the last field
+                current[-1][1].append(line.strip())
+            continue
+        who = m.group(1).lower().replace(" ", "")
+        if who in ("user", "human", "question", "q"):
+            current = [("q", [m.group(2).strip()])]
+            rounds.append(current)
+        elif current is not None:
+            current.append(("a", [m.group(2).strip()]))
+    out = []
+    for r in rounds:
+        q, answers = " ".join(r[0][1]), [" ".join(v) for k, v in r[1:] if k == "a"]
+        if q and len(answers) >= 2 and answers[0] and answers[1] and answers[0] != answers[1]:
+            out.append((q, answers[0], answers[1]))
+    return out
 
 
 def build_pool(records: list[CorpusRecord], images: ImageStore | Path, client, log: AppendLog, clusters: int,
                per_cluster: int, questions_per_figure: int, image_weight: float, seed: int, max_image_side: int = 0):
-    """(pool items, failures, stats)."""
+    """(pool items, failures, stats): one request per pooled figure, its first `questions_per_figure` questions."""
     images = ImageStore.of(images)
     emb = figure_embeddings(records, images, image_weight)
     picked = select_diverse(emb, clusters, per_cluster, seed)
-    items = []
-    for i, cluster in picked:
-        r = records[i]
-        questions = dict.fromkeys(q for q, _ in qa_from_text(r.caption, " ".join(r.inline_mentions)))
-        items += [(f"{r.id}:q{k}", (r, cluster, q)) for k, q in enumerate(list(questions)[:questions_per_figure])]
-    meta = dict(items)
+    system = POOL_PROMPT.format(rounds=questions_per_figure)
 
     def build(x):
-        r, _, q = x
-        return [{"role": "system", "content": POOL_PROMPT},
-                {"role": "user", "content": [
-                    {"type": "text", "text": figure_text(r.caption, r.inline_mentions) + f"\nQuestion: {q}"},
-                    image_part(images.read(r.image), max_image_side)]}]
+        r, _ = x
+        return [{"role": "system", "content": system},
+                {"role": "user", "content": [{"type": "text", "text": figure_text(r.caption, r.inline_mentions)},
+                                             image_part(images.read(r.image), max_image_side)]}]
 
-    rows, stats, failures = client.run(Requests(items, build), log, "pool_answers", {}, lambda k, e: e,
-                                       "annotation_pool")
-    pool, unparsed = [], []
-    for qid, _ in items:
-        if qid not in rows:
+    items = [(records[i].id, (records[i], cluster)) for i, cluster in picked]
+    rows, stats, failures = client.run(Requests(items, build), log, "pool", {}, lambda k, e: e, "annotation_pool")
+    pool, unparsed, short = [], [], []
+    for fid, (r, cluster) in items:
+        if fid not in rows:
             continue  # failed: listed in failures
-        entry = rows[qid]
-        ab = parse_ab(entry["reply"])
-        if ab is None:
-            unparsed.append(qid)
-            continue
-        r, cluster, q = meta[qid]
-        pool.append(PoolItem(question_id=qid, figure_id=r.id, image=r.image, domain=r.domain, caption=r.caption,
-                             inline_mentions=r.inline_mentions, cluster=cluster, question=q,
-                             answer_a=ab[0], answer_b=ab[1], backend=client.name, request_hash=entry["request_hash"]))
+        rounds = list({q: (q, a, b) for q, a, b in reversed(parse_pool_reply(rows[fid]["reply"]))}.values())[::-1]
+        if not rounds:
+            unparsed.append(fid)
+        elif len(rounds) < questions_per_figure:
+            short.append(fid)
+        for k, (q, a, b) in enumerate(rounds[:questions_per_figure]):
+            pool.append(PoolItem(question_id=f"{fid}:q{k}", figure_id=fid, image=r.image, domain=r.domain,
+                                 caption=r.caption, inline_mentions=r.inline_mentions, cluster=cluster, question=q,
+                                 answer_a=a, answer_b=b, backend=client.name, request_hash=rows[fid]["request_hash"]))
     stats.update(figures=len(picked), clusters=min(clusters, len(records)), questions=len(pool),
-                 unparsed_replies=len(unparsed))
+                 distinct_questions=len({p.question for p in pool}), unparsed_replies=len(unparsed),
+                 figures_with_fewer_questions=len(short))
     return pool, failures, stats
