@@ -2,7 +2,8 @@ import copy
 
 from vital.backends import Fatal, image_part
 from vital.client import Client, ClientConfig
-from vital.generate import GenerateConfig, build_messages, clean_rounds, generate, parse_reply
+from vital.generate import (LEAK_PHRASES, REFUSAL_PHRASES, SYSTEM_PROMPT, GenerateConfig, build_messages, clean_rounds,
+                            generate, parse_reply, pick_demos)
 from vital.offline import OfflineBackend
 from vital.schema import AppendLog, Demo
 
@@ -60,7 +61,7 @@ def test_parse_reply_variants():
 
 
 def test_leaks_and_refusals_are_dropped_and_short_conversations_rejected(sample, tmp_path):
-    turns, dropped = clean_rounds(parse_reply(
+    turns, dropped, _ = clean_rounds(parse_reply(
         "User: What is seen?\nAssistant: The caption says a nodule.\nUser: Size?\nAssistant: I'm sorry, I cannot tell."
         "\nUser: Modality?\nAssistant: CT."))
     assert dropped == {"leak": 1, "refusal": 1, "image_token": 0} and len(turns) == 2
@@ -74,6 +75,7 @@ def test_leaks_and_refusals_are_dropped_and_short_conversations_rejected(sample,
                                          GenerateConfig())
     assert not convs and len(rejected) == 2 and "min_rounds=3" in rejected[0]["reason"]
     assert stats["rounds_dropped"]["leak"] == 2
+    assert stats["rounds_dropped_by_phrase"] == {"leak: according to the text": 2}
 
 
 def test_unknown_backend_and_mode_are_clear_errors(monkeypatch):
@@ -98,7 +100,7 @@ def test_identical_requests_share_a_reply_but_keep_their_own_ids(sample, tmp_pat
 
 
 def test_rounds_containing_the_image_token_are_dropped():
-    turns, dropped = clean_rounds(parse_reply("User: <image> What is it?\nAssistant: A CT.\nUser: Where?\nAssistant: Chest."))
+    turns, dropped, _ = clean_rounds(parse_reply("User: <image> What is it?\nAssistant: A CT.\nUser: Where?\nAssistant: Chest."))
     assert dropped["image_token"] == 1 and [t["value"] for t in turns] == ["Where?", "Chest."]
 
 
@@ -114,7 +116,7 @@ def test_json_replies_fenced_or_bare_parse_like_text_ones():
 
 def test_phrase_lists_and_prompt_come_from_params(tmp_path):
     turns = parse_reply("User: What is seen?\nAssistant: Per the legend, a nodule.\nUser: Size?\nAssistant: 4 mm.")
-    kept, dropped = clean_rounds(turns, GenerateConfig(leak_phrases=("per the legend",)))
+    kept, dropped, _ = clean_rounds(turns, GenerateConfig(leak_phrases=("per the legend",)))
     assert dropped["leak"] == 1 and kept == turns[2:]
     rec = Demo(id="x", domain="mri", caption="c", inline_mentions=[], conversations=[])
     cfg = GenerateConfig(system_prompt="At least {min_rounds} rounds.", min_rounds=4, json_mode=True)
@@ -153,3 +155,112 @@ def test_a_reply_cut_at_max_tokens_loses_its_unfinished_last_round(sample, tmp_p
     records, image_dir = sample
     convs, *_ = generate(records[:1], image_dir, [], offline(Cut()), AppendLog(tmp_path / "c.jsonl"), GenerateConfig())
     assert [t["value"] for t in convs[0].conversations][-1] == "A3."
+
+
+def test_a_reply_cut_inside_a_question_keeps_its_last_complete_round(sample, tmp_path):
+    from vital.backends import Reply
+
+    class Cut(OfflineBackend):
+        async def acomplete(self, messages, task, sampling):
+            text = "\n".join(f"User: Q{i}?\nAssistant: A{i}." for i in range(4)) + "\nUser: Q4 is"
+            return Reply(text, 10, 10, "length")
+
+    records, image_dir = sample
+    convs, *_ = generate(records[:1], image_dir, [], offline(Cut()), AppendLog(tmp_path / "c.jsonl"), GenerateConfig())
+    values = [t["value"] for t in convs[0].conversations]
+    assert len(values) == 8 and values[-1] == "A3."
+
+
+def _modality_demos(per_modality):
+    from vital.generate import MODALITIES
+    conv = [{"from": "human", "value": "What is shown?"}, {"from": "gpt", "value": "An image."}]
+    return [Demo(id=f"{d}-{k}", domain=d, caption=f"demo {d}-{k}", inline_mentions=[], conversations=conv)
+            for d in MODALITIES for k in range(per_modality)]
+
+
+class Recording(OfflineBackend):
+    """Keeps the demonstrations (by caption) of each request, keyed by the figure's caption."""
+    def __init__(self):
+        self.seen, self.calls = {}, 0
+
+    def complete(self, messages, task):
+        self.calls += 1
+        demo_users = [m["content"] for m in messages[1:-1] if m["role"] == "user"]
+        assert all(isinstance(c, str) for c in demo_users)  # demonstrations are text-only
+        self.seen[messages[-1]["content"][0]["text"]] = [c.split("\n")[0].removeprefix("Caption: demo ")
+                                                         for c in demo_users]
+        return super().complete(messages, task)
+
+
+def test_every_request_carries_one_demo_of_each_modality_drawn_per_figure(sample, tmp_path):
+    from vital.generate import figure_text
+    records, image_dir = sample
+    log, backend = AppendLog(tmp_path / "cache.jsonl"), Recording()
+    convs, _, _, stats = generate(records, image_dir, _modality_demos(2), offline(backend), log, CFG)
+    assert backend.calls == len(records) and len(convs) == len(records)
+    draws = {}
+    for r, c in zip(records, convs):
+        used = backend.seen[figure_text(r.caption, r.inline_mentions)]
+        # one of each of the five modalities, in DOMAINS order, `other` figures included
+        assert [u.rsplit("-", 1)[0] for u in used] == ["chest_xray", "mri", "ct_scan", "histology", "gross"]
+        assert c.demo_ids == used  # recorded in prompt order
+        draws[r.id] = tuple(used)
+    assert "other" in {r.domain for r in records}
+    assert len(set(draws.values())) > 1  # a fresh draw per figure
+    # the same figure gets the same demonstrations: a rerun (a new process would do the same) is all cache
+    again, _, _, stats2 = generate(records, image_dir, _modality_demos(2), offline(backend), log, CFG)
+    assert backend.calls == len(records) and stats2["cached"] == len(records)
+    assert [c.demo_ids for c in again] == [c.demo_ids for c in convs]
+    # a modality missing from the demonstrations file is skipped
+    backend = Recording()
+    convs, *_ = generate(records[:2], image_dir, _demos(), offline(backend), AppendLog(tmp_path / "c2.jsonl"), CFG)
+    assert [c.demo_ids for c in convs] == [["d1"], ["d1"]] and records[1].domain == "other"
+
+
+def test_own_domain_scheme_draws_once_per_run_from_the_figures_modality(sample, tmp_path):
+    records, image_dir = sample
+    demos, cfg = _modality_demos(2), GenerateConfig(temperature=0, demo_scheme="own_domain", seed=3)
+    convs, *_ = generate(records, image_dir, demos, offline(), AppendLog(tmp_path / "c.jsonl"), cfg)
+    chosen = pick_demos(demos, 1, 3)
+    for r, c in zip(records, convs):
+        assert c.demo_ids == [d.id for d in chosen.get(r.domain, [])]
+    assert {tuple(c.demo_ids) for c in convs if c.domain == "other"} == {()}
+
+
+def test_unknown_demo_scheme_is_a_clear_error():
+    with pytest.raises(ValueError, match="generate.demo_scheme is 'all'; use one of every_modality, own_domain"):
+        GenerateConfig.from_params({"demo_scheme": "all"})
+
+
+def _round(answer):
+    return [{"from": "human", "value": "Is this malignant?"}, {"from": "gpt", "value": answer}]
+
+
+def test_calibrated_hedges_are_kept_and_leaks_and_refusals_dropped():
+    hedges = ["I cannot be certain from the image alone.", "This cannot be determined from the image alone.",
+              "It is common in the context of chronic disease.", "I can't say for sure without clinical correlation.",
+              "I cannot provide a definitive diagnosis; please consult a clinician.",
+              "Useful as an aid to diagnosis."]
+    for h in hedges:
+        kept, dropped, by_phrase = clean_rounds(_round(h))
+        assert kept == _round(h) and not by_phrase, h
+    drops = {"As mentioned in the caption, a nodule.": "leak: the caption",
+             "The caption says a nodule.": "leak: the caption",
+             "I'm sorry, but I can't view images.": "refusal: i'm sorry",
+             "I\u2019m sorry, but I can\u2019t view images.": "refusal: i'm sorry",
+             "As an AI, I cannot see the image.": "refusal: as an ai",
+             "According to the text, a nodule.": "leak: according to the text"}
+    for text, phrase in drops.items():
+        kept, dropped, by_phrase = clean_rounds(_round(text))
+        assert kept == [] and by_phrase == {phrase: 1}, text
+        assert dropped[phrase.split(":")[0]] == 1
+
+
+def test_default_prompt_and_phrases_are_params_yaml():
+    import yaml
+    from pathlib import Path
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())["generate"]
+    cfg = GenerateConfig.from_params(params)
+    assert (cfg.system_prompt, cfg.leak_phrases, cfg.refusal_phrases) == (SYSTEM_PROMPT, LEAK_PHRASES,
+                                                                          REFUSAL_PHRASES)
+    assert cfg.demo_scheme == GenerateConfig().demo_scheme

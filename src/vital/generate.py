@@ -1,13 +1,15 @@
 """Stage `generate`: demonstration-prompted multi-turn Q&A about each figure (the paper's GPT-4V step).
 
-For each figure the prompt is: the system prompt, then one clinician-selected demonstration of the
-figure's modality as a worked example (user: its caption and mentions; assistant: its conversation),
-then the figure itself (caption, in-text mentions, image). The reply is parsed into LLaVA turns;
-rounds that leak the source text or refuse are dropped, and conversations left with fewer than
+For each figure the prompt is: the system prompt, then clinician-selected demonstrations as worked
+examples (user: its caption and mentions; assistant: its conversation) -- by default one of each of the
+five modalities, drawn afresh for each figure as the authors' code does -- then the figure itself
+(caption, in-text mentions, image). The reply is parsed into LLaVA turns; rounds that leak the source
+text or refuse (a whole-word phrase match) are dropped, and conversations left with fewer than
 `min_rounds` rounds are rejected with a reason. Every prompt setting is a param (`GenerateConfig`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -20,26 +22,38 @@ from .images import ImageStore
 from .client import Requests
 from .schema import DOMAINS, IMAGE_TOKEN, AppendLog, Conversation, CorpusRecord, Demo
 
-SYSTEM_PROMPT = (
+SYSTEM_PROMPT = (  # the same text as params.yaml's generate.system_prompt
     "You are an AI assistant specialized in biomedical topics. You are shown a biomedical figure together "
     "with its caption and the sentences that mention it in the paper. Write a multi-turn conversation "
     "between a person asking about the image and you answering, as if you were looking at the image. "
     "Ground every answer in the visual details and in the caption and mentions, but never say that "
-    "information comes from a caption or text. Ask diverse questions (modality, anatomy, findings, "
-    "significance). Start with a question, write at least {min_rounds} exchanges, and answer without "
-    "overconfidence: say when the image alone cannot settle a question. Format each exchange as "
-    "'User: ...' on one line and 'Assistant: ...' on the next."
+    "information comes from a caption or text. Ask diverse questions, closed (yes/no) and open: the "
+    "imaging modality, the organ and anatomy, the location and side, possible diseases, the size and "
+    "number of findings, and questions that need reasoning. Start with a question, write at least "
+    "{min_rounds} exchanges, and answer without overconfidence: say when the image alone cannot settle a "
+    "question. Format each exchange as 'User: ...' on one line and 'Assistant: ...' on the next."
 )
 JSON_INSTRUCTION = (' Reply with a JSON object only: {"conversations": [{"question": "...", "answer": "..."}, ...]}.')
-LEAK_PHRASES = ("the caption", "the text says", "the context", "mentioned in the", "according to the text",
-                "in-text mention", "the figure legend")
-REFUSAL_PHRASES = ("i cannot", "i can't", "i'm sorry", "as an ai", "unable to view")
+# the same lists as params.yaml; matched as whole words, and none is in the hedges the prompt asks for
+# ("I cannot be certain from the image alone", "in the context of")
+LEAK_PHRASES = ("the caption", "figure caption", "the legend", "figure legend", "the text says", "the text states",
+                "according to the text", "according to the context", "mentioned in the text",
+                "mentioned in the caption", "described in the text", "described in the caption",
+                "the provided context", "the given context", "the figure context", "in-text mention",
+                "in-text mentions", "the provided text", "the accompanying text")
+REFUSAL_PHRASES = ("i'm sorry", "i am sorry", "as an ai", "unable to view", "not able to view", "i cannot view",
+                   "i can't view", "i cannot see the image", "i can't see the image", "i cannot analyze",
+                   "i can't analyze", "i cannot interpret", "i can't interpret", "i cannot assist", "i can't assist",
+                   "i cannot help", "i can't help", "i cannot access", "i can't access")
+DEMO_SCHEMES = ("every_modality", "own_domain")
+MODALITIES = tuple(d for d in DOMAINS if d != "other")  # every_modality: one demonstration each, in this order
 
 
 @dataclass
 class GenerateConfig:
     system_prompt: str = SYSTEM_PROMPT  # `{min_rounds}` is filled in
     min_rounds: int = 3
+    demo_scheme: str = "every_modality"  # | "own_domain" (see demos_for)
     demos_per_modality: int = 1
     seed: int = 0  # which demonstrations are sampled
     max_image_side: int = 768  # the image is shrunk to fit before it is sent
@@ -48,6 +62,10 @@ class GenerateConfig:
     max_tokens: int = 1024
     leak_phrases: tuple = LEAK_PHRASES
     refusal_phrases: tuple = REFUSAL_PHRASES
+
+    def __post_init__(self):
+        if self.demo_scheme not in DEMO_SCHEMES:
+            raise ValueError(f"generate.demo_scheme is {self.demo_scheme!r}; use one of {', '.join(DEMO_SCHEMES)}")
 
     @classmethod
     def from_params(cls, p: dict) -> "GenerateConfig":
@@ -65,11 +83,31 @@ def figure_text(caption: str, mentions: list[str]) -> str:
     return f"Caption: {caption}\nIn-text mentions: {' '.join(mentions) if mentions else '(none)'}"
 
 
+def _by_domain(demos: list[Demo]) -> dict[str, list[Demo]]:
+    return {d: sorted((x for x in demos if x.domain == d), key=lambda x: x.id) for d in DOMAINS}
+
+
 def pick_demos(demos: list[Demo], per_modality: int, seed: int) -> dict[str, list[Demo]]:
-    """`per_modality` demonstrations per modality, sampled with `seed`."""
+    """`per_modality` demonstrations per modality, sampled once with `seed` (the own_domain scheme)."""
     rng = random.Random(seed)
-    by_domain = {d: sorted((x for x in demos if x.domain == d), key=lambda x: x.id) for d in DOMAINS}
-    return {d: rng.sample(xs, min(per_modality, len(xs))) for d, xs in by_domain.items()}
+    return {d: rng.sample(xs, min(per_modality, len(xs))) for d, xs in _by_domain(demos).items()}
+
+
+def demos_for(records: list[CorpusRecord], demos: list[Demo], cfg: GenerateConfig) -> dict[str, list[Demo]]:
+    """{figure id: its demonstrations, in prompt order}. every_modality: `demos_per_modality` of each modality
+    (fewer where the file has fewer), drawn per figure from (seed, figure id) with a stable hash, so a figure
+    gets the same demonstrations in every process and its cached reply is reused. own_domain: only the
+    figure's own modality, drawn once per run (none for `other`)."""
+    if cfg.demo_scheme == "own_domain":
+        chosen = pick_demos(demos, cfg.demos_per_modality, cfg.seed)
+        return {r.id: chosen.get(r.domain, []) for r in records}
+    by_domain, out = _by_domain(demos), {}
+    for r in records:
+        digest = hashlib.sha256(f"{cfg.seed}\x1f{r.id}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "big"))
+        out[r.id] = [x for d in MODALITIES for x in rng.sample(by_domain[d], min(cfg.demos_per_modality,
+                                                                                len(by_domain[d])))]
+    return out
 
 
 def build_messages(rec: CorpusRecord, image: bytes, demos: list[Demo], cfg: GenerateConfig) -> list[dict]:
@@ -137,48 +175,72 @@ def _alternating(turns: list[dict]) -> list[dict]:
     return out
 
 
-def clean_rounds(turns: list[dict], cfg: GenerateConfig = GenerateConfig()) -> tuple[list[dict], dict[str, int]]:
-    """Drop rounds that leak the source text, refuse, or contain `<image>`; count what was dropped."""
-    kept, dropped = [], {"leak": 0, "refusal": 0, "image_token": 0}
+def _norm(text: str) -> str:
+    return text.replace("\u2019", "'").lower()  # models often write I\u2019m for I'm
+
+
+def first_phrase(text: str, phrases) -> str | None:
+    """The first of `phrases` in `text` as whole words, case-insensitive ("as an ai" is not in "as an aid")."""
+    text = _norm(text)
+    for p in phrases:
+        words = _norm(p).split()
+        if words and re.search(r"(?<!\w)" + r"\s+".join(map(re.escape, words)) + r"(?!\w)", text):
+            return p
+    return None
+
+
+def clean_rounds(turns: list[dict], cfg: GenerateConfig = GenerateConfig()
+                 ) -> tuple[list[dict], dict[str, int], Counter]:
+    """Drop rounds that leak the source text, refuse, or contain `<image>`; count what was dropped, in all
+    and by the phrase that matched ("leak: the caption"), so a phrase that drops too much shows."""
+    kept, dropped, by_phrase = [], {"leak": 0, "refusal": 0, "image_token": 0}, Counter()
     for i in range(0, len(turns), 2):
-        text = (turns[i]["value"] + " " + turns[i + 1]["value"]).lower()
-        if IMAGE_TOKEN in text:  # the release places the one image token itself
+        text = turns[i]["value"] + " " + turns[i + 1]["value"]
+        if IMAGE_TOKEN in text.lower():  # the release places the one image token itself
             dropped["image_token"] += 1
-        elif any(p.lower() in text for p in cfg.leak_phrases):
+        elif leak := first_phrase(text, cfg.leak_phrases):
             dropped["leak"] += 1
-        elif any(p.lower() in text for p in cfg.refusal_phrases):
+            by_phrase[f"leak: {leak}"] += 1
+        elif refusal := first_phrase(text, cfg.refusal_phrases):
             dropped["refusal"] += 1
+            by_phrase[f"refusal: {refusal}"] += 1
         else:
             kept += turns[i:i + 2]
-    return kept, dropped
+    return kept, dropped, by_phrase
 
 
 def generate(records: list[CorpusRecord], images: ImageStore | Path, demos: list[Demo], client, log: AppendLog,
              cfg: GenerateConfig, batch_state: AppendLog | None = None):
     """(conversations, rejected, failures, stats) for every figure."""
-    chosen, images = pick_demos(demos, cfg.demos_per_modality, cfg.seed), ImageStore.of(images)
+    chosen, images = demos_for(records, demos, cfg), ImageStore.of(images)
     by_id = {r.id: r for r in records}
     requests = Requests([(r.id, r) for r in records],
-                        lambda r: build_messages(r, images.read(r.image), chosen.get(r.domain, []), cfg))
+                        lambda r: build_messages(r, images.read(r.image), chosen[r.id], cfg))
 
     def make_row(key, entry):
         r = by_id[key]
         turns = parse_reply(entry["reply"])
         if entry.get("finish_reason") == "length" and turns:
-            turns = turns[:-2]  # cut off at max_tokens: the last answer is unfinished
-        return Conversation(id=key, image=r.image, domain=r.domain, conversations=turns,
-                            backend=client.name, model=client.model, request_hash=entry["request_hash"])
+            # cut off at max_tokens: only a cut inside an answer leaves an unfinished round (a cut inside a
+            # question leaves a dangling question, which the parser already drops)
+            said = [t for t in _line_turns(entry["reply"]) if t["value"].strip()]
+            if said and said[-1]["from"] == "gpt":
+                turns = turns[:-2]
+        return Conversation(id=key, image=r.image, domain=r.domain, conversations=turns, backend=client.name,
+                            model=client.model, request_hash=entry["request_hash"],
+                            demo_ids=[d.id for d in chosen[key]])
 
     rows, stats, failures = client.run(requests, log, "generate", cfg.sampling, make_row, "generate", batch_state)
     conversations, rejected = [], []
-    dropped, reasons = Counter(leak=0, refusal=0, image_token=0), Counter()
+    dropped, by_phrase, reasons = Counter(leak=0, refusal=0, image_token=0), Counter(), Counter()
     for r in records:
         if r.id not in rows:
             continue  # failed: listed in failures
         conv = rows[r.id]
         parsed = len(conv.conversations) // 2
-        turns, d = clean_rounds(conv.conversations, cfg)
+        turns, d, p = clean_rounds(conv.conversations, cfg)
         dropped.update(d)
+        by_phrase.update(p)
         if len(turns) // 2 < cfg.min_rounds:
             reason = ("unparseable reply (no User/Assistant rounds)" if parsed == 0 else
                       f"only {len(turns) // 2} usable rounds (< min_rounds={cfg.min_rounds})")
@@ -188,5 +250,6 @@ def generate(records: list[CorpusRecord], images: ImageStore | Path, demos: list
         conv.conversations = turns
         conversations.append(conv)
     stats.update(conversations=len(conversations), rejected=len(rejected), rejected_by_reason=dict(reasons),
-                 rounds_dropped=dict(dropped), rounds=sum(len(c.conversations) // 2 for c in conversations))
+                 rounds_dropped=dict(dropped), rounds_dropped_by_phrase=dict(sorted(by_phrase.items())),
+                 rounds=sum(len(c.conversations) // 2 for c in conversations))
     return conversations, rejected, failures, stats

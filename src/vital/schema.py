@@ -9,7 +9,7 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -91,6 +91,7 @@ class Conversation:
     backend: str
     model: str
     request_hash: str
+    demo_ids: list[str] = field(default_factory=list)  # the demonstrations in the prompt that made it
 
 
 @dataclass
@@ -122,7 +123,7 @@ class PreferencePair:
     label: int  # 1: a preferred, 0: b preferred. Ties are never pairs here; a selector masks any other label.
     weight: float
     source: str  # "clinician" | "model"
-    split: str = "train"  # "train" | "holdout"
+    split: str = "train"  # "train" | "validation" | "test", by figure (preferences.split_figures)
 
 
 def mask_url(url: str) -> str:
@@ -142,8 +143,9 @@ def round_id(conversation_id: str, k: int) -> str:
     return f"{conversation_id}#{k}"
 
 
-# How a conversation's rounds combine into one value (the selector's score, or a rating with unit: conversation)
-AGGREGATES = {"mean": lambda xs: sum(xs) / len(xs), "min": min}
+# How a conversation's rounds combine into one value (the selector's score, or a rating with unit: conversation).
+# "first": the first round alone, as the authors' released selector scores a conversation.
+AGGREGATES = {"first": lambda xs: xs[0], "mean": lambda xs: sum(xs) / len(xs), "min": min}
 UNITS = ("round", "conversation")
 
 
