@@ -7,6 +7,10 @@ unit and aggregate (models/selector/config.json).
     dvc repro filter
     dvc exp run -S filter.ratio=0.5
     dvc exp run -S filter.top_k=60000 -S filter.balance_domains=true
+
+It then compares the selector with baselines at the release's size (vital/baselines.py): a random subset, the
+rater's score threshold, and the selector trained on model pairs only (w = 0), each checked against the clinician
+test pairs and the release itself, in metrics/selection.json and metrics/selection.csv (`dvc plots show`).
 """
 import json
 import time
@@ -16,12 +20,14 @@ from pathlib import Path
 import pandas as pd
 from common import EMBEDDINGS, image_store, load, params, write_metrics
 
-from vital import images, release, selector
+from vital import baselines, images, release, selector
 from vital.encoders import count_tokens
-from vital.schema import Conversation, CorpusRecord, write_atomic, write_json, write_jsonl
+from vital.preferences import unit_scores
+from vital.schema import Conversation, CorpusRecord, PoolItem, PreferencePair, Rating, write_atomic, write_json, write_jsonl
 
 
-RELEASE_IMAGES = Path("data/release/images")  # the kept conversations' images, packed: the release stands alone
+RELEASE_IMAGES = Path("data/release/images")
+SELECTOR = Path("models/selector")  # the kept conversations' images, packed: the release stands alone
 
 
 def main():
@@ -35,11 +41,13 @@ def main():
                          "data/candidates/filter_skipped.jsonl")
     try:
         conv_scores, selector_info = selector.score_conversations(candidates, records, corpus_images, EMBEDDINGS,
-                                                                  Path("models/selector"))
+                                                                  SELECTOR)
     except ValueError as e:
         raise SystemExit(f"filter: {e}") from None
     domains = {c.id: c.domain for c in candidates} if p["balance_domains"] else None
     keep = release.select_top(conv_scores, p["ratio"], p["top_k"], domains)
+    selection = compare_with_baselines(candidates, conv_scores, keep, records, corpus_images,
+                                       dict(ratio=p["ratio"], top_k=p["top_k"], domains=domains))
     by_id = {c.id: c for c in conversations}
     out = [release.to_llava(by_id[i], conv_scores[i]) for i in keep]
     report = release.validate(out, corpus_images)
@@ -54,7 +62,7 @@ def main():
     tokens = count_tokens([" ".join(t["value"] for t in r["conversations"]) for r in out])
     origin = (f"{len(out)} instruction conversations kept of {len(conversations)} candidates "
               f"(`filter` params: {json.dumps(p, sort_keys=True)}).")
-    card = release.data_card(out, origin, selector_info, "MiniLM WordPiece", tokens)
+    card = release.data_card(out, origin, selector_info, "MiniLM WordPiece", tokens, selection=selection)
     write_atomic("data/release/DATA_CARD.md", card)
     write_metrics("filter", {"candidates": len(conversations), "skipped": len(skipped),
                              "skipped_examples": skipped[:5], "kept": len(out), "ratio": p["ratio"],
@@ -64,6 +72,34 @@ def main():
                              "generators": sorted({r["generator"] for r in out}),
                              "min_kept_score": round(min(conv_scores[i] for i in keep), 5),
                              "images": str(RELEASE_IMAGES)}, t0)
+
+
+def compare_with_baselines(candidates, conv_scores, keep, records, corpus_images, select):
+    """metrics/selection.json + .csv: the selector against random, the rater threshold and w = 0, at this size."""
+    pairs = pd.read_parquet("data/preferences/pairs.parquet")
+    test = [PreferencePair(**r) for r in pairs[(pairs["source"] == "clinician") & (pairs["split"] == "test")]
+            .to_dict("records")]
+    asked = {u.rsplit(":", 1)[0] for p in test for u in (p.a_id, p.b_id)}
+    pool = [x for x in load("data/annotation/pool.jsonl", PoolItem) if x.question_id in asked]
+    rater_units = {r.candidate_id: r.score for r in load("data/candidates/pool_ratings.jsonl", Rating)}
+    ratings = load("data/candidates/ratings.jsonl", Rating)
+    rater = unit_scores(ratings, candidates, "conversation", "mean")
+    methods = {"selector": (conv_scores, selector.score_pool_answers(pool, corpus_images, EMBEDDINGS, SELECTOR)),
+               "rater_threshold": (rater, rater_units)}
+    if (SELECTOR / "model_only").exists():
+        model_only = selector.score_conversations(candidates, records, corpus_images, EMBEDDINGS,
+                                                  SELECTOR / "model_only")[0]
+        methods["selector_model_only"] = (model_only, selector.score_pool_answers(pool, corpus_images, EMBEDDINGS,
+                                                                                  SELECTOR / "model_only"))
+    comparison = baselines.compare(keep, methods, test, select)
+    made_by = sorted({f"{c.backend}:{c.model}" for c in candidates} | {f"{r.backend}:{r.judge}" for r in ratings})
+    offline = any(m.startswith("offline:") for m in made_by)
+    selection = {"candidates": len(candidates), "kept": len(keep), "clinician_test_pairs": len(test),
+                 "made_by": made_by, "note": "Offline backends: these figures check the pipeline, not data quality."
+                 if offline else "", "methods": comparison}
+    write_json("metrics/selection.json", selection)
+    pd.DataFrame(baselines.csv_rows(comparison)).to_csv("metrics/selection.csv", index=False)
+    return selection
 
 
 if __name__ == "__main__":

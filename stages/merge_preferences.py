@@ -12,12 +12,18 @@ from pathlib import Path
 import pandas as pd
 from common import load, params, write_metrics
 
-from vital.preferences import check_ratings, check_votes, clinician_pairs, model_pairs, rater_agreement, unit_scores
+from vital.preferences import (SPLITS, check_ratings, check_shares, check_votes, clinician_pairs, model_pairs,
+                               rater_agreement, unit_scores)
 from vital.schema import Conversation, PoolItem, PreferencePair, Rating, Vote
 
 
 def main():
     t0, p, sel = time.time(), params("merge_preferences"), params("train_selector")
+    try:
+        check_shares("merge_preferences.clinician", p["clinician_validation"], p["clinician_test"])
+        check_shares("merge_preferences.model", p["model_validation"], p["model_test"])
+    except ValueError as e:
+        raise SystemExit(f"merge_preferences: {e}") from None
     pool = {x.question_id: x for x in load("data/annotation/pool.jsonl", PoolItem)}
     votes = load(p["clinician"], Vote)
     try:
@@ -31,8 +37,10 @@ def main():
                              sel["aggregate"])
     except ValueError as e:
         raise SystemExit(f"merge_preferences: {e}") from None
-    cpairs, ccounts = clinician_pairs(votes, pool, p["clinician_weight"], p["clinician_holdout"], p["seed"])
-    mpairs, mcounts = model_pairs(scores, p["model_pairs"], p["seed"], p["model_holdout"])
+    cpairs, ccounts, figure_splits = clinician_pairs(votes, pool, p["clinician_weight"], p["clinician_validation"],
+                                                     p["clinician_test"], p["seed"])
+    mpairs, mcounts = model_pairs(scores, p["model_pairs"], p["seed"], p["model_validation"], p["model_test"],
+                                  figure_splits)
     mcounts = {"rated_rounds": len(ratings), "null_scores": sum(r.score is None for r in ratings), **mcounts}
     pairs = cpairs + mpairs
     Path("data/preferences").mkdir(parents=True, exist_ok=True)
@@ -40,10 +48,9 @@ def main():
     df.to_parquet("data/preferences/pairs.parquet", index=False)
     by = df.groupby(["source", "split"]).size()
     write_metrics("merge_preferences", {
-        "pairs": len(df), "clinician_pairs": len(cpairs), "model_pairs": len(mpairs),
-        "clinician_train": int(by.get(("clinician", "train"), 0)),
-        "clinician_holdout": int(by.get(("clinician", "holdout"), 0)),
-        "model_holdout": int(by.get(("model", "holdout"), 0)), "unit": sel["unit"],
+        "pairs": len(df), "clinician_pairs": len(cpairs), "model_pairs": len(mpairs), "unit": sel["unit"],
+        **{f"{src}_{split}": int(by.get((src, split), 0)) for src in ("clinician", "model") for split in SPLITS},
+        "clinician_figures": {k: sum(v == k for v in figure_splits.values()) for k in SPLITS},
         "clinician_weight": p["clinician_weight"], "clinician_votes": ccounts, "ratings": mcounts,
         "rater_clinician_agreement": rater_agreement(cpairs, load("data/candidates/pool_ratings.jsonl", Rating))}, t0)
 

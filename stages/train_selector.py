@@ -1,5 +1,9 @@
 """DVC stage `train_selector`: an MLP over text + image features of a backbone, trained on preference pairs.
 
+The epoch is chosen on the validation pairs; metrics/train_selector.json reports validation and test apart (test:
+scored once, by the chosen epoch), each rate with n and a 95% interval. With `baseline_model_only` the w = 0
+selector (model pairs only) is trained too, into models/selector/model_only/, for filter's comparison.
+
     dvc repro train_selector
     dvc exp run -S train_selector.loss=logistic -S train_selector.epochs=50
     dvc exp run -S train_selector.unit=conversation -S train_selector.aggregate=min
@@ -29,18 +33,23 @@ def main():
     if units.empty:
         raise SystemExit(f"train_selector: no unit has its image in {CORPUS_IMAGES} ({len(missing)} missing); "
                          "rerun the corpus stage (dvc repro -f corpus)")
+    pairs = pd.read_parquet("data/preferences/pairs.parquet")
     try:
-        head, backbone, history, stats = selector.fit(units, pd.read_parquet("data/preferences/pairs.parquet"), cfg,
-                                                      images, EMBEDDINGS)
+        head, backbone, history, stats = selector.fit(units, pairs, cfg, images, EMBEDDINGS)
+        meta = selector.save(head, backbone, Path("models/selector"), cfg, stats["best_epoch"])
+        baseline = {}
+        if cfg.baseline_model_only:  # the w = 0 selector, for filter's comparison
+            head0, backbone0, _, stats0 = selector.fit(units, pairs, cfg, images, EMBEDDINGS, model_only=True)
+            selector.save(head0, backbone0, Path("models/selector/model_only"), cfg, stats0["best_epoch"])
+            baseline = {"model_only": {k: stats0[k] for k in ("train_pairs", "best_epoch", "epoch_chosen_on",
+                                                               "validation", "test")}}
     except ValueError as e:
         raise SystemExit(f"train_selector: {e}") from None
-    meta = selector.save(head, backbone, Path("models/selector"), cfg, stats["best_epoch"])
     pd.DataFrame(history).to_csv("metrics/train_selector_epochs.csv", index=False)
-    best = history[stats["best_epoch"] - 1]
     write_metrics("train_selector", {
         "backbone": meta["backbone_identity"], "finetune_backbone": cfg.finetune_backbone, "unit": cfg.unit,
-        "loss": cfg.loss, "candidates_skipped": len(skipped), "units_missing_image": len(missing), **stats,
-        **{k: v for k, v in best.items() if k != "epoch"}}, t0)
+        "aggregate": cfg.aggregate, "loss": cfg.loss, "candidates_skipped": len(skipped),
+        "units_missing_image": len(missing), **stats, **baseline}, t0)
 
 
 if __name__ == "__main__":

@@ -68,14 +68,27 @@ def test_dag_runs_offline_end_to_end_then_experiment_reruns_only_downstream(repo
     assert len(records) >= 12 and all(r["image"] in corpus_images for r in records)
     pool = [json.loads(x) for x in (repo / "data/annotation/pool.jsonl").read_text().splitlines()]
     assert pool and all(p["answer_a"] and p["answer_b"] for p in pool)
+    assert len({p["question"] for p in pool}) >= 8  # the generator's questions, not two canned ones
     convs = [json.loads(x) for x in (repo / "data/candidates/conversations.jsonl").read_text().splitlines()]
     assert len(convs) == len(records) and all(c["backend"] == "offline" for c in convs)
+    assert all(len(c["demo_ids"]) == 5 for c in convs)  # one demonstration of each modality in every request
     ratings = [json.loads(x) for x in (repo / "data/candidates/ratings.jsonl").read_text().splitlines()]
     assert all(r["score"] is None or 0 <= r["score"] <= 10 for r in ratings)
     pairs = pd.read_parquet(repo / "data/preferences/pairs.parquet")
     assert set(pairs["source"]) == {"clinician", "model"}
     assert (pairs.loc[pairs.source == "clinician", "weight"] == 10).all()
-    assert (repo / "models/selector/selector.pt").exists()
+    assert set(pairs["split"]) <= {"train", "validation", "test"}
+    figure = pairs["a_id"].str.split("#").str[0].str.split(":").str[0]
+    assert (pairs.assign(f=figure).groupby("f")["split"].nunique() == 1).all()  # a figure is in one split
+    assert (repo / "models/selector/selector.pt").exists() and (repo / "models/selector/model_only/selector.pt").exists()
+    sel = json.loads((repo / "metrics/train_selector.json").read_text())
+    assert sel["test"]["clinician_alignment"]["n"] > 0 and "validation" in sel["epoch_chosen_on"]
+    comparison = json.loads((repo / "metrics/selection.json").read_text())
+    assert set(comparison["methods"]) == {"selector", "selector_model_only", "rater_threshold", "random"}
+    assert comparison["methods"]["selector"]["overlap"] == 1.0 and comparison["methods"]["random"]["seeds"] == 20
+    assert comparison["methods"]["selector"]["clinician_test"] == sel["test"]["clinician_alignment"] | {"unscored": 0}
+    plotted = pd.read_csv(repo / "metrics/selection.csv")
+    assert list(plotted["method"]) == ["selector", "rater_threshold", "selector_model_only", "random"]
     rel = json.loads((repo / "data/release/instructions.json").read_text())
     assert len(rel) == 12  # ceil(0.8 * 14)
     for r in rel:
@@ -208,7 +221,8 @@ def test_an_openai_compatible_server_drives_generate_and_rate_and_no_key_is_left
 # The clinician-weight sweep as the README documents it (selector only: each experiment stops at train_selector
 # and starts from the embedding cache, so that two experiments take seconds, not the whole DAG each).
 SWEEP = "dvc exp run --queue train_selector -C data/cache/embeddings -S 'merge_preferences.clinician_weight=1,100'"
-SWEEP_SHOW = "dvc exp show --csv --drop '.*' --keep 'Experiment|State|.*clinician_weight|.*clinician_alignment'"
+SWEEP_SHOW = ("dvc exp show --csv --drop '.*' --keep "
+              "'Experiment|State|.*clinician_weight|test.clinician_alignment.(n|rate|ci95)'")
 
 
 def _processes_in(path: Path) -> list[int]:
@@ -263,14 +277,14 @@ def test_clinician_weight_sweep_runs_one_queued_experiment_per_weight(repo):
     assert sorted(by_weight) == [1, 100]
     for w, m in by_weight.items():
         assert m["merge_preferences"]["clinician_weight"] == w  # each experiment merged with its own weight
-        a = m["train_selector"]["clinician_alignment"]
-        assert isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1, (w, a)
+        a = m["train_selector"]["test"]["clinician_alignment"]  # the split no epoch choice saw
+        assert a["n"] > 0 and 0 <= a["rate"] <= 1 and a["ci95"][0] <= a["rate"] <= a["ci95"][1], (w, a)
     assert by_weight[1]["train_selector"]["train_loss"] != by_weight[100]["train_selector"]["train_loss"]  # w mattered
 
     header, *rows = table.strip().splitlines()  # the README's table, as CSV
     cols = header.split(",")
     assert cols[:2] == ["Experiment", "State"] and "merge_preferences.clinician_weight" in cols
-    assert any(c.endswith("clinician_alignment") for c in cols), header
+    assert {"test.clinician_alignment.rate", "test.clinician_alignment.n"} <= {c.split(":")[-1] for c in cols}, header
     assert sum(",Success," in r for r in rows) == 2, table
     assert (repo / "params.yaml").read_bytes() == params_before  # the sweep never touched the workspace
 
@@ -291,7 +305,8 @@ def test_selector_experiments_biomedclip_finetuned_per_conversation_logistic(rep
     assert 1 <= m["best_epoch"] <= 3 and m["pairs_missing_units"] == 0
     assert not pairs.loc[pairs.source == "model", "a_id"].str.contains("#").any()  # conversation pairs
     epochs = pd.read_csv(repo / "metrics/train_selector_epochs.csv")
-    assert list(epochs["epoch"]) == [1, 2, 3] and {"auc", "map", "mean_rank", "holdout_model_accuracy"} <= set(epochs)
+    assert list(epochs["epoch"]) == [1, 2, 3]
+    assert {"validation_auc", "validation_map", "validation_mean_rank", "validation_model_accuracy"} <= set(epochs)
     assert (repo / "models/selector/backbone/model.safetensors").exists()
     card = (repo / "data/release/DATA_CARD.md").read_text()
     assert '"backbone": "biomedclip"' in card and '"unit": "conversation"' in card

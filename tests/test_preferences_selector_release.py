@@ -4,28 +4,56 @@ import pandas as pd
 import pytest
 
 from vital import release, selector
-from vital.preferences import (answers_hash, check_ratings, check_votes, clinician_pairs, model_pairs, rater_agreement,
-                               unit_scores)
+from vital.preferences import (SPLITS, answers_hash, check_ratings, check_shares, check_votes, clinician_pairs,
+                               model_pairs, rater_agreement, unit_scores)
 from vital.schema import IMAGE_TOKEN, Conversation, PoolItem, Rating, Vote
 
 
-def _pool(n):
-    return {f"q{i}": PoolItem(question_id=f"q{i}", figure_id="f", image="f.png", domain="mri", caption="c",
+def _pool(n, per_figure=1):
+    return {f"q{i}": PoolItem(question_id=f"q{i}", figure_id=f"f{i // per_figure}", image="f.png", domain="mri", caption="c",
                               inline_mentions=[], cluster=0, question="q?", answer_a="a", answer_b="b",
                               backend="offline", request_hash="h") for i in range(n)}
 
 
-def test_clinician_pairs_acceptable_over_unacceptable_with_holdout():
+def test_clinician_pairs_acceptable_over_unacceptable_split_by_figure():
     votes = [Vote(f"q{i}", "dr", a_acceptable=i % 2 == 0, b_acceptable=i % 2 == 1) for i in range(10)]
     votes += [Vote("q0", "dr2", True, True), Vote("q1", "dr2", False, False), Vote("gone", "dr", True, False)]
-    pairs, counts = clinician_pairs(votes, _pool(10), weight=100, holdout=0.3, seed=0)
+    pairs, counts, splits = clinician_pairs(votes, _pool(10), weight=100, validation=0.2, test=0.3, seed=0)
     assert len(pairs) == 10
     assert counts == {"votes": 13, "not_in_pool": 1, "stale": 0, "unverified": 12, "no_preference": 2,
                       "annotators_disagree": 0}
     assert all(p.weight == 100 and p.source == "clinician" for p in pairs)
     by_q = {p.a_id: p for p in pairs}
     assert by_q["q0:A"].label == 1 and by_q["q1:A"].label == 0  # q0: A acceptable, q1: B acceptable
-    assert sum(p.split == "holdout" for p in pairs) == 3
+    assert [sum(p.split == k for p in pairs) for k in ("train", "validation", "test")] == [5, 2, 3]
+    assert all(p.split == splits[f"f{p.a_id[1:].split(':')[0]}"] for p in pairs)
+
+
+def test_a_figures_questions_stay_in_one_split_and_its_generated_rounds_follow():
+    pool = _pool(40, per_figure=4)  # ten figures, four questions each
+    votes = [Vote(q, "dr", True, False) for q in pool]
+    pairs, _, splits = clinician_pairs(votes, pool, weight=1, validation=0.2, test=0.3, seed=1)
+    by_figure = {}
+    for p in pairs:
+        by_figure.setdefault(pool[p.a_id[:-2]].figure_id, set()).add(p.split)
+    assert all(len(s) == 1 for s in by_figure.values())  # split by question, a figure's questions would spread
+    assert sorted(splits.values()).count("test") == 3 and sorted(splits.values()).count("validation") == 2
+    ratings = [Rating(f"f{f}#{k}", f"f{f}", k, (f * 3 + k) % 11, "j", "offline", "", "h")
+               for f in range(30) for k in range(4)]  # f0..f9 judged by clinicians, f10..f29 not
+    mpairs, counts = model_pairs(unit_scores(ratings, [], "round", "mean"), 200, 0, 0.1, 0.1, fixed=splits)
+    for p in mpairs:
+        figures = {p.a_id.split("#")[0], p.b_id.split("#")[0]}
+        assert {splits.get(f, p.split) for f in figures} == {p.split}  # a clinician figure keeps its split
+    assert counts["figures"] == {"train": 21, "validation": 4, "test": 5}
+
+
+def test_split_shares_that_leave_nothing_to_train_are_refused():
+    check_shares("merge_preferences.clinician", 0.2, 0.3)
+    with pytest.raises(ValueError, match=r"merge_preferences.clinician_validation \+ merge_preferences.clinician_test"
+                                         r" is 1.0: leave some figures to train on"):
+        check_shares("merge_preferences.clinician", 0.5, 0.5)
+    with pytest.raises(ValueError, match=r"merge_preferences.model_test is -0.1: use a share in \[0, 1\)"):
+        check_shares("merge_preferences.model", 0.1, -0.1)
 
 
 def test_app_votes_picks_and_stale_votes():
@@ -35,7 +63,7 @@ def test_app_votes_picks_and_stale_votes():
     votes = [Vote("q0", "dr", None, None, preference="B", answers_hash=answers_hash(pool["q0"])),
              Vote("q1", "dr", None, None, preference="tie", answers_hash=answers_hash(pool["q1"])),
              Vote("q2", "dr", True, False, answers_hash=old)]
-    pairs, counts = clinician_pairs(votes, pool, weight=5, holdout=0, seed=0)
+    pairs, counts, _ = clinician_pairs(votes, pool, weight=5, validation=0, test=0, seed=0)
     assert [(p.a_id, p.label) for p in pairs] == [("q0:A", 0)]  # B preferred
     assert (counts["stale"], counts["no_preference"], counts["unverified"]) == (1, 1, 0)
 
@@ -55,19 +83,19 @@ def test_bad_votes_name_the_line():
 
 def test_rater_agreement_with_clinicians_counts_ties_and_unscored_apart():
     votes = [Vote(f"q{i}", "dr", i % 2 == 0, i % 2 == 1) for i in range(4)]  # q0, q2: A; q1, q3: B
-    pairs, _ = clinician_pairs(votes, _pool(4), weight=1, holdout=0.5, seed=0)
+    pairs, _, _ = clinician_pairs(votes, _pool(4), weight=1, validation=0.25, test=0.5, seed=0)
     scores = {"q0": (8, 3), "q1": (9, 2), "q2": (5, 5), "q3": (None, 4)}  # agree, disagree, tie, unscored
     ratings = [Rating(f"{q}:{side}", q, 0, s, "j", "offline", "", "h")
                for q, (a, b) in scores.items() for side, s in (("A", a), ("B", b))]
     m = rater_agreement(pairs, ratings)
-    assert m["all"] == {"pairs": 4, "agree": 1, "rater_ties": 1, "unscored": 1, "agreement": 0.5}
-    assert m["holdout"]["pairs"] == 2
+    assert m["all"] == {"pairs": 4, "ties": 1, "unscored": 1, "n": 2, "k": 1, "rate": 0.5, "ci95": [0.0945, 0.9055]}
+    assert (m["test"]["pairs"], m["validation"]["pairs"]) == (2, 1)
 
 
 def test_overlapping_annotators_majority_and_cancelling_votes_are_no_pair():
     votes = [Vote("q0", "dr1", True, False), Vote("q0", "dr2", False, True),  # cancel: a tie
              Vote("q1", "dr1", True, False), Vote("q1", "dr2", True, False), Vote("q1", "dr3", False, True)]
-    pairs, counts = clinician_pairs(votes, _pool(2), weight=1, holdout=0, seed=0)
+    pairs, counts, _ = clinician_pairs(votes, _pool(2), weight=1, validation=0, test=0, seed=0)
     assert [(p.a_id, p.label) for p in pairs] == [("q1:A", 1)] and counts["annotators_disagree"] == 1
 
 
@@ -106,16 +134,16 @@ def test_model_pairs_per_conversation_aggregate_rounds_and_never_a_partial_ratin
         unit_scores(ratings, convs, "turn", "mean")
 
 
-def test_held_out_model_pairs_use_figures_never_trained_on():
+def test_validation_and_test_model_pairs_use_figures_never_trained_on():
     ratings = [Rating(f"f{f}#{k}", f"f{f}", k, (f * 3 + k) % 11, "j", "offline", "", "h")
                for f in range(20) for k in range(4)]
-    pairs, counts = model_pairs(unit_scores(ratings, [], "round", "mean"), 100, seed=0, holdout=0.2)
-    held = [p for p in pairs if p.split == "holdout"]
-    assert counts["holdout_figures"] == 4 and len(held) == 20 and len(pairs) == 100
+    pairs, counts = model_pairs(unit_scores(ratings, [], "round", "mean"), 100, seed=0, validation=0.2, test=0.1)
+    assert counts["figures"] == {"train": 14, "validation": 4, "test": 2} and len(pairs) == 100
     figure = lambda u: u.split("#")[0]  # noqa: E731
-    held_figures = {figure(u) for p in held for u in (p.a_id, p.b_id)}
-    trained = {figure(u) for p in pairs if p.split == "train" for u in (p.a_id, p.b_id)}
-    assert len(held_figures) <= 4 and not held_figures & trained
+    figures = {k: {figure(u) for p in pairs if p.split == k for u in (p.a_id, p.b_id)} for k in SPLITS}
+    assert [sum(p.split == k for p in pairs) for k in SPLITS] == [70, 20, 10]
+    assert not figures["train"] & figures["validation"] and not figures["train"] & figures["test"]
+    assert not figures["validation"] & figures["test"]
 
 
 def test_a_rating_that_is_not_a_score_or_null_names_the_record():

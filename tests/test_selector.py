@@ -1,4 +1,5 @@
-"""The data selector: losses, masking, held-out metrics, best epoch, units, backbones, caching, scoring."""
+"""The data selector: losses, masking, validation and test metrics, epoch choice, units, backbones, caching, scoring."""
+import dataclasses
 import json
 
 import numpy as np
@@ -10,19 +11,21 @@ from vital import encoders, selector
 from vital.images import ImageStore
 from vital.schema import Conversation
 
-D = selector.TEXT_DIM + selector.IMAGE_DIM
+D = selector.MiniLMBackbone.dim
 
 
-def _toy(n_units=200, n_pairs=600, holdout=100, seed=0, source="model"):
-    """Features whose first dimension is the hidden quality, and pairs labelled by it."""
+def _toy(n_units=200, n_pairs=600, validation=100, test=0, seed=0, source="model"):
+    """Features whose first dimension is the hidden quality, and pairs labelled by it: the first `validation`
+    pairs are validation pairs, the next `test` test pairs."""
     rng = np.random.default_rng(seed)
     feats = rng.normal(size=(n_units, D)).astype(np.float32)
     ids = [f"u{i}" for i in range(n_units)]
     rows = []
     for k in range(n_pairs):
         a, b = rng.choice(n_units, 2, replace=False)
+        split = "validation" if k < validation else "test" if k < validation + test else "train"
         rows.append({"a_id": ids[a], "b_id": ids[b], "label": int(feats[a, 0] > feats[b, 0]), "weight": 1.0,
-                     "source": source, "split": "holdout" if k < holdout else "train"})
+                     "source": source, "split": split})
     return feats, pd.DataFrame(rows), {u: i for i, u in enumerate(ids)}
 
 
@@ -34,51 +37,75 @@ def _train(feats, pairs, index, **cfg):
 
 @pytest.mark.parametrize("loss", ["hinge", "logistic"])
 def test_selector_learns_a_preference_with_either_loss_and_generalises(loss):
-    feats, pairs, index = _toy()
-    pairs.loc[pairs.index[:50], "source"] = "clinician"  # half the held-out pairs are clinician pairs
+    feats, pairs, index = _toy(validation=100, test=100)
+    pairs.loc[pairs.index[:50], "source"] = "clinician"  # half the validation pairs and half the test pairs
+    pairs.loc[pairs.index[100:150], "source"] = "clinician"
     head, history, stats = _train(feats, pairs, index, loss=loss)
-    assert stats["train_pairs"] == 500 and stats["holdout_model_pairs"] == 50
-    assert stats["holdout_clinician_pairs"] == 50
-    assert history[-1]["train_loss"] < history[0]["train_loss"]
-    best = history[stats["best_epoch"] - 1]
-    assert best["clinician_alignment"] > 0.8 and best["holdout_model_accuracy"] > 0.7  # unseen pairs; chance: 0.5
-    assert best["auc"] > 0.7 and best["map"] > 0.7 and best["mean_rank"] < 0.4  # chance: 0.5, 0.5, 0.5
-    assert set(history[0]) == {"epoch", "train_loss", "train_pair_accuracy", "holdout_model_accuracy",
-                               "clinician_alignment", "auc", "map", "mean_rank"}
+    assert stats["train_pairs"] == 400 and history[-1]["train_loss"] < history[0]["train_loss"]
+    for split in ("validation", "test"):
+        report = stats[split]
+        assert report["model_accuracy"]["pairs"] == report["clinician_alignment"]["pairs"] == 50
+        clin, model = report["clinician_alignment"], report["model_accuracy"]
+        assert clin["rate"] > 0.8 and model["rate"] > 0.7  # unseen pairs; chance: 0.5
+        assert clin["ci95"][0] < clin["rate"] < clin["ci95"][1] and clin["n"] + clin["ties"] == 50
+        assert report["auc"] > 0.7 and report["map"] > 0.7 and report["mean_rank"] < 0.4  # chance: 0.5, 0.5, 0.5
+        assert report["auc_ci95"][0] < report["auc"] <= report["auc_ci95"][1]
+    assert set(history[0]) == {"epoch", "train_loss", "train_pair_accuracy", "validation_model_accuracy",
+                               "validation_clinician_alignment", "validation_auc", "validation_map",
+                               "validation_mean_rank"}  # no test figure per epoch: nothing can be chosen on it
 
 
 @pytest.mark.parametrize("finetune", [False, True])
-def test_the_best_held_out_epoch_is_kept_not_the_last(finetune):
-    feats, pairs, index = _toy(n_pairs=300, holdout=60, seed=1)
-    pairs.loc[pairs.index[:60], "source"] = "clinician"
-    pairs.loc[pairs.index[60:], "label"] = 1 - pairs.loc[pairs.index[60:], "label"]  # training teaches the opposite
+def test_the_epoch_is_chosen_on_validation_and_the_test_pairs_never_choose(finetune):
+    feats, pairs, index = _toy(n_pairs=360, validation=60, test=60, seed=1)
+    pairs.loc[pairs.index[:120], "source"] = "clinician"
+    pairs.loc[pairs.index[120:], "label"] = 1 - pairs.loc[pairs.index[120:], "label"]  # training teaches the opposite
     x = torch.from_numpy(feats)
-    torch.manual_seed(0)
-    backbone = torch.nn.Linear(D, D) if finetune else None  # stands in for a fine-tuned encoder
 
-    def features(rows):
-        return backbone(x[rows]) if finetune else x[rows]
-    head, history, stats = selector.train(features, len(feats), D, pairs, index,
-                                          selector.TrainConfig(epochs=15, backbone_lr=1e-3), backbone)
-    aligned = [h["clinician_alignment"] for h in history]
+    def run(pairs):
+        torch.manual_seed(0)
+        backbone = torch.nn.Linear(D, D) if finetune else None  # stands in for a fine-tuned encoder
+
+        def features(rows):
+            return backbone(x[rows]) if finetune else x[rows]
+        head, history, stats = selector.train(features, len(feats), D, pairs, index,
+                                              selector.TrainConfig(epochs=15, backbone_lr=1e-3), backbone)
+        with torch.no_grad():
+            return head(features(torch.arange(len(feats)))), history, stats
+
+    s, history, stats = run(pairs)
+    aligned = [h["validation_clinician_alignment"] for h in history]
     last_best = len(aligned) - aligned[::-1].index(max(aligned))  # on a tie, the later epoch
     assert stats["best_epoch"] == last_best and aligned[-1] < max(aligned)
-    with torch.no_grad():
-        s = head(features(torch.arange(len(feats))))
-    win, lose, _, _ = selector.pair_tensors(pairs[pairs["source"] == "clinician"], index)
-    assert selector.pair_accuracy(s, win, lose) == max(aligned)  # head (and backbone) are that epoch's
+    assert stats["validation"]["clinician_alignment"]["rate"] == max(aligned)  # head (and backbone) are that epoch's
+    test = pairs[pairs["split"] == "test"]
+    assert stats["test"]["clinician_alignment"] == selector.pair_report(s, *selector.pair_tensors(test, index)[:2])
+    flipped = pairs.copy()  # other test labels: the same epoch and model, only the test figure changes
+    flipped.loc[test.index, "label"] = 1 - test["label"]
+    s2, _, stats2 = run(flipped)
+    assert stats2["best_epoch"] == stats["best_epoch"] and torch.equal(s2, s)
+    assert stats2["test"]["clinician_alignment"]["k"] == stats["test"]["clinician_alignment"]["n"] - \
+        stats["test"]["clinician_alignment"]["k"]
+
+
+def test_pair_accuracy_counts_ties_apart_with_an_interval():
+    scores = torch.tensor([2.0, 1.0, 1.0, 0.0])
+    report = selector.pair_report(scores, torch.tensor([0, 1, 3]), torch.tensor([1, 2, 0]))  # right, tie, wrong
+    assert report == {"pairs": 3, "ties": 1, "n": 2, "k": 1, "rate": 0.5, "ci95": [0.0945, 0.9055]}
+    assert selector.pair_report(torch.zeros(3), torch.tensor([0]), torch.tensor([1]))["rate"] is None  # all ties
 
 
 def test_ranking_metrics_exactly_with_ties():
     scores = torch.tensor([3.0, 1.0, 2.0, 2.0, 0.0])
     m = selector.ranking_metrics(scores, torch.tensor([0, 2]), torch.tensor([1, 3]))  # winners 3.0, 2.0 vs 1.0, 2.0
-    assert m == {"auc": 0.875, "map": 0.83333, "mean_rank": 0.25}  # the tied pair counts half, both ways
+    assert {k: m[k] for k in ("auc", "map", "mean_rank")} == {"auc": 0.875, "map": 0.83333, "mean_rank": 0.25}
+    assert m["auc_ci95"][0] < 0.875 <= m["auc_ci95"][1]  # the tied pair counts half, both ways
     flat = selector.ranking_metrics(torch.zeros(4), torch.tensor([0, 1]), torch.tensor([2, 3]))
-    assert flat == {"auc": 0.5, "map": 0.5, "mean_rank": 0.5}  # no information: chance on every measure
+    assert {k: flat[k] for k in ("auc", "map", "mean_rank")} == {"auc": 0.5, "map": 0.5, "mean_rank": 0.5}
 
 
 def test_ties_are_masked_not_read_as_b_wins_and_bad_weights_name_the_pair():
-    feats, pairs, index = _toy(holdout=0)
+    feats, pairs, index = _toy(validation=0)
     ties = pairs.copy()
     ties["label"] = 0.5  # a tie: the paper's code trained it as "b is better"
     mixed = pd.concat([pairs, ties, pairs.assign(a_id="nowhere")], ignore_index=True)
@@ -124,10 +151,34 @@ def test_units_per_round_or_per_conversation(sample):
     recs, convs, _ = _convs(sample, 2)
     rounds = selector.build_units(recs, convs, [])
     assert list(rounds.index) == [f"{c.id}#{k}" for c in convs for k in range(3)]
-    assert "Question: Question 1 about" in rounds["text"].iloc[1] and "Question 0" not in rounds["text"].iloc[1]
+    assert "Question: Question 1 about" in rounds["qa"].iloc[1] and "Question 0" not in rounds["qa"].iloc[1]
     whole = selector.build_units(recs, convs, [], "conversation")
-    assert list(whole.index) == [c.id for c in convs] and whole["text"].iloc[0].count("Question:") == 3
-    assert whole["text"].iloc[0].startswith(recs[convs[0].id].caption)
+    assert list(whole.index) == [c.id for c in convs] and whole["qa"].iloc[0].count("Question:") == 3
+    assert whole["context"].iloc[0].startswith(recs[convs[0].id].caption)
+
+
+def test_a_long_caption_never_pushes_the_answer_out_of_the_features(sample, tmp_path):
+    recs, convs, image_dir = _convs(sample, 1)
+    r = next(iter(recs.values()))
+    long = dataclasses.replace(r, caption=r.caption + " Images were acquired with the standard protocol." * 60)
+    assert encoders.count_tokens([long.caption])[0] > 400
+    units = selector.build_units({r.id: long}, convs, [])
+    backbone = selector.MiniLMBackbone()
+    x = selector.Featurizer(backbone, image_dir, tmp_path / "emb")(units)
+    assert len({row.tobytes() for row in x}) == 3  # each round its own features (cut at 256: all three equal)
+    assert selector.long_texts(backbone, units) == {"units_long_context": 3, "units_long_qa": 0}
+    tail = selector.build_units({r.id: dataclasses.replace(long, caption=long.caption + " Contrast was given.")},
+                                convs, [])
+    y = selector.Featurizer(backbone, image_dir, tmp_path / "emb")(tail)
+    assert not np.allclose(x, y)  # the context's end is read too: nothing past a window is dropped
+
+
+def test_aggregate_first_scores_a_conversation_by_its_first_round(sample):
+    _, convs, _ = _convs(sample, 1)
+    scores = {f"{convs[0].id}#{k}": s for k, s in enumerate([0.2, 0.9, 0.4])}
+    assert selector.conversation_score(convs[0], scores, "round", "first") == 0.2
+    assert selector.conversation_score(convs[0], scores, "round", "mean") == pytest.approx(0.5)
+    assert selector.TrainConfig().aggregate == "first"  # the default is the authors' (README: why)
 
 
 def test_embedding_cache_encodes_each_text_and_image_once_across_runs(sample, tmp_path):
@@ -138,14 +189,15 @@ def test_embedding_cache_encodes_each_text_and_image_once_across_runs(sample, tm
     real = backbone.text_features
     backbone.text_features = lambda texts: calls.append(len(texts)) or real(texts)
     first = selector.Featurizer(backbone, image_dir, tmp_path / "emb")(units)
-    assert first.shape == (9, D) and sum(calls) == len(set(units["text"]))
-    plain = np.hstack([encoders.encode_texts(units["text"].tolist()),
+    assert first.shape == (9, D) and sum(calls) == len(set(units["qa"])) + len(set(units["context"]))
+    context, qa = encoders.encode_texts(units["context"].tolist()), encoders.encode_texts(units["qa"].tolist())
+    plain = np.hstack([qa, context, qa * context,
                        encoders.encode_images([ImageStore(image_dir).read(u) for u in units["image"]])])
     assert np.allclose(first, plain, atol=1e-5)
     n = len(calls)
     again = selector.Featurizer(backbone, image_dir, tmp_path / "emb")(units)  # another stage or experiment
     assert np.array_equal(again, first) and len(calls) == n
-    units.loc[units.index[0], "text"] += " changed"
+    units.loc[units.index[0], "qa"] += " changed"
     selector.Featurizer(backbone, image_dir, tmp_path / "emb")(units)
     assert calls[-1] == 1  # only the changed text
     assert len(list((tmp_path / "emb").glob("text-*.parquet"))) == 2 and not list((tmp_path / "emb").glob("*.tmp"))
@@ -208,8 +260,7 @@ def test_finetuning_minilm_trains_a_copy_and_filter_scores_with_the_tuned_weight
     with torch.no_grad():
         expected = head(selector.encode(backbone, units, image_dir)).numpy()
     scores, _ = selector.score_conversations(convs, recs, image_dir, tmp_path / "emb", model_dir)
-    assert scores == pytest.approx({c.id: float(np.mean(expected[3 * i:3 * i + 3])) for i, c in enumerate(convs)},
-                                   abs=1e-5)
+    assert scores == pytest.approx({c.id: float(expected[3 * i]) for i, c in enumerate(convs)}, abs=1e-5)  # first
 
 
 @pytest.mark.parametrize("kind", ["dual_encoder", "clip"])
@@ -219,15 +270,15 @@ def test_biomedclip_backbone_from_a_dual_encoder_checkpoint_frozen_and_finetuned
     path = tiny_biomedclip(tmp_path / "biomedclip", kind=kind)
     model_dir, backbone, units = _fit_and_save(recs, convs, image_dir, tmp_path / "frozen", backbone="biomedclip",
                                                backbone_model=str(path))
-    assert backbone.dim == 2 * 16 and units.shape[0] == 9
+    assert backbone.dim == 4 * 16 and units.shape[0] == 9
     meta = json.loads((model_dir / "config.json").read_text())
-    assert meta["backbone"] == "biomedclip" and meta["in_dim"] == 32
+    assert meta["backbone"] == "biomedclip" and meta["in_dim"] == 64
     scores, _ = selector.score_conversations(convs, recs, image_dir, tmp_path / "emb", model_dir)
     assert len(scores) == 3 and all(np.isfinite(list(scores.values())))
 
     tiny_biomedclip(path, seed=1, kind=kind)  # other weights at the same path: the selector no longer fits them
-    with pytest.raises(ValueError, match=r"trained on backbone 'biomedclip@\w+' \(32 features\) but it now loads as "
-                                         r"'biomedclip@\w+' \(32\): the backbone's weights changed. Retrain it: dvc repro -f train_selector"):
+    with pytest.raises(ValueError, match=r"trained on backbone 'biomedclip@\S+' \(64 features\) but it now loads as "
+                                         r"'biomedclip@\S+' \(64\): the backbone's weights changed. Retrain it: dvc repro -f train_selector"):
         selector.load(model_dir)
 
     model_dir, tuned, _ = _fit_and_save(recs, convs, image_dir, tmp_path / "tuned", backbone="biomedclip",

@@ -18,7 +18,8 @@ HEADLINE = {
     "generate": ["backend", "conversations", "rounds", "rejected", "failed", "requests", "cached", "cost_usd"],
     "rate": ["backend", "rounds", "unparsed", "failed", "mean_score", "cost_usd"],
     "merge_preferences": ["clinician_pairs", "model_pairs", "clinician_weight"],
-    "train_selector": ["backbone", "train_pairs", "best_epoch", "holdout_model_accuracy", "clinician_alignment", "auc"],
+    "train_selector": ["backbone", "train_pairs", "best_epoch", "validation.clinician_alignment.rate",
+                       "test.clinician_alignment.rate", "test.clinician_alignment.n", "test.auc"],
     "filter": ["candidates", "skipped", "kept", "ratio"],
     "tune": ["model", "steps", "final_loss"],
     "evaluate": ["closed_accuracy", "open_recall", "relative_score", "win_rate", "judge"],
@@ -27,6 +28,13 @@ HEADLINE = {
 
 def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _get(m: dict, key: str):
+    """m["a"]["b"] for "a.b"; None when a part is missing."""
+    for part in key.split("."):
+        m = m.get(part) if isinstance(m, dict) else None
+    return m
 
 
 @app.command()
@@ -38,7 +46,13 @@ def summary(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of <s
             typer.echo(f"{stage:<18} (not run)")
             continue
         m = json.loads(path.read_text())
-        typer.echo(f"{stage:<18} " + "  ".join(f"{k}={_fmt(m[k])}" for k in HEADLINE[stage] if k in m))
+        typer.echo(f"{stage:<18} " + "  ".join(f"{k}={_fmt(_get(m, k))}" for k in HEADLINE[stage]
+                                               if _get(m, k) is not None))
+        if stage == "filter" and (metrics_dir / "selection.json").exists():  # the selector against its baselines
+            methods = json.loads((metrics_dir / "selection.json").read_text())["methods"]
+            typer.echo(f"{'selection':<18} clinician test agreement: " + "  ".join(
+                f"{name}={_fmt(_get(x, 'clinician_test.' + ('mean' if name == 'random' else 'rate')))}"
+                for name, x in methods.items()))
     release = Path("data/release/instructions.json")
     if release.exists():
         typer.echo(f"release: {release} ({len(json.loads(release.read_text()))} conversations)")

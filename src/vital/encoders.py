@@ -36,15 +36,40 @@ def _minilm(path: str | None = None):
     return tok, model
 
 
-def minilm_embed(tok, model, texts: list[str]):
-    """(n, 384) torch tensor of L2-normalised mean-pooled embeddings; differentiable when grad is enabled."""
+TEXT_MAX_TOKENS = 256  # a window of the text encoders (all-MiniLM-L6-v2 was trained on 256 word pieces)
+TEXT_FEATURES = "windows-v1"  # how long texts are embedded: change it with embed_windows, cached vectors are redone
+
+
+def embed_windows(tok, embed, texts: list[str], max_length: int = TEXT_MAX_TOKENS):
+    """(n, d) L2-normalised embeddings of texts of any length: a text longer than `max_length` word pieces is cut
+    into consecutive windows (the tokenizer's overflowing tokens), each window is embedded by `embed(encoding)`,
+    and the text's vector is their mean weighted by tokens. Nothing is truncated away. Differentiable when grad
+    is enabled."""
     import torch
 
-    enc = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-    hidden = model(**enc).last_hidden_state
-    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, dim=-1)
+    enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_overflowing_tokens=True,
+              return_tensors="pt")
+    owner = enc.pop("overflow_to_sample_mapping")
+    vectors = embed(enc)
+    weight = enc["attention_mask"].sum(1, keepdim=True).to(vectors.dtype)
+    total = torch.zeros(len(texts), vectors.shape[1], dtype=vectors.dtype).index_add(0, owner, vectors * weight)
+    return torch.nn.functional.normalize(total, dim=-1)
+
+
+def count_windows(tok, texts: list[str], max_length: int = TEXT_MAX_TOKENS) -> list[int]:
+    """How many windows of `max_length` word pieces each text takes (1: it fits)."""
+    owner = tok(texts, truncation=True, max_length=max_length, return_overflowing_tokens=True)["overflow_to_sample_mapping"]
+    return np.bincount(np.asarray(owner, dtype=np.int64), minlength=len(texts)).tolist() if texts else []
+
+
+def minilm_embed(tok, model, texts: list[str]):
+    """(n, 384) torch tensor of L2-normalised mean-pooled MiniLM embeddings (long texts: mean of windows)."""
+    def embed(enc):
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+    return embed_windows(tok, embed, texts)
 
 
 def encode_texts(texts: list[str], batch_size: int = 32, model_path: str | None = None) -> np.ndarray:

@@ -4,22 +4,48 @@ Unit ids name what the selector scores: `<question_id>:A` / `:B` for a pool answ
 `<conversation_id>#<round>` for a generated round.
 - clinician pair: for each question, the answer annotators marked acceptable over the one they did
   not, or picked (majority over annotators), weight `clinician_weight`; both acceptable, both not, or a
-  tie is no pair. A share `clinician_holdout` of the questions is held out (split "holdout") to
-  measure alignment, never trained on. A vote on answers that have changed since (its `answers_hash`
+  tie is no pair. A vote on answers that have changed since (its `answers_hash`
   differs from the pool's) is skipped and counted as stale; a vote for a question not in the pool is
   counted; an annotator voting twice on one question is an error naming both lines.
 - rater agreement: on the clinician pairs, how often the rater's scores of the two pool answers order
   them as clinicians did (the paper's comparison of a GPT-4 judge with clinicians).
 - model pair: `model_pairs` pairs of rated units drawn with `seed`, weight 1; only units with different,
   parsed scores form pairs (ties and nulls never do). A unit is a round, or with the selector's
-  `unit: conversation` a conversation scored by the `aggregate` of its rounds. The units of a share
-  `model_holdout` of the figures form the held-out pairs (split "holdout"), never a training pair.
+  `unit: conversation` a conversation scored by the `aggregate` of its rounds.
+- splits, by figure: every figure is in one of train / validation / test, and so is every pair about it,
+  clinician or model (a pair never spans two splits). The clinician-judged figures are split first, a share
+  `clinician_validation` to validation (what picks the selector's epoch) and `clinician_test` to test (reported,
+  never used for a choice); the other figures then by `model_validation` / `model_test`. Splitting by question
+  instead would put a figure's other questions, with its image and caption, in training.
 """
 from __future__ import annotations
 
 import random
 
 from .schema import AGGREGATES, UNITS, Conversation, PoolItem, PreferencePair, Rating, Vote, request_hash, round_id, rounds
+from .stats import rate
+
+SPLITS = ("train", "validation", "test")
+
+
+def check_shares(section: str, validation: float, test: float) -> None:
+    for name, v in (("validation", validation), ("test", test)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ValueError(f"{section}_{name} is {v!r}: use a share in [0, 1)")
+    if validation + test >= 1:
+        raise ValueError(f"{section}_validation + {section}_test is {validation + test}: leave some figures to train on")
+
+
+def split_figures(figures, validation: float, test: float, seed: int, fixed: dict[str, str] | None = None) -> dict:
+    """{figure: split}: the figures not in `fixed` shuffled with `seed`, a share `test` to test, `validation` to
+    validation, the rest to train; figures in `fixed` keep their split."""
+    fixed = dict(fixed or {})
+    free = sorted(set(figures) - set(fixed))
+    random.Random(seed).shuffle(free)
+    n_test, n_val = round(test * len(free)), round(validation * len(free))
+    for i, f in enumerate(free):
+        fixed[f] = "test" if i < n_test else "validation" if i < n_test + n_val else "train"
+    return fixed
 
 
 def answers_hash(item: PoolItem) -> str:
@@ -56,9 +82,11 @@ def check_votes(votes: list[Vote], source: str) -> None:
         seen[key] = n
 
 
-def clinician_pairs(votes: list[Vote], pool: dict[str, PoolItem], weight: float, holdout: float, seed: int):
-    """One pair per question: the answer more annotators preferred over the other. Votes with no
-    preference and questions where annotators cancel out are not pairs: ties never are."""
+def clinician_pairs(votes: list[Vote], pool: dict[str, PoolItem], weight: float, validation: float, test: float,
+                    seed: int):
+    """One pair per question: the answer more annotators preferred over the other. Votes with no preference and
+    questions where annotators cancel out are not pairs: ties never are. Returns (pairs, counts, {figure: split})
+    with the questions' figures split into train / validation / test."""
     counts = {"votes": len(votes), "not_in_pool": 0, "stale": 0, "unverified": 0, "no_preference": 0,
               "annotators_disagree": 0}
     net: dict[str, int] = {}  # +1 per "A over B" vote, -1 per "B over A"
@@ -79,10 +107,10 @@ def clinician_pairs(votes: list[Vote], pool: dict[str, PoolItem], weight: float,
             net[v.question_id] = net.get(v.question_id, 0) + (1 if label == "A" else -1)
     counts["annotators_disagree"] = sum(n == 0 for n in net.values())
     decided = sorted(q for q, n in net.items() if n)
-    held = set(random.Random(seed).sample(decided, int(round(holdout * len(decided)))))
+    splits = split_figures({pool[q].figure_id for q in decided}, validation, test, seed)
     pairs = [PreferencePair(a_id=f"{q}:A", b_id=f"{q}:B", label=int(net[q] > 0), weight=weight, source="clinician",
-                            split="holdout" if q in held else "train") for q in decided]
-    return pairs, counts
+                            split=splits[pool[q].figure_id]) for q in decided]
+    return pairs, counts, splits
 
 
 def check_ratings(ratings: list[Rating], source: str) -> None:
@@ -110,22 +138,28 @@ def unit_scores(ratings: list[Rating], conversations: list[Conversation], unit: 
     return out
 
 
-def model_pairs(scores: dict[str, float | None], n_pairs: int, seed: int, holdout: float = 0.0):
+def model_pairs(scores: dict[str, float | None], n_pairs: int, seed: int, validation: float = 0.0, test: float = 0.0,
+                fixed: dict[str, str] | None = None):
     """`n_pairs` distinct pairs of units with different, parsed scores (ties and nulls never form pairs), drawn
-    with `seed`. A share `holdout` of the figures is held out: their units form the held-out pairs and never a
-    training pair, so held-out accuracy is measured on units the selector has not seen."""
+    with `seed`, split by figure: the figures in `fixed` (the clinician-judged ones) keep their split, the others
+    are split by the `validation` and `test` shares, and each split's pairs are drawn among its own units (its
+    share of `n_pairs`), so validation and test pairs are about figures the selector never trained on."""
     scored = sorted((u, s) for u, s in scores.items() if s is not None)
     rng = random.Random(seed)
-    figures = sorted({u.split("#")[0] for u, _ in scored})
-    held = set(rng.sample(figures, int(round(holdout * len(figures)))))
-    n_held = int(round(holdout * n_pairs))
+    splits = split_figures({figure_of(u) for u, _ in scored}, validation, test, seed, fixed)
+    n = {"validation": round(validation * n_pairs), "test": round(test * n_pairs)}
+    n["train"] = n_pairs - n["validation"] - n["test"]
     pairs = []
-    for split, n in (("train", n_pairs - n_held), ("holdout", n_held)):
-        pool = [x for x in scored if (x[0].split("#")[0] in held) == (split == "holdout")]
-        pairs += _draw(pool, n, rng, split)
+    for split in SPLITS:
+        pairs += _draw([x for x in scored if splits[figure_of(x[0])] == split], n[split], rng, split)
     counts = {"units": len(scores), "null_units": sum(v is None for v in scores.values()),
-              "holdout_figures": len(held)}
+              "figures": {k: sum(v == k for v in splits.values()) for k in SPLITS}}
     return pairs, counts
+
+
+def figure_of(unit_id: str) -> str:
+    """The figure a generated unit is about: `<figure>#<round>`, or `<figure>` for a conversation."""
+    return unit_id.split("#")[0]
 
 
 def _draw(scored: list[tuple[str, float]], n: int, rng: random.Random, split: str) -> list[PreferencePair]:
@@ -142,23 +176,27 @@ def _draw(scored: list[tuple[str, float]], n: int, rng: random.Random, split: st
     return pairs
 
 
+def agreement(score: dict[str, float | None], pairs) -> dict:
+    """How often `score` orders pairs (objects with a_id, b_id, label) as they are labelled: {pairs, ties,
+    unscored, n, k, rate, ci95}; equal scores (ties) and a missing or null score (unscored) are counted apart,
+    never as a miss."""
+    ties = unscored = right = 0
+    pairs = list(pairs)
+    for p in pairs:
+        a, b = score.get(p.a_id), score.get(p.b_id)
+        if a is None or b is None:
+            unscored += 1
+        elif a == b:
+            ties += 1
+        else:
+            right += int((a > b) == bool(p.label))
+    return {"pairs": len(pairs), "ties": ties, "unscored": unscored, **rate(right, len(pairs) - ties - unscored)}
+
+
 def rater_agreement(pairs: list[PreferencePair], pool_ratings: list[Rating]) -> dict:
-    """Share of clinician pairs the rater orders the same way (its scores of answer A and B), on the held-out
-    pairs and on all; pairs the rater scores equal (ties) or could not score (null) are counted apart."""
+    """Share of clinician pairs the rater orders the same way (its scores of answer A and B), per split and over
+    all, with n and a 95% interval; pairs the rater scores equal (ties) or could not score (null) are counted
+    apart."""
     score = {r.candidate_id: r.score for r in pool_ratings}
-    out = {}
-    for split in ("holdout", "all"):
-        chosen = [p for p in pairs if p.source == "clinician" and (split == "all" or p.split == split)]
-        agree = ties = unscored = 0
-        for p in chosen:
-            a, b = score.get(p.a_id), score.get(p.b_id)
-            if a is None or b is None:
-                unscored += 1
-            elif a == b:
-                ties += 1
-            else:
-                agree += int((a > b) == bool(p.label))
-        decided = len(chosen) - ties - unscored
-        out[split] = {"pairs": len(chosen), "agree": agree, "rater_ties": ties, "unscored": unscored,
-                      "agreement": round(agree / decided, 4) if decided else None}
-    return out
+    return {split: agreement(score, [p for p in pairs if p.source == "clinician" and split in ("all", p.split)])
+            for split in ("validation", "test", "all")}

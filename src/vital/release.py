@@ -165,9 +165,32 @@ FORMATS = ("LLaVA (`instructions.json`), also `instructions.parquet`, LLaMA-Fact
            "that want one, with the same relative paths.")
 
 
+# Where this pipeline departs from the BioMed-VITAL paper and the authors' released code, and why (README: "The
+# selector"). The data card of every release made here lists them.
+DEVIATIONS = (
+    "Selector input: the figure's context (caption + mentions) and the Q&A are embedded apart, with their "
+    "elementwise product and the image; a text longer than the encoder's window is the mean of its windows. The "
+    "authors embedded caption + mentions + Q + A as one text cut at 256 tokens, so with a long caption every round "
+    "of a figure had the same features.",
+    "Splits: clinician and model pairs are split by figure into train / validation / test; the selector's epoch is "
+    "chosen on validation only and test is reported once, with n and a 95% interval. The authors reported the "
+    "alignment of the clinician pairs they also monitored, and split model pairs by position, not by figure.",
+    "Ties: equal ratings or an annotators' tie are never a pair (the authors' hinge loss read a score tie as 'b "
+    "wins'); "
+    "an unparseable rating is null, never 0 or 5.",
+    "Model pairs come from every rated round; a conversation's score is its first round's (aggregate: first, the "
+    "authors' choice; mean and min are options).",
+    "Default selector backbone: MiniLM text + a fixed image descriptor, frozen (runs offline). The paper's is "
+    "BiomedCLIP fine-tuned end to end: train_selector.backbone=biomedclip, finetune_backbone=true.",
+    "Rounds are dropped for quoting the source or refusing by whole phrases, so calibrated hedges ('I cannot be "
+    "certain from the image alone') are kept.",
+)
+
+
 def data_card(release: list[dict], origin: str, selector_info: dict | None, tokenizer_name: str, tokens: list[int],
-              formats: str = FORMATS) -> str:
-    """A markdown data card: what is in the release and what made it (`origin`: one sentence)."""
+              formats: str = FORMATS, selection: dict | None = None) -> str:
+    """A markdown data card: what is in the release and what made it (`origin`: one sentence); with `selection`
+    (filter's comparison with baselines, metrics/selection.json), that table and the method's deviations."""
     by_domain = Counter(r["domain"] for r in release)
     rounds = [len(r["conversations"]) // 2 for r in release]
     scores = [r["selector_score"] for r in release if r.get("selector_score") is not None]
@@ -188,6 +211,20 @@ def data_card(release: list[dict], origin: str, selector_info: dict | None, toke
               f"- generator(s): {', '.join(sorted({r['generator'] for r in release}))}",
               f"- selector: {json.dumps(selector_info, sort_keys=True) if selector_info else 'none recorded'}",
               f"- format: {formats}", ""]
+    if selection:
+        lines += ["## The selector against baselines at this size", "",
+                  f"Agreement with the clinician test pairs ({selection['clinician_test_pairs']} pairs on figures no "
+                  "choice saw; ties and unscored pairs apart) and the share of this release each method also keeps. "
+                  + (selection.get("note") or ""), "",
+                  "| method | agreement | 95% interval | n | overlap with the release |", "|---|---|---|---|---|"]
+        for name, m in selection["methods"].items():
+            test = m["clinician_test"]
+            if name == "random":
+                lines.append(f"| random ({m['seeds']} seeds) | {test.get('mean')} | {test.get('range95')} (of seeds) | "
+                             f"{test['pairs']} | {m['overlap']['mean']} |")
+            else:
+                lines.append(f"| {name} | {test['rate']} | {test['ci95']} | {test['n']} | {m['overlap']} |")
+        lines += ["", "## Where the method departs from the paper", "", *[f"- {d}" for d in DEVIATIONS], ""]
     return "\n".join(lines)
 
 

@@ -1,13 +1,18 @@
 """Stages `train_selector` and (scoring for) `filter`: the data selection model.
 
-Unit: what the selector scores. `unit: round` (the paper): caption + in-text mentions + one question + its answer,
-with the figure; id `<conversation>#<round>`. `unit: conversation`: caption + mentions + every round; id
-`<conversation>`. A clinician-judged pool answer is a one-round unit either way; id `<question_id>:A|B`.
-With `unit: round` a conversation's score is the `aggregate` (mean | min) of its rounds' scores.
+Unit: what the selector scores. `unit: round` (the paper): the figure's context (caption + in-text mentions), one
+question + its answer, and the figure; id `<conversation>#<round>`. `unit: conversation`: the context and every round;
+id `<conversation>`. A clinician-judged pool answer is a one-round unit either way; id `<question_id>:A|B`.
+With `unit: round` a conversation's score is the `aggregate` of its rounds' scores: `first` (the first round alone,
+as the authors' released selector scores a conversation), `mean` or `min`.
 
 Backbone: `minilm` (the MiniLM text embedding + the image descriptor of encoders.py) or `biomedclip` (a Hugging
 Face dual encoder, VisionTextDualEncoderModel or CLIPModel format, from `backbone_model`: a path or hub name).
-Features are text and image embeddings side by side; an MLP head maps them to a score.
+Features: the Q&A embedding, the context embedding, their elementwise product (does the answer fit this figure?) and
+the image embedding, side by side; an MLP head maps them to a score. The context and the Q&A are embedded apart, and
+a text longer than the encoder's window is the mean of its windows (encoders.embed_windows), so a long caption never
+pushes the question and answer out of the input. (The authors embedded caption + mentions + Q + A as one text cut
+at 256 tokens: with a long caption every round of a figure had the same features.)
 
 Training minimises a weighted pairwise loss over preference pairs (label 1: a preferred, 0: b preferred; any other
 label, such as 0.5 for a tie, is masked and counted, never read as "b wins"):
@@ -17,11 +22,14 @@ with Adam. Frozen backbone (the default): every unique text and image is encoded
 and the epochs train the head alone. `finetune_backbone: true` trains the backbone too (lr `backbone_lr`), end to
 end as the paper did; its weights are saved next to the head and `filter` scores with them.
 
-After each epoch the held-out pairs are scored: model-pair accuracy, clinician alignment (the share of held-out
-clinician pairs ordered as clinicians ordered them), and over the held-out clinician answers (preferred ones as
-positives) ROC AUC, average precision (`map`) and the mean rank of preferred answers (0: top, 1: bottom): the
-filter cuts one global ranking, so a global ranking measure matters besides the per-pair one. The saved model is
-the best epoch by clinician alignment, then held-out model-pair accuracy, then the later epoch.
+Pairs come split by figure into train / validation / test (merge_preferences). After each epoch the validation
+pairs are scored: model-pair accuracy, clinician alignment (the share of clinician pairs ordered as clinicians
+ordered them), and over the clinician answers (preferred ones as positives) ROC AUC, average precision (`map`) and
+the mean rank of preferred answers (0: top, 1: bottom): the filter cuts one global ranking, so a global ranking
+measure matters besides the per-pair one. The saved model is the best epoch by validation clinician alignment, then
+validation model-pair accuracy, then the later epoch; the test pairs are scored once, with that model, and nothing
+is chosen on them. Pair accuracies count ties apart (equal scores are neither right nor wrong) and come with n and a
+95% Wilson interval.
 """
 from __future__ import annotations
 
@@ -42,9 +50,13 @@ from torch import nn
 
 from scipy.stats import rankdata
 
-from .encoders import IMAGE_DIM, IMAGE_FEATURES, TEXT_DIM, EmbeddingCache, _minilm, encode_images, minilm_embed
+from .encoders import (IMAGE_DIM, IMAGE_FEATURES, TEXT_DIM, TEXT_FEATURES, TEXT_MAX_TOKENS, EmbeddingCache, _minilm,
+                       count_windows, embed_windows, encode_images, minilm_embed)
 from .images import ImageStore
 from .schema import AGGREGATES, UNITS, Conversation, CorpusRecord, PoolItem, round_id, rounds
+from .stats import auc_interval, rate
+
+SPLITS = ("train", "validation", "test")
 
 
 @dataclass
@@ -54,7 +66,7 @@ class TrainConfig:
     finetune_backbone: bool = False
     backbone_lr: float = 1e-5
     unit: str = "round"               # round | conversation
-    aggregate: str = "mean"           # mean | min: rounds -> conversation
+    aggregate: str = "first"          # first | mean | min: rounds -> conversation (first: the authors' code)
     loss: str = "hinge"               # hinge | logistic
     margin: float = 1.0
     epochs: int = 30
@@ -63,6 +75,7 @@ class TrainConfig:
     hidden: int = 256
     dropout: float = 0.1
     seed: int = 0
+    baseline_model_only: bool = True  # also train the w = 0 selector (model pairs only), the baseline filter compares
 
     def __post_init__(self):
         for key, allowed in (("backbone", ("minilm", "biomedclip")), ("unit", UNITS),
@@ -83,8 +96,9 @@ class TrainConfig:
             if isinstance(v, bool) or not ok(f):
                 raise ValueError(f"train_selector.{key} is {v!r}; it must be a number {rule}")
             setattr(self, key, f)
-        if not isinstance(self.finetune_backbone, bool):
-            raise ValueError(f"train_selector.finetune_backbone is {self.finetune_backbone!r}; use true or false")
+        for key in ("finetune_backbone", "baseline_model_only"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"train_selector.{key} is {getattr(self, key)!r}; use true or false")
         if self.backbone == "biomedclip" and not self.backbone_model:
             raise ValueError("train_selector.backbone is biomedclip but backbone_model is empty: give the path or hub "
                              "name of BiomedCLIP in Hugging Face dual-encoder format (see README)")
@@ -92,26 +106,46 @@ class TrainConfig:
 
 # ---------------------------------------------------------------- units
 
-def unit_text(caption: str, mentions: list[str], qa: list[tuple[str, str]]) -> str:
-    return f"{caption} {' '.join(mentions)} " + " ".join(f"Question: {q} Answer: {a}" for q, a in qa)
+def context_text(caption: str, mentions: list[str]) -> str:
+    return f"{caption} {' '.join(mentions)}".strip()
+
+
+def qa_text(qa: list[tuple[str, str]]) -> str:
+    return " ".join(f"Question: {q} Answer: {a}" for q, a in qa)
 
 
 def build_units(records: dict[str, CorpusRecord], conversations: list[Conversation], pool: list[PoolItem],
                 unit: str = "round") -> pd.DataFrame:
-    """Every scorable unit: generated rounds (or conversations) and pool answers -> (id, image, text)."""
+    """Every scorable unit: generated rounds (or conversations) and pool answers -> (id, image, context, qa)."""
     rows = []
     for c in conversations:
         r, qa = records[c.id], rounds(c.conversations)
+        context = context_text(r.caption, r.inline_mentions)
         if unit == "conversation":
-            rows.append((c.id, c.image, unit_text(r.caption, r.inline_mentions, qa)))
+            rows.append((c.id, c.image, context, qa_text(qa)))
         else:
-            rows += [(round_id(c.id, k), c.image, unit_text(r.caption, r.inline_mentions, [x]))
-                     for k, x in enumerate(qa)]
+            rows += [(round_id(c.id, k), c.image, context, qa_text([x])) for k, x in enumerate(qa)]
     for p in pool:
         for side, ans in (("A", p.answer_a), ("B", p.answer_b)):
-            rows.append((f"{p.question_id}:{side}", p.image,
-                         unit_text(p.caption, p.inline_mentions, [(p.question, ans)])))
-    return pd.DataFrame(rows, columns=["id", "image", "text"]).drop_duplicates("id").set_index("id")
+            rows.append((f"{p.question_id}:{side}", p.image, context_text(p.caption, p.inline_mentions),
+                         qa_text([(p.question, ans)])))
+    return pd.DataFrame(rows, columns=["id", "image", "context", "qa"]).drop_duplicates("id").set_index("id")
+
+
+def long_texts(backbone: nn.Module, units: pd.DataFrame) -> dict:
+    """How many units have a context, or a Q&A, longer than one window of the backbone's text encoder (embedded
+    as the mean of their windows: nothing is cut)."""
+    out = {}
+    for col in ("context", "qa"):
+        texts = list(dict.fromkeys(units[col]))
+        windows = dict(zip(texts, count_windows(backbone.tokenizer, texts, backbone.max_length)))
+        out[f"units_long_{col}"] = int(sum(windows[t] > 1 for t in units[col]))
+    return out
+
+
+def combine(context, qa, image, cat: Callable):
+    """The head's input: Q&A, context, their elementwise product, image (numpy arrays or torch tensors)."""
+    return cat([qa, context, qa * context, image])
 
 
 def conversation_score(c: Conversation, unit_scores: dict[str, float], unit: str, aggregate: str) -> float:
@@ -142,7 +176,8 @@ def _weights_hash(module: nn.Module) -> str:
 class MiniLMBackbone(nn.Module):
     """The MiniLM text encoder (trainable when fine-tuning) + the fixed image descriptor."""
     kind = "minilm"
-    dim = TEXT_DIM + IMAGE_DIM
+    dim = 3 * TEXT_DIM + IMAGE_DIM
+    max_length = TEXT_MAX_TOKENS
 
     def __init__(self, path: str | None = None, trainable: bool = False):
         super().__init__()
@@ -156,7 +191,11 @@ class MiniLMBackbone(nn.Module):
 
     @property
     def identity(self) -> str:  # of the current weights: fine-tuning changes it
-        return f"minilm@{_weights_hash(self.text)}+{IMAGE_FEATURES}"
+        return f"minilm@{_weights_hash(self.text)}+{TEXT_FEATURES}+{IMAGE_FEATURES}"
+
+    @property
+    def tokenizer(self):
+        return self.tok
 
     def text_features(self, texts: list[str]) -> torch.Tensor:
         return minilm_embed(self.tok, self.text, texts)
@@ -187,18 +226,22 @@ class DualEncoderBackbone(nn.Module):
         if not (hasattr(self.model, "get_text_features") and hasattr(self.model, "get_image_features")):
             raise ValueError(f"train_selector.backbone_model {name!r} is a {type(self.model).__name__}, not a dual "
                              "encoder with text and image projections (VisionTextDualEncoderModel or CLIPModel)")
-        self.dim = 2 * self.model.config.projection_dim
-        self.max_length = min(256, getattr(self.model.config.text_config, "max_position_embeddings", 256))
+        self.dim = 4 * self.model.config.projection_dim
+        self.max_length = min(TEXT_MAX_TOKENS, getattr(self.model.config.text_config, "max_position_embeddings", 256))
 
     @property
     def identity(self) -> str:  # of the current weights, wherever they were loaded from
-        return f"biomedclip@{_weights_hash(self.model)}"
+        return f"biomedclip@{_weights_hash(self.model)}+{TEXT_FEATURES}"
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
 
     def text_features(self, texts: list[str]) -> torch.Tensor:
-        enc = self.processor.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                       return_tensors="pt")
-        out = self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        return nn.functional.normalize(_pooled(out), dim=-1)
+        def embed(enc):
+            return _pooled(self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
+
+        return embed_windows(self.tokenizer, embed, texts, self.max_length)
 
     def image_features(self, images: list[bytes]) -> torch.Tensor:
         decoded = []
@@ -223,10 +266,10 @@ def build_backbone(cfg: dict, model_dir: Path | None = None) -> nn.Module:
 
 
 def encode(backbone: nn.Module, units: pd.DataFrame, images: ImageStore | Path) -> torch.Tensor:
-    """Features of `units` with gradients (fine-tuning): text and image embeddings side by side."""
+    """Features of `units` with gradients (fine-tuning): see `combine`."""
     images = ImageStore.of(images)
-    return torch.cat([backbone.text_features(units["text"].tolist()),
-                      backbone.image_features([images.read(u) for u in units["image"]])], dim=1)
+    return combine(backbone.text_features(units["context"].tolist()), backbone.text_features(units["qa"].tolist()),
+                   backbone.image_features([images.read(u) for u in units["image"]]), lambda xs: torch.cat(xs, dim=1))
 
 
 def _batched(fn: Callable, items: list, batch_size: int = 32) -> np.ndarray:
@@ -246,15 +289,16 @@ class Featurizer:
     def __call__(self, units: pd.DataFrame) -> np.ndarray:
         if units.empty:
             return np.zeros((0, self.backbone.dim), np.float32)
-        texts = units["text"].tolist()
+        texts = list(dict.fromkeys([*units["context"], *units["qa"]]))  # a figure's context is encoded once
         names = list(dict.fromkeys(units["image"]))  # each image read and hashed once
         data = [self.store.read(n) for n in names]
         text = self.texts.get_or_encode([t.encode() for t in texts],
                                         lambda idx: _batched(self.backbone.text_features, [texts[i] for i in idx]))
         image = self.images.get_or_encode(data, lambda idx: _batched(self.backbone.image_features,
                                                                      [data[i] for i in idx]))
-        row = {n: i for i, n in enumerate(names)}
-        return np.hstack([text, image[[row[u] for u in units["image"]]]]).astype(np.float32)
+        row, image_row = {t: i for i, t in enumerate(texts)}, {n: i for i, n in enumerate(names)}
+        return combine(text[[row[t] for t in units["context"]]], text[[row[t] for t in units["qa"]]],
+                       image[[image_row[u] for u in units["image"]]], np.hstack).astype(np.float32)
 
 
 def missing_images(units: pd.DataFrame, images: ImageStore | Path) -> list[str]:
@@ -265,7 +309,7 @@ def missing_images(units: pd.DataFrame, images: ImageStore | Path) -> list[str]:
 # ---------------------------------------------------------------- head and training
 
 class Selector(nn.Module):
-    def __init__(self, in_dim: int = TEXT_DIM + IMAGE_DIM, hidden: int = 256, dropout: float = 0.1):
+    def __init__(self, in_dim: int = 3 * TEXT_DIM + IMAGE_DIM, hidden: int = 256, dropout: float = 0.1):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, 1))
@@ -302,33 +346,49 @@ def pair_loss(s_win: torch.Tensor, s_lose: torch.Tensor, weight: torch.Tensor, c
     return (weight * per_pair).sum() / (len(weight) * mean_weight)
 
 
-def pair_accuracy(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor) -> float | None:
-    if len(win) == 0:
-        return None
-    return round(float((scores[win] > scores[lose]).float().mean()), 5)
+def pair_report(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor) -> dict:
+    """{pairs, ties, n, k, rate, ci95}: of `pairs`, `ties` score both units equal (neither right nor wrong); `rate`
+    is the share of the other `n` ordered as preferred (`k` of them), with its 95% Wilson interval."""
+    diff = scores[win] - scores[lose]
+    ties = int((diff == 0).sum())
+    return {"pairs": len(win), "ties": ties, **rate(int((diff > 0).sum()), len(win) - ties)}
 
 
 def ranking_metrics(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor) -> dict:
-    """AUC, average precision and mean rank (0 top .. 1 bottom) of preferred answers among held-out answers."""
+    """AUC (with its 95% interval), average precision and mean rank (0 top .. 1 bottom) of preferred answers
+    among the answers of some pairs."""
     if len(win) == 0:
-        return {"auc": None, "map": None, "mean_rank": None}
+        return {"auc": None, "auc_ci95": None, "map": None, "mean_rank": None}
     s = torch.cat([scores[win], scores[lose]]).numpy()
     y = np.r_[np.ones(len(win)), np.zeros(len(lose))]
     rank = (rankdata(-s, method="average") - 1) / max(len(s) - 1, 1)  # equal scores share their mean rank
-    return {"auc": round(float(roc_auc_score(y, s)), 5), "map": round(float(average_precision_score(y, s)), 5),
-            "mean_rank": round(float(rank[: len(win)].mean()), 5)}
+    auc = float(roc_auc_score(y, s))
+    return {"auc": round(auc, 5), "auc_ci95": auc_interval(auc, len(win), len(lose)),
+            "map": round(float(average_precision_score(y, s)), 5), "mean_rank": round(float(rank[: len(win)].mean()), 5)}
+
+
+def split_report(scores: torch.Tensor, held: dict) -> dict:
+    """What one split's pairs say of `scores`: model-pair accuracy and clinician alignment (with ranking metrics)."""
+    return {"model_accuracy": pair_report(scores, *held["model"]),
+            "clinician_alignment": pair_report(scores, *held["clinician"]), **ranking_metrics(scores, *held["clinician"])}
 
 
 def train(features: Callable[[torch.Tensor], torch.Tensor], n_units: int, in_dim: int, pairs: pd.DataFrame,
-          index: dict[str, int], cfg: TrainConfig, backbone: nn.Module | None = None):
+          index: dict[str, int], cfg: TrainConfig, backbone: nn.Module | None = None, choose_on_clinicians: bool = True):
     """Train on split=="train" pairs; `features(unit rows)` gives the head's input (cached rows, or the
-    backbone's output with gradients when `backbone` is passed to be fine-tuned). Returns the best epoch's
-    head, the per-epoch history and counts."""
+    backbone's output with gradients when `backbone` is passed to be fine-tuned). The epoch is chosen on the
+    validation pairs (clinician alignment first, unless `choose_on_clinicians` is off, then model-pair accuracy);
+    the test pairs are scored once, by the chosen epoch. Returns the head, the per-epoch history (train and
+    validation figures only) and stats with the validation and test reports."""
+    unknown = sorted(set(pairs["split"]) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"preference pairs have split {unknown[0]!r}; the splits are {', '.join(SPLITS)}: rerun "
+                         "merge_preferences (dvc repro merge_preferences)")
     torch.manual_seed(cfg.seed)
-    train_pairs, held = pairs[pairs["split"] == "train"], pairs[pairs["split"] == "holdout"]
-    counts = pair_tensors(pairs, index)[3]  # over both splits
-    tr_w, tr_l, tr_wt, _ = pair_tensors(train_pairs, index)
-    ho = {src: pair_tensors(held[held["source"] == src], index)[:2] for src in ("model", "clinician")}
+    counts = pair_tensors(pairs, index)[3]  # over every split
+    tr_w, tr_l, tr_wt, _ = pair_tensors(pairs[pairs["split"] == "train"], index)
+    held = {split: {src: pair_tensors(pairs[(pairs["split"] == split) & (pairs["source"] == src)], index)[:2]
+                    for src in ("model", "clinician")} for split in ("validation", "test")}
     if not len(tr_w):
         raise ValueError("no training pairs: check merge_preferences' output (data/preferences/pairs.parquet)")
     mean_weight = float(tr_wt.mean())
@@ -365,21 +425,27 @@ def train(features: Callable[[torch.Tensor], torch.Tensor], n_units: int, in_dim
         if backbone is not None:
             backbone.eval()
         s = score_all()
+        val = split_report(s, held["validation"])
         row = {"epoch": epoch, "train_loss": round(total / len(perm), 6),
-               "train_pair_accuracy": pair_accuracy(s, tr_w, tr_l),
-               "holdout_model_accuracy": pair_accuracy(s, *ho["model"]),
-               "clinician_alignment": pair_accuracy(s, *ho["clinician"]), **ranking_metrics(s, *ho["clinician"])}
+               "train_pair_accuracy": pair_report(s, tr_w, tr_l)["rate"],
+               "validation_model_accuracy": val["model_accuracy"]["rate"],
+               "validation_clinician_alignment": val["clinician_alignment"]["rate"],
+               **{f"validation_{k}": val[k] for k in ("auc", "map", "mean_rank")}}
         history.append(row)
-        key = (_or(row["clinician_alignment"]), _or(row["holdout_model_accuracy"]), epoch)
+        key = (_or(row["validation_clinician_alignment"]) if choose_on_clinicians else 0.0,
+               _or(row["validation_model_accuracy"]), epoch)
         if best_key is None or key > best_key:
             best_key = key
             best = (copy.deepcopy(head.state_dict()), copy.deepcopy(backbone.state_dict()) if backbone else None)
     head.load_state_dict(best[0])
     if backbone is not None:
         backbone.load_state_dict(best[1])
-    stats = {"train_pairs": len(tr_w), "holdout_model_pairs": len(ho["model"][0]),
-             "holdout_clinician_pairs": len(ho["clinician"][0]), "pairs_masked_ties": counts["ties_masked"],
-             "pairs_missing_units": counts["missing_units"], "best_epoch": best_key[2]}
+    s = score_all()
+    stats = {"train_pairs": len(tr_w), "pairs_masked_ties": counts["ties_masked"],
+             "pairs_missing_units": counts["missing_units"], "best_epoch": best_key[2],
+             "epoch_chosen_on": "validation " + ("clinician alignment, then " if choose_on_clinicians else "")
+                                + "model-pair accuracy",
+             "validation": split_report(s, held["validation"]), "test": split_report(s, held["test"])}
     return head.eval(), history, stats
 
 
@@ -387,9 +453,14 @@ def _or(x: float | None) -> float:
     return -1.0 if x is None else x
 
 
-def fit(units: pd.DataFrame, pairs: pd.DataFrame, cfg: TrainConfig, images: ImageStore | Path, cache_dir: Path):
+def fit(units: pd.DataFrame, pairs: pd.DataFrame, cfg: TrainConfig, images: ImageStore | Path, cache_dir: Path,
+        model_only: bool = False):
     """Train a selector on the units that some pair names: frozen (features from the embedding cache) or with
-    the backbone fine-tuned end to end. Returns (head, backbone, history, stats)."""
+    the backbone fine-tuned end to end. `model_only`: the w = 0 baseline, trained on model pairs alone and its
+    epoch chosen on validation model pairs (no clinician judgement is used; its clinician figures are still
+    reported). Returns (head, backbone, history, stats)."""
+    if model_only:
+        pairs = pairs[~((pairs["source"] == "clinician") & (pairs["split"] == "train"))]
     named = set(pairs["a_id"]) | set(pairs["b_id"])
     units, images = units[units.index.isin(named)], ImageStore.of(images)
     backbone = build_backbone(asdict(cfg))
@@ -402,8 +473,8 @@ def fit(units: pd.DataFrame, pairs: pd.DataFrame, cfg: TrainConfig, images: Imag
         def features(rows):
             return x[rows]
     head, history, stats = train(features, len(units), backbone.dim, pairs, {u: i for i, u in enumerate(units.index)},
-                                 cfg, backbone if cfg.finetune_backbone else None)
-    return head, backbone, history, {"units": len(units), **stats}
+                                 cfg, backbone if cfg.finetune_backbone else None, choose_on_clinicians=not model_only)
+    return head, backbone, history, {"units": len(units), **long_texts(backbone, units), **stats}
 
 
 # ---------------------------------------------------------------- saving, loading, scoring
@@ -440,6 +511,15 @@ def score(head: Selector, features: np.ndarray, batch_size: int = 8192) -> np.nd
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
+def _unit_scores(head: Selector, featurize: Featurizer, units: pd.DataFrame, model_dir: Path) -> dict[str, float]:
+    s = score(head, featurize(units))
+    if not np.isfinite(s).all():
+        bad = units.index[~np.isfinite(s)]
+        raise ValueError(f"the selector in {model_dir} scored {len(bad)} unit(s) as NaN or infinite (first: "
+                         f"{bad[0]}); retrain it (dvc repro train_selector), e.g. with a lower train_selector.lr")
+    return dict(zip(units.index, s.tolist()))
+
+
 def score_conversations(conversations: list[Conversation], records: dict[str, CorpusRecord], images: ImageStore | Path,
                         cache_dir: Path, model_dir: Path, chunk: int = 4096) -> tuple[dict[str, float], dict]:
     """{conversation id: score} with the trained selector, streaming `chunk` conversations at a time (features
@@ -449,12 +529,13 @@ def score_conversations(conversations: list[Conversation], records: dict[str, Co
     out = {}
     for i in range(0, len(conversations), chunk):
         part = conversations[i:i + chunk]
-        units = build_units(records, part, [], meta["unit"])
-        s = score(head, featurize(units))
-        if not np.isfinite(s).all():
-            bad = units.index[~np.isfinite(s)]
-            raise ValueError(f"the selector in {model_dir} scored {len(bad)} unit(s) as NaN or infinite (first: "
-                             f"{bad[0]}); retrain it (dvc repro train_selector), e.g. with a lower train_selector.lr")
-        scores = dict(zip(units.index, s.tolist()))
+        scores = _unit_scores(head, featurize, build_units(records, part, [], meta["unit"]), model_dir)
         out.update({c.id: conversation_score(c, scores, meta["unit"], meta["aggregate"]) for c in part})
     return out, meta
+
+
+def score_pool_answers(pool: list[PoolItem], images: ImageStore | Path, cache_dir: Path,
+                       model_dir: Path) -> dict[str, float]:
+    """{`<question_id>:A|B`: score} of clinician-judged pool answers with the trained selector."""
+    head, backbone, meta = load(model_dir)
+    return _unit_scores(head, Featurizer(backbone, images, cache_dir), build_units({}, [], pool, meta["unit"]), model_dir)

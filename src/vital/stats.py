@@ -1,0 +1,31 @@
+"""Intervals for the quality figures the project reports: every rate is printed with its n and a 95% interval."""
+from __future__ import annotations
+
+import math
+
+Z95 = 1.959964
+
+
+def wilson(k: int, n: int, z: float = Z95) -> list[float] | None:
+    """The Wilson score interval of k successes in n trials (good at small n and at rates near 0 or 1)."""
+    if n <= 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def rate(k: int, n: int) -> dict:
+    """{n, k, rate, ci95}: a share with its interval; rate and interval are null when n is 0."""
+    return {"n": n, "k": k, "rate": round(k / n, 4) if n else None, "ci95": wilson(k, n)}
+
+
+def auc_interval(auc: float, n_pos: int, n_neg: int, z: float = Z95) -> list[float] | None:
+    """A 95% interval of a ROC AUC from its standard error (Hanley & McNeil, 1982)."""
+    if n_pos < 1 or n_neg < 1:
+        return None
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+    half = z * math.sqrt(max(var, 0.0))
+    return [round(max(0.0, auc - half), 4), round(min(1.0, auc + half), 4)]
