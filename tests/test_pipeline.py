@@ -222,7 +222,7 @@ def test_an_openai_compatible_server_drives_generate_and_rate_and_no_key_is_left
 # and starts from the embedding cache, so that two experiments take seconds, not the whole DAG each).
 SWEEP = "dvc exp run --queue train_selector -C data/cache/embeddings -S 'merge_preferences.clinician_weight=1,100'"
 SWEEP_SHOW = ("dvc exp show --csv --drop '.*' --keep "
-              "'Experiment|State|.*clinician_weight|test.clinician_alignment.(n|rate|ci95)'")
+              "'Experiment|State|.*clinician_weight|test.clinician_alignment.(n|rate|low|high)'")
 
 
 def _processes_in(path: Path) -> list[int]:
@@ -278,13 +278,14 @@ def test_clinician_weight_sweep_runs_one_queued_experiment_per_weight(repo):
     for w, m in by_weight.items():
         assert m["merge_preferences"]["clinician_weight"] == w  # each experiment merged with its own weight
         a = m["train_selector"]["test"]["clinician_alignment"]  # the split no epoch choice saw
-        assert a["n"] > 0 and 0 <= a["rate"] <= 1 and a["ci95"][0] <= a["rate"] <= a["ci95"][1], (w, a)
+        assert a["n"] > 0 and 0 <= a["low"] <= a["rate"] <= a["high"] <= 1, (w, a)
     assert by_weight[1]["train_selector"]["train_loss"] != by_weight[100]["train_selector"]["train_loss"]  # w mattered
 
     header, *rows = table.strip().splitlines()  # the README's table, as CSV
     cols = header.split(",")
     assert cols[:2] == ["Experiment", "State"] and "merge_preferences.clinician_weight" in cols
-    assert {"test.clinician_alignment.rate", "test.clinician_alignment.n"} <= {c.split(":")[-1] for c in cols}, header
+    shown_cols = {c.split(":")[-1] for c in cols}
+    assert {f"test.clinician_alignment.{k}" for k in ("n", "rate", "low", "high")} <= shown_cols, header
     assert sum(",Success," in r for r in rows) == 2, table
     assert (repo / "params.yaml").read_bytes() == params_before  # the sweep never touched the workspace
 

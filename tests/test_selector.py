@@ -47,9 +47,9 @@ def test_selector_learns_a_preference_with_either_loss_and_generalises(loss):
         assert report["model_accuracy"]["pairs"] == report["clinician_alignment"]["pairs"] == 50
         clin, model = report["clinician_alignment"], report["model_accuracy"]
         assert clin["rate"] > 0.8 and model["rate"] > 0.7  # unseen pairs; chance: 0.5
-        assert clin["ci95"][0] < clin["rate"] < clin["ci95"][1] and clin["n"] + clin["ties"] == 50
+        assert clin["low"] < clin["rate"] < clin["high"] and clin["n"] + clin["ties"] == 50
         assert report["auc"] > 0.7 and report["map"] > 0.7 and report["mean_rank"] < 0.4  # chance: 0.5, 0.5, 0.5
-        assert report["auc_ci95"][0] < report["auc"] <= report["auc_ci95"][1]
+        assert report["auc_low"] < report["auc"] <= report["auc_high"]
     assert set(history[0]) == {"epoch", "train_loss", "train_pair_accuracy", "validation_model_accuracy",
                                "validation_clinician_alignment", "validation_auc", "validation_map",
                                "validation_mean_rank"}  # no test figure per epoch: nothing can be chosen on it
@@ -91,7 +91,7 @@ def test_the_epoch_is_chosen_on_validation_and_the_test_pairs_never_choose(finet
 def test_pair_accuracy_counts_ties_apart_with_an_interval():
     scores = torch.tensor([2.0, 1.0, 1.0, 0.0])
     report = selector.pair_report(scores, torch.tensor([0, 1, 3]), torch.tensor([1, 2, 0]))  # right, tie, wrong
-    assert report == {"pairs": 3, "ties": 1, "n": 2, "k": 1, "rate": 0.5, "ci95": [0.0945, 0.9055]}
+    assert report == {"pairs": 3, "ties": 1, "n": 2, "k": 1, "rate": 0.5, "low": 0.0945, "high": 0.9055}
     assert selector.pair_report(torch.zeros(3), torch.tensor([0]), torch.tensor([1]))["rate"] is None  # all ties
 
 
@@ -99,7 +99,7 @@ def test_ranking_metrics_exactly_with_ties():
     scores = torch.tensor([3.0, 1.0, 2.0, 2.0, 0.0])
     m = selector.ranking_metrics(scores, torch.tensor([0, 2]), torch.tensor([1, 3]))  # winners 3.0, 2.0 vs 1.0, 2.0
     assert {k: m[k] for k in ("auc", "map", "mean_rank")} == {"auc": 0.875, "map": 0.83333, "mean_rank": 0.25}
-    assert m["auc_ci95"][0] < 0.875 <= m["auc_ci95"][1]  # the tied pair counts half, both ways
+    assert m["auc_low"] < 0.875 <= m["auc_high"]  # the tied pair counts half, both ways
     flat = selector.ranking_metrics(torch.zeros(4), torch.tensor([0, 1]), torch.tensor([2, 3]))
     assert {k: flat[k] for k in ("auc", "map", "mean_rank")} == {"auc": 0.5, "map": 0.5, "mean_rank": 0.5}
 

@@ -1,6 +1,6 @@
 """What `filter` compares the selector with, at the release's own size (metrics/selection.json).
 
-- `random`: a random subset of the same size, over `seeds` seeds (mean, standard deviation, 2.5-97.5% range);
+- `random`: a random subset of the same size, over `seeds` seeds (mean, standard deviation, and low..high: the 2.5-97.5% range);
 - `rater_threshold`: the conversations with the highest mean round rating of the `rate` judge, i.e. a threshold
   on the rater's score set where it keeps the same number (AlpaGasus-style); a conversation with a null or
   missing round rating ranks last;
@@ -23,7 +23,7 @@ from .release import select_top
 def _spread(values: list[float]) -> dict:
     v = np.asarray(values, dtype=float)
     return {"mean": round(float(v.mean()), 4), "sd": round(float(v.std(ddof=1)), 4) if len(v) > 1 else 0.0,
-            "range95": [round(float(np.percentile(v, 2.5)), 4), round(float(np.percentile(v, 97.5)), 4)]}
+            "low": round(float(np.percentile(v, 2.5)), 4), "high": round(float(np.percentile(v, 97.5)), 4)}
 
 
 def compare(kept: list[str], methods: dict[str, tuple[dict, dict]], test_pairs: list, select: dict,
@@ -60,11 +60,9 @@ def csv_rows(comparison: dict) -> list[dict]:
     for name, m in comparison.items():
         test, overlap = m["clinician_test"], m["overlap"]
         if name == "random":
-            lo, hi = test.get("range95", [None, None])
-            rows.append({"method": name, "clinician_test_agreement": test["mean"], "low": lo, "high": hi,
-                         "n": test["pairs"], "overlap_with_release": overlap["mean"]})
+            rows.append({"method": name, "clinician_test_agreement": test["mean"], "low": test.get("low"),
+                         "high": test.get("high"), "n": test["pairs"], "overlap_with_release": overlap["mean"]})
         else:
-            lo, hi = test["ci95"] or [None, None]
-            rows.append({"method": name, "clinician_test_agreement": test["rate"], "low": lo, "high": hi,
-                         "n": test["n"], "overlap_with_release": overlap})
+            rows.append({"method": name, "clinician_test_agreement": test["rate"], "low": test["low"],
+                         "high": test["high"], "n": test["n"], "overlap_with_release": overlap})
     return rows

@@ -178,7 +178,7 @@ def _draw(scored: list[tuple[str, float]], n: int, rng: random.Random, split: st
 
 def agreement(score: dict[str, float | None], pairs) -> dict:
     """How often `score` orders pairs (objects with a_id, b_id, label) as they are labelled: {pairs, ties,
-    unscored, n, k, rate, ci95}; equal scores (ties) and a missing or null score (unscored) are counted apart,
+    unscored, n, k, rate, low, high}; equal scores (ties) and a missing or null score (unscored) are counted apart,
     never as a miss."""
     ties = unscored = right = 0
     pairs = list(pairs)

@@ -220,10 +220,10 @@ def data_card(release: list[dict], origin: str, selector_info: dict | None, toke
         for name, m in selection["methods"].items():
             test = m["clinician_test"]
             if name == "random":
-                lines.append(f"| random ({m['seeds']} seeds) | {test.get('mean')} | {test.get('range95')} (of seeds) | "
+                lines.append(f"| random ({m['seeds']} seeds) | {test.get('mean')} | {test.get('low')}–{test.get('high')} (of seeds) | "
                              f"{test['pairs']} | {m['overlap']['mean']} |")
             else:
-                lines.append(f"| {name} | {test['rate']} | {test['ci95']} | {test['n']} | {m['overlap']} |")
+                lines.append(f"| {name} | {test['rate']} | {test['low']}–{test['high']} | {test['n']} | {m['overlap']} |")
         lines += ["", "## Where the method departs from the paper", "", *[f"- {d}" for d in DEVIATIONS], ""]
     return "\n".join(lines)
 

@@ -347,8 +347,8 @@ def pair_loss(s_win: torch.Tensor, s_lose: torch.Tensor, weight: torch.Tensor, c
 
 
 def pair_report(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor) -> dict:
-    """{pairs, ties, n, k, rate, ci95}: of `pairs`, `ties` score both units equal (neither right nor wrong); `rate`
-    is the share of the other `n` ordered as preferred (`k` of them), with its 95% Wilson interval."""
+    """{pairs, ties, n, k, rate, low, high}: of `pairs`, `ties` score both units equal (neither right nor wrong); `rate`
+    is the share of the other `n` ordered as preferred (`k` of them), with its 95% Wilson interval (low..high)."""
     diff = scores[win] - scores[lose]
     ties = int((diff == 0).sum())
     return {"pairs": len(win), "ties": ties, **rate(int((diff > 0).sum()), len(win) - ties)}
@@ -358,12 +358,13 @@ def ranking_metrics(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor)
     """AUC (with its 95% interval), average precision and mean rank (0 top .. 1 bottom) of preferred answers
     among the answers of some pairs."""
     if len(win) == 0:
-        return {"auc": None, "auc_ci95": None, "map": None, "mean_rank": None}
+        return {"auc": None, "auc_low": None, "auc_high": None, "map": None, "mean_rank": None}
     s = torch.cat([scores[win], scores[lose]]).numpy()
     y = np.r_[np.ones(len(win)), np.zeros(len(lose))]
     rank = (rankdata(-s, method="average") - 1) / max(len(s) - 1, 1)  # equal scores share their mean rank
     auc = float(roc_auc_score(y, s))
-    return {"auc": round(auc, 5), "auc_ci95": auc_interval(auc, len(win), len(lose)),
+    low, high = auc_interval(auc, len(win), len(lose)) or (None, None)
+    return {"auc": round(auc, 5), "auc_low": low, "auc_high": high,
             "map": round(float(average_precision_score(y, s)), 5), "mean_rank": round(float(rank[: len(win)].mean()), 5)}
 
 

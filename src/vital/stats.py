@@ -17,8 +17,10 @@ def wilson(k: int, n: int, z: float = Z95) -> list[float] | None:
 
 
 def rate(k: int, n: int) -> dict:
-    """{n, k, rate, ci95}: a share with its interval; rate and interval are null when n is 0."""
-    return {"n": n, "k": k, "rate": round(k / n, 4) if n else None, "ci95": wilson(k, n)}
+    """{n, k, rate, low, high}: a share with its 95% interval (low..high), all null when n is 0. Flat numbers, so
+    that `dvc metrics show` and `dvc exp show` list the interval (they leave lists out)."""
+    low, high = wilson(k, n) or (None, None)
+    return {"n": n, "k": k, "rate": round(k / n, 4) if n else None, "low": low, "high": high}
 
 
 def auc_interval(auc: float, n_pos: int, n_neg: int, z: float = Z95) -> list[float] | None:
