@@ -89,7 +89,7 @@ def test_rater_agreement_with_clinicians_counts_ties_and_unscored_apart():
                for q, (a, b) in scores.items() for side, s in (("A", a), ("B", b))]
     m = rater_agreement(pairs, ratings)
     assert m["all"] == {"pairs": 4, "ties": 1, "unscored": 1, "n": 2, "k": 1, "rate": 0.5, "low": 0.0945,
-                        "high": 0.9055}
+                        "high": 0.9055, "ties_half": 0.5}
     assert (m["test"]["pairs"], m["validation"]["pairs"]) == (2, 1)
 
 

@@ -91,7 +91,8 @@ def test_the_epoch_is_chosen_on_validation_and_the_test_pairs_never_choose(finet
 def test_pair_accuracy_counts_ties_apart_with_an_interval():
     scores = torch.tensor([2.0, 1.0, 1.0, 0.0])
     report = selector.pair_report(scores, torch.tensor([0, 1, 3]), torch.tensor([1, 2, 0]))  # right, tie, wrong
-    assert report == {"pairs": 3, "ties": 1, "n": 2, "k": 1, "rate": 0.5, "low": 0.0945, "high": 0.9055}
+    assert report == {"pairs": 3, "ties": 1, "n": 2, "k": 1, "rate": 0.5, "low": 0.0945, "high": 0.9055,
+                      "ties_half": 0.5}
     assert selector.pair_report(torch.zeros(3), torch.tensor([0]), torch.tensor([1]))["rate"] is None  # all ties
 
 
@@ -173,6 +174,15 @@ def test_a_long_caption_never_pushes_the_answer_out_of_the_features(sample, tmp_
     assert not np.allclose(x, y)  # the context's end is read too: nothing past a window is dropped
 
 
+def test_lexical_grounding_sees_one_flipped_word():
+    units = pd.DataFrame({"context": ["A lesion in the right lobe."] * 3,
+                          "qa": ["Question: Which side? Answer: The right lobe.",
+                                 "Question: Which side? Answer: The left lobe.", "Question: Answer:"]})
+    share = selector.grounding(units)[:, 0]
+    # the words: which, side, the, right|left, lobe; in the context: the, right, lobe
+    assert share[0] == pytest.approx(3 / 5) and share[1] == pytest.approx(2 / 5) and share[2] == 0.0
+
+
 def test_aggregate_first_scores_a_conversation_by_its_first_round(sample):
     _, convs, _ = _convs(sample, 1)
     scores = {f"{convs[0].id}#{k}": s for k, s in enumerate([0.2, 0.9, 0.4])}
@@ -192,7 +202,8 @@ def test_embedding_cache_encodes_each_text_and_image_once_across_runs(sample, tm
     assert first.shape == (9, D) and sum(calls) == len(set(units["qa"])) + len(set(units["context"]))
     context, qa = encoders.encode_texts(units["context"].tolist()), encoders.encode_texts(units["qa"].tolist())
     plain = np.hstack([qa, context, qa * context,
-                       encoders.encode_images([ImageStore(image_dir).read(u) for u in units["image"]])])
+                       encoders.encode_images([ImageStore(image_dir).read(u) for u in units["image"]]),
+                       selector.grounding(units)])
     assert np.allclose(first, plain, atol=1e-5)
     n = len(calls)
     again = selector.Featurizer(backbone, image_dir, tmp_path / "emb")(units)  # another stage or experiment
@@ -270,15 +281,15 @@ def test_biomedclip_backbone_from_a_dual_encoder_checkpoint_frozen_and_finetuned
     path = tiny_biomedclip(tmp_path / "biomedclip", kind=kind)
     model_dir, backbone, units = _fit_and_save(recs, convs, image_dir, tmp_path / "frozen", backbone="biomedclip",
                                                backbone_model=str(path))
-    assert backbone.dim == 4 * 16 and units.shape[0] == 9
+    assert backbone.dim == 4 * 16 + 1 and units.shape[0] == 9
     meta = json.loads((model_dir / "config.json").read_text())
-    assert meta["backbone"] == "biomedclip" and meta["in_dim"] == 64
+    assert meta["backbone"] == "biomedclip" and meta["in_dim"] == 65
     scores, _ = selector.score_conversations(convs, recs, image_dir, tmp_path / "emb", model_dir)
     assert len(scores) == 3 and all(np.isfinite(list(scores.values())))
 
     tiny_biomedclip(path, seed=1, kind=kind)  # other weights at the same path: the selector no longer fits them
-    with pytest.raises(ValueError, match=r"trained on backbone 'biomedclip@\S+' \(64 features\) but it now loads as "
-                                         r"'biomedclip@\S+' \(64\): the backbone's weights changed. Retrain it: dvc repro -f train_selector"):
+    with pytest.raises(ValueError, match=r"trained on backbone 'biomedclip@\S+' \(65 features\) but it now loads as "
+                                         r"'biomedclip@\S+' \(65\): the backbone's weights changed. Retrain it: dvc repro -f train_selector"):
         selector.load(model_dir)
 
     model_dir, tuned, _ = _fit_and_save(recs, convs, image_dir, tmp_path / "tuned", backbone="biomedclip",

@@ -55,14 +55,18 @@ def compare(kept: list[str], methods: dict[str, tuple[dict, dict]], test_pairs: 
 
 
 def csv_rows(comparison: dict) -> list[dict]:
-    """One row per method for `dvc plots`: clinician test agreement (random: its mean) with its interval, overlap."""
+    """One row per method for `dvc plots`: clinician test agreement with a tie counted half (so that a rater whose
+    integer scores tie often and a selector that never ties compare on the same pairs; random: its mean), the
+    share over decided pairs with its interval, the ties, and the overlap with the release."""
     rows = []
     for name, m in comparison.items():
         test, overlap = m["clinician_test"], m["overlap"]
         if name == "random":
-            rows.append({"method": name, "clinician_test_agreement": test["mean"], "low": test.get("low"),
-                         "high": test.get("high"), "n": test["pairs"], "overlap_with_release": overlap["mean"]})
+            rows.append({"method": name, "clinician_test_agreement": test["mean"], "decided_agreement": test["mean"],
+                         "low": test.get("low"), "high": test.get("high"), "ties": 0, "pairs": test["pairs"],
+                         "overlap_with_release": overlap["mean"]})
         else:
-            rows.append({"method": name, "clinician_test_agreement": test["rate"], "low": test["low"],
-                         "high": test["high"], "n": test["n"], "overlap_with_release": overlap})
+            rows.append({"method": name, "clinician_test_agreement": test["ties_half"],
+                         "decided_agreement": test["rate"], "low": test["low"], "high": test["high"],
+                         "ties": test["ties"], "pairs": test["pairs"], "overlap_with_release": overlap})
     return rows

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 
 from .schema import AGGREGATES, UNITS, Conversation, PoolItem, PreferencePair, Rating, Vote, request_hash, round_id, rounds
-from .stats import rate
+from .stats import rate, ties_half
 
 SPLITS = ("train", "validation", "test")
 
@@ -190,7 +190,8 @@ def agreement(score: dict[str, float | None], pairs) -> dict:
             ties += 1
         else:
             right += int((a > b) == bool(p.label))
-    return {"pairs": len(pairs), "ties": ties, "unscored": unscored, **rate(right, len(pairs) - ties - unscored)}
+    n = len(pairs) - ties - unscored
+    return {"pairs": len(pairs), "ties": ties, "unscored": unscored, **rate(right, n), "ties_half": ties_half(right, ties, n)}
 
 
 def rater_agreement(pairs: list[PreferencePair], pool_ratings: list[Rating]) -> dict:

@@ -216,14 +216,16 @@ def data_card(release: list[dict], origin: str, selector_info: dict | None, toke
                   f"Agreement with the clinician test pairs ({selection['clinician_test_pairs']} pairs on figures no "
                   "choice saw; ties and unscored pairs apart) and the share of this release each method also keeps. "
                   + (selection.get("note") or ""), "",
-                  "| method | agreement | 95% interval | n | overlap with the release |", "|---|---|---|---|---|"]
+                  "| method | agreement (decided pairs) | 95% interval | n | ties | a tie as half | overlap with the release |",
+                  "|---|---|---|---|---|---|---|"]
         for name, m in selection["methods"].items():
             test = m["clinician_test"]
             if name == "random":
-                lines.append(f"| random ({m['seeds']} seeds) | {test.get('mean')} | {test.get('low')}–{test.get('high')} (of seeds) | "
-                             f"{test['pairs']} | {m['overlap']['mean']} |")
+                lines.append(f"| random ({m['seeds']} seeds) | {test.get('mean')} | {test.get('low')}–{test.get('high')} "
+                             f"(of seeds) | {test['pairs']} | 0 | {test.get('mean')} | {m['overlap']['mean']} |")
             else:
-                lines.append(f"| {name} | {test['rate']} | {test['low']}–{test['high']} | {test['n']} | {m['overlap']} |")
+                lines.append(f"| {name} | {test['rate']} | {test['low']}–{test['high']} | {test['n']} | {test['ties']} | "
+                             f"{test['ties_half']} | {m['overlap']} |")
         lines += ["", "## Where the method departs from the paper", "", *[f"- {d}" for d in DEVIATIONS], ""]
     return "\n".join(lines)
 

@@ -8,8 +8,9 @@ as the authors' released selector scores a conversation), `mean` or `min`.
 
 Backbone: `minilm` (the MiniLM text embedding + the image descriptor of encoders.py) or `biomedclip` (a Hugging
 Face dual encoder, VisionTextDualEncoderModel or CLIPModel format, from `backbone_model`: a path or hub name).
-Features: the Q&A embedding, the context embedding, their elementwise product (does the answer fit this figure?) and
-the image embedding, side by side; an MLP head maps them to a score. The context and the Q&A are embedded apart, and
+Features: the Q&A embedding, the context embedding, their elementwise product (does the answer fit this figure?), the
+image embedding and the share of the Q&A's words found in the context (`grounding`), side by side; an MLP head maps
+them to a score. The context and the Q&A are embedded apart, and
 a text longer than the encoder's window is the mean of its windows (encoders.embed_windows), so a long caption never
 pushes the question and answer out of the input. (The authors embedded caption + mentions + Q + A as one text cut
 at 256 tokens: with a long caption every round of a figure had the same features.)
@@ -37,6 +38,7 @@ import copy
 import hashlib
 import io
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,7 +56,7 @@ from .encoders import (IMAGE_DIM, IMAGE_FEATURES, TEXT_DIM, TEXT_FEATURES, TEXT_
                        count_windows, embed_windows, encode_images, minilm_embed)
 from .images import ImageStore
 from .schema import AGGREGATES, UNITS, Conversation, CorpusRecord, PoolItem, round_id, rounds
-from .stats import auc_interval, rate
+from .stats import auc_interval, rate, ties_half
 
 SPLITS = ("train", "validation", "test")
 
@@ -143,9 +145,26 @@ def long_texts(backbone: nn.Module, units: pd.DataFrame) -> dict:
     return out
 
 
-def combine(context, qa, image, cat: Callable):
-    """The head's input: Q&A, context, their elementwise product, image (numpy arrays or torch tensors)."""
-    return cat([qa, context, qa * context, image])
+_WORD = re.compile(r"[a-z0-9]{2,}")
+_LABELS = {"question", "answer"}  # qa_text's own labels
+
+
+def grounding(units: pd.DataFrame) -> np.ndarray:
+    """(n, 1) float32: the share of each unit's Q&A words (two letters or more) that occur in its context. Lexical
+    grounding: a frozen sentence embedding hardly moves when one word flips (an answer and its left/right-swapped
+    copy have cosine 0.995 in MiniLM), while this share drops."""
+    out = np.zeros((len(units), 1), np.float32)
+    for i, (context, qa) in enumerate(zip(units["context"], units["qa"])):
+        words = set(_WORD.findall(qa.lower())) - _LABELS
+        if words:
+            out[i, 0] = len(words & set(_WORD.findall(context.lower()))) / len(words)
+    return out
+
+
+def combine(context, qa, image, lexical, cat: Callable):
+    """The head's input: Q&A, context, their elementwise product, image and lexical grounding (numpy arrays or
+    torch tensors)."""
+    return cat([qa, context, qa * context, image, lexical])
 
 
 def conversation_score(c: Conversation, unit_scores: dict[str, float], unit: str, aggregate: str) -> float:
@@ -176,7 +195,7 @@ def _weights_hash(module: nn.Module) -> str:
 class MiniLMBackbone(nn.Module):
     """The MiniLM text encoder (trainable when fine-tuning) + the fixed image descriptor."""
     kind = "minilm"
-    dim = 3 * TEXT_DIM + IMAGE_DIM
+    dim = 3 * TEXT_DIM + IMAGE_DIM + 1
     max_length = TEXT_MAX_TOKENS
 
     def __init__(self, path: str | None = None, trainable: bool = False):
@@ -226,7 +245,7 @@ class DualEncoderBackbone(nn.Module):
         if not (hasattr(self.model, "get_text_features") and hasattr(self.model, "get_image_features")):
             raise ValueError(f"train_selector.backbone_model {name!r} is a {type(self.model).__name__}, not a dual "
                              "encoder with text and image projections (VisionTextDualEncoderModel or CLIPModel)")
-        self.dim = 4 * self.model.config.projection_dim
+        self.dim = 4 * self.model.config.projection_dim + 1
         self.max_length = min(TEXT_MAX_TOKENS, getattr(self.model.config.text_config, "max_position_embeddings", 256))
 
     @property
@@ -269,7 +288,8 @@ def encode(backbone: nn.Module, units: pd.DataFrame, images: ImageStore | Path) 
     """Features of `units` with gradients (fine-tuning): see `combine`."""
     images = ImageStore.of(images)
     return combine(backbone.text_features(units["context"].tolist()), backbone.text_features(units["qa"].tolist()),
-                   backbone.image_features([images.read(u) for u in units["image"]]), lambda xs: torch.cat(xs, dim=1))
+                   backbone.image_features([images.read(u) for u in units["image"]]),
+                   torch.from_numpy(grounding(units)), lambda xs: torch.cat(xs, dim=1))
 
 
 def _batched(fn: Callable, items: list, batch_size: int = 32) -> np.ndarray:
@@ -298,7 +318,7 @@ class Featurizer:
                                                                      [data[i] for i in idx]))
         row, image_row = {t: i for i, t in enumerate(texts)}, {n: i for i, n in enumerate(names)}
         return combine(text[[row[t] for t in units["context"]]], text[[row[t] for t in units["qa"]]],
-                       image[[image_row[u] for u in units["image"]]], np.hstack).astype(np.float32)
+                       image[[image_row[u] for u in units["image"]]], grounding(units), np.hstack).astype(np.float32)
 
 
 def missing_images(units: pd.DataFrame, images: ImageStore | Path) -> list[str]:
@@ -309,7 +329,7 @@ def missing_images(units: pd.DataFrame, images: ImageStore | Path) -> list[str]:
 # ---------------------------------------------------------------- head and training
 
 class Selector(nn.Module):
-    def __init__(self, in_dim: int = 3 * TEXT_DIM + IMAGE_DIM, hidden: int = 256, dropout: float = 0.1):
+    def __init__(self, in_dim: int = 3 * TEXT_DIM + IMAGE_DIM + 1, hidden: int = 256, dropout: float = 0.1):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, 1))
@@ -350,8 +370,9 @@ def pair_report(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor) -> 
     """{pairs, ties, n, k, rate, low, high}: of `pairs`, `ties` score both units equal (neither right nor wrong); `rate`
     is the share of the other `n` ordered as preferred (`k` of them), with its 95% Wilson interval (low..high)."""
     diff = scores[win] - scores[lose]
-    ties = int((diff == 0).sum())
-    return {"pairs": len(win), "ties": ties, **rate(int((diff > 0).sum()), len(win) - ties)}
+    ties, right = int((diff == 0).sum()), int((diff > 0).sum())
+    return {"pairs": len(win), "ties": ties, **rate(right, len(win) - ties),
+            "ties_half": ties_half(right, ties, len(win) - ties)}
 
 
 def ranking_metrics(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor) -> dict:
@@ -444,6 +465,7 @@ def train(features: Callable[[torch.Tensor], torch.Tensor], n_units: int, in_dim
     s = score_all()
     stats = {"train_pairs": len(tr_w), "pairs_masked_ties": counts["ties_masked"],
              "pairs_missing_units": counts["missing_units"], "best_epoch": best_key[2],
+             "train_loss": history[best_key[2] - 1]["train_loss"],
              "epoch_chosen_on": "validation " + ("clinician alignment, then " if choose_on_clinicians else "")
                                 + "model-pair accuracy",
              "validation": split_report(s, held["validation"]), "test": split_report(s, held["test"])}

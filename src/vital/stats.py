@@ -23,6 +23,12 @@ def rate(k: int, n: int) -> dict:
     return {"n": n, "k": k, "rate": round(k / n, 4) if n else None, "low": low, "high": high}
 
 
+def ties_half(k: int, ties: int, n: int) -> float | None:
+    """The share right when each of `ties` counts half (n: the decided pairs): comparable across methods that
+    tie often (integer ratings) and rarely (a learned score); `rate` leaves ties out."""
+    return round((k + ties / 2) / (n + ties), 4) if n + ties else None
+
+
 def auc_interval(auc: float, n_pos: int, n_neg: int, z: float = Z95) -> list[float] | None:
     """A 95% interval of a ROC AUC from its standard error (Hanley & McNeil, 1982)."""
     if n_pos < 1 or n_neg < 1:
