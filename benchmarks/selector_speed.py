@@ -9,7 +9,8 @@ Prints, measured side by side in one run:
   (the paper's released code re-encodes through its encoder each epoch), same model, same pairs; the ratio;
 - seconds to score `--candidates` cached feature rows and take the top 10% (np.argpartition);
 - the filter's scoring path on `--conversations` 3-round conversations whose features are in the cache:
-  loading the cache, units, lookups, scoring in chunks, the mean per conversation, and the top 10%
+  loading the cache, units, lookups, the lexical grounding share, scoring in chunks, the first round's score
+  per conversation (aggregate first), and the top 10%
   (selector.score_conversations + release.select_top; not screening or writing the release files).
 Goals (issue #5): >= 100x per epoch; <= 10 s for 1M on two cores.
 """
@@ -26,18 +27,17 @@ from vital import release, selector
 from vital.corpus import build_sample
 from vital.encoders import EmbeddingCache
 from vital.schema import Conversation
-from vital.encoders import encode_images, encode_texts
+from vital.encoders import encode_texts
 from vital.images import ImageStore
 from vital.offline import qa_from_text
 
 
 def units_and_pairs(n_pairs: int, image_dir: Path):
     records = build_sample(image_dir, 256).records
-    rows = []
-    for r in records:
-        for k, (q, a) in enumerate(qa_from_text(r.caption, " ".join(r.inline_mentions))):
-            rows.append((f"{r.id}#{k}", r.image, selector.unit_text(r.caption, r.inline_mentions, [(q, a)])))
-    units = pd.DataFrame(rows, columns=["id", "image", "text"]).set_index("id")
+    convs = [Conversation(r.id, r.image, r.domain, [t for q, a in qa_from_text(r.caption, " ".join(r.inline_mentions))
+                                                    for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})],
+                          "offline", "m", "h") for r in records]
+    units = selector.build_units({r.id: r for r in records}, convs, [])
     rng = np.random.default_rng(0)
     ids = list(units.index)
     pairs = pd.DataFrame([{"a_id": ids[a], "b_id": ids[b], "label": int(rng.random() < 0.5), "weight": 1.0,
@@ -49,15 +49,15 @@ def units_and_pairs(n_pairs: int, image_dir: Path):
 def epoch_reencoding(units, pairs, image_dir, cfg):
     """One epoch the way the released code trains: encode both sides of each batch, then step."""
     torch.manual_seed(0)
-    model = selector.Selector(selector.TEXT_DIM + selector.IMAGE_DIM, cfg.hidden, cfg.dropout)
+    backbone = selector.MiniLMBackbone()
+    model = selector.Selector(backbone.dim, cfg.hidden, cfg.dropout)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
     store = ImageStore(image_dir)
 
     def feats(ids):
-        sub = units.loc[ids]
-        return torch.from_numpy(np.hstack([encode_texts(sub["text"].tolist()),
-                                           encode_images([store.read(i) for i in sub["image"]])]).astype(np.float32))
+        with torch.no_grad():  # a frozen encoder, run again for every batch
+            return selector.encode(backbone, units.loc[ids], store)
     t = time.perf_counter()
     for i in range(0, len(pairs), cfg.batch_size):
         b = pairs.iloc[i:i + cfg.batch_size]
@@ -83,7 +83,7 @@ def filter_path(n: int, image_dir: Path, records, cache_dir: Path) -> float:
     backbone = selector.MiniLMBackbone()
     units = selector.build_units(recs, convs, [])
     cache = EmbeddingCache(cache_dir, "text", f"{backbone.identity}:text")  # warm it as earlier runs would have
-    texts = list(dict.fromkeys(units["text"]))
+    texts = list(dict.fromkeys([*units["context"], *units["qa"]]))
     vectors = rng.standard_normal((len(texts), selector.TEXT_DIM), dtype=np.float32)
     cache.get_or_encode([t.encode() for t in texts], lambda idx: vectors[idx])
     selector.Featurizer(backbone, image_dir, cache_dir)(units.drop_duplicates("image"))  # the few images
@@ -112,7 +112,7 @@ def main():
         image_dir = Path(d) / "images"
         units, pairs = units_and_pairs(args.pairs, image_dir)
         cfg = selector.TrainConfig(epochs=args.epochs)
-        encode_texts(units["text"].tolist()[:2])  # load the encoder before timing
+        encode_texts(units["qa"].tolist()[:2])  # load the encoder before timing
 
         t = time.perf_counter()
         featurize = selector.Featurizer(selector.MiniLMBackbone(), image_dir, Path(d) / "emb")
@@ -133,13 +133,12 @@ def main():
         records = build_sample(image_dir, 256).records
         (Path(d) / "emb2").mkdir()
         elapsed = filter_path(args.conversations, image_dir, records, Path(d) / "emb2")
-        print(f"filter scoring path (cache, units, lookups, chunked scoring, mean per conversation, top 10%) for "
+        print(f"filter scoring path (cache, units, lookups, grounding, chunked scoring, per conversation, top 10%) for "
               f"{args.conversations:,} cached conversations ({3 * args.conversations:,} rounds): {elapsed:.2f} s "
               f"({3 * args.conversations / elapsed:,.0f} rounds/s)")
 
-    model = selector.Selector(selector.TEXT_DIM + selector.IMAGE_DIM).eval()
-    feats = np.random.default_rng(0).standard_normal((args.candidates, selector.TEXT_DIM + selector.IMAGE_DIM),
-                                                     dtype=np.float32)
+    model = selector.Selector(selector.MiniLMBackbone.dim).eval()
+    feats = np.random.default_rng(0).standard_normal((args.candidates, selector.MiniLMBackbone.dim), dtype=np.float32)
     t = time.perf_counter()
     scores = selector.score(model, feats, batch_size=8192)
     k = args.candidates // 10

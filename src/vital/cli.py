@@ -49,10 +49,11 @@ def summary(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of <s
         typer.echo(f"{stage:<18} " + "  ".join(f"{k}={_fmt(_get(m, k))}" for k in HEADLINE[stage]
                                                if _get(m, k) is not None))
         if stage == "filter" and (metrics_dir / "selection.json").exists():  # the selector against its baselines
-            methods = json.loads((metrics_dir / "selection.json").read_text())["methods"]
-            typer.echo(f"{'selection':<18} clinician test agreement: " + "  ".join(
-                f"{name}={_fmt(_get(x, 'clinician_test.' + ('mean' if name == 'random' else 'rate')))}"
-                for name, x in methods.items()))
+            selection = json.loads((metrics_dir / "selection.json").read_text())
+            typer.echo(f"{'selection':<18} clinician test agreement, a tie as half: " + "  ".join(
+                f"{name}={_fmt(_get(x, 'clinician_test.' + ('mean' if name == 'random' else 'ties_half')))}"
+                for name, x in selection["methods"].items()) + f"  n={selection['clinician_test_pairs']}"
+                + (f"  ({selection['note']})" if selection.get("note") else ""))
     release = Path("data/release/instructions.json")
     if release.exists():
         typer.echo(f"release: {release} ({len(json.loads(release.read_text()))} conversations)")

@@ -153,11 +153,13 @@ def grounding(units: pd.DataFrame) -> np.ndarray:
     """(n, 1) float32: the share of each unit's Q&A words (two letters or more) that occur in its context. Lexical
     grounding: a frozen sentence embedding hardly moves when one word flips (an answer and its left/right-swapped
     copy have cosine 0.995 in MiniLM), while this share drops."""
-    out = np.zeros((len(units), 1), np.float32)
+    out, seen = np.zeros((len(units), 1), np.float32), {}
     for i, (context, qa) in enumerate(zip(units["context"], units["qa"])):
         words = set(_WORD.findall(qa.lower())) - _LABELS
+        if context not in seen:  # a figure's rounds share its context
+            seen[context] = set(_WORD.findall(context.lower()))
         if words:
-            out[i, 0] = len(words & set(_WORD.findall(context.lower()))) / len(words)
+            out[i, 0] = len(words & seen[context]) / len(words)
     return out
 
 
