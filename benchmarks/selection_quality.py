@@ -45,6 +45,7 @@ seed 0) except model_pairs: one per candidate conversation (params.yaml's 300 is
 at 3000 rated rounds it would leave most rounds out of every pair).
 """
 import argparse
+import dataclasses
 import random
 import sys
 import tempfile
@@ -508,6 +509,14 @@ def main():
         comparison = baselines.compare(keep, methods, test, select, seeds=RANDOM_SEEDS)
         timings["score candidates + pool, compare"] = time.perf_counter() - t
 
+        # ---- ablation: the selector without the lexical grounding feature (features cached: training only)
+        t = time.perf_counter()
+        cfg_plain = dataclasses.replace(cfg, lexical_grounding=False)
+        head_p, backbone_p, _, stats_p = selector.fit(units, pairs, cfg_plain, images, cache)
+        selector.save(head_p, backbone_p, tmp / "plain", cfg_plain, stats_p["best_epoch"])
+        plain_units = selector.score_pool_answers(pool_asked, images, cache, tmp / "plain")
+        timings["fit selector without lexical grounding"] = time.perf_counter() - t
+
         # ---- the sweep over clinician weight w (features cached: training only)
         sweep = []
         if args.sweep:
@@ -640,6 +649,13 @@ def main():
         print(f"  {ct or 'all types':<20} selector beats random: {'yes' if res['selector'] else 'NO '}   "
               f"(selector {cell(a)}; random 97.5% {hi:.3f}; w=0 {'yes' if res['selector_model_only'] else 'no'}, "
               f"rater {'yes' if res['rater_threshold'] else 'no'})")
+
+    print()
+    print("(e) ablation: the selector (w={:g}) without its lexical grounding feature "
+          "(train_selector.lexical_grounding=false), clinician TEST pair accuracy".format(args.weight))
+    for name in ["all test pairs", *[f"  vs {ct}" for ct in CORRUPTIONS], "  long-caption figures"]:
+        line("  without: " + name.strip(), [cell(preferences.agreement(plain_units, subsets[name])), "(with it: "
+                    + cell(preferences.agreement(methods["selector"][1], subsets[name])) + ")"])
 
     if sweep:
         print()

@@ -46,8 +46,11 @@ def main():
         raise SystemExit(f"filter: {e}") from None
     domains = {c.id: c.domain for c in candidates} if p["balance_domains"] else None
     keep = release.select_top(conv_scores, p["ratio"], p["top_k"], domains)
-    selection = compare_with_baselines(candidates, conv_scores, keep, records, corpus_images,
-                                       dict(ratio=p["ratio"], top_k=p["top_k"], domains=domains))
+    try:
+        selection = compare_with_baselines(candidates, conv_scores, keep, records, corpus_images,
+                                           dict(ratio=p["ratio"], top_k=p["top_k"], domains=domains))
+    except ValueError as e:
+        raise SystemExit(f"filter (comparison with baselines): {e}") from None
     by_id = {c.id: c for c in conversations}
     out = [release.to_llava(by_id[i], conv_scores[i]) for i in keep]
     report = release.validate(out, corpus_images)
@@ -80,7 +83,8 @@ def compare_with_baselines(candidates, conv_scores, keep, records, corpus_images
     test = [PreferencePair(**r) for r in pairs[(pairs["source"] == "clinician") & (pairs["split"] == "test")]
             .to_dict("records")]
     asked = {u.rsplit(":", 1)[0] for p in test for u in (p.a_id, p.b_id)}
-    pool = [x for x in load("data/annotation/pool.jsonl", PoolItem) if x.question_id in asked]
+    pool = [x for x in load("data/annotation/pool.jsonl", PoolItem) if x.question_id in asked
+            and x.image in corpus_images]  # a lost image: its pairs count as unscored, as train_selector skips them
     rater_units = {r.candidate_id: r.score for r in load("data/candidates/pool_ratings.jsonl", Rating)}
     ratings = load("data/candidates/ratings.jsonl", Rating)
     rater = unit_scores(ratings, candidates, "conversation", "mean")

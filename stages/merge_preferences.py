@@ -19,6 +19,14 @@ from vital.schema import Conversation, PoolItem, PreferencePair, Rating, Vote
 
 def main():
     t0, p, sel = time.time(), params("merge_preferences"), params("train_selector")
+    for old in ("clinician_holdout", "model_holdout"):
+        if old in p:
+            raise SystemExit(f"merge_preferences: params.yaml: merge_preferences.{old} is gone: splits are by figure "
+                             f"now, set {old.split('_')[0]}_validation and {old.split('_')[0]}_test instead")
+    missing = [k for k in ("clinician_validation", "clinician_test", "model_validation", "model_test") if k not in p]
+    if missing:
+        raise SystemExit(f"merge_preferences: params.yaml has no merge_preferences.{missing[0]}: give the share of "
+                         "figures for that split (README: The selector)")
     try:
         check_shares("merge_preferences.clinician", p["clinician_validation"], p["clinician_test"])
         check_shares("merge_preferences.model", p["model_validation"], p["model_test"])

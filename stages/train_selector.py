@@ -39,13 +39,19 @@ def main():
         meta = selector.save(head, backbone, Path("models/selector"), cfg, stats["best_epoch"])
         baseline = {}
         if cfg.baseline_model_only:  # the w = 0 selector, for filter's comparison
-            head0, backbone0, _, stats0 = selector.fit(units, pairs, cfg, images, EMBEDDINGS, model_only=True)
-            selector.save(head0, backbone0, Path("models/selector/model_only"), cfg, stats0["best_epoch"])
+            try:
+                head0, backbone0, _, stats0 = selector.fit(units, pairs, cfg, images, EMBEDDINGS, model_only=True)
+            except ValueError as e:
+                raise ValueError(f"the w = 0 baseline (train_selector.baseline_model_only): {e}") from None
+            selector.save(head0, backbone0, Path("models/selector/model_only"), cfg, stats0["best_epoch"],
+                          trained_on="model pairs only (w = 0): the baseline filter compares")
             baseline = {"model_only": {k: stats0[k] for k in ("train_pairs", "best_epoch", "epoch_chosen_on",
                                                                "validation", "test")}}
     except ValueError as e:
         raise SystemExit(f"train_selector: {e}") from None
     pd.DataFrame(history).to_csv("metrics/train_selector_epochs.csv", index=False)
+    for w in stats["warnings"]:  # small or skewed data: say so, the metrics carry them too
+        print(f"train_selector: warning: {w} (merge_preferences' split shares, or more clinician votes)")
     write_metrics("train_selector", {
         "backbone": meta["backbone_identity"], "finetune_backbone": cfg.finetune_backbone, "unit": cfg.unit,
         "aggregate": cfg.aggregate, "loss": cfg.loss, "candidates_skipped": len(skipped),

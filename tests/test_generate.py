@@ -244,11 +244,12 @@ def test_calibrated_hedges_are_kept_and_leaks_and_refusals_dropped():
     for h in hedges:
         kept, dropped, by_phrase = clean_rounds(_round(h))
         assert kept == _round(h) and not by_phrase, h
-    drops = {"As mentioned in the caption, a nodule.": "leak: the caption",
+    drops = {"As mentioned in the caption, a nodule.": "leak: mentioned in the caption",  # the longest
              "The caption says a nodule.": "leak: the caption",
-             "I'm sorry, but I can't view images.": "refusal: i'm sorry",
-             "I\u2019m sorry, but I can\u2019t view images.": "refusal: i'm sorry",
-             "As an AI, I cannot see the image.": "refusal: as an ai",
+             "I'm sorry, but I can't view images.": "refusal: i can't view",
+             "I\u2019m sorry, but I can\u2019t view images.": "refusal: i can't view",
+             "I'm sorry, that is all.": "refusal: i'm sorry",
+             "As an AI, I cannot see the image.": "refusal: i cannot see the image",
              "According to the text, a nodule.": "leak: according to the text"}
     for text, phrase in drops.items():
         kept, dropped, by_phrase = clean_rounds(_round(text))

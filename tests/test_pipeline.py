@@ -78,8 +78,9 @@ def test_dag_runs_offline_end_to_end_then_experiment_reruns_only_downstream(repo
     assert set(pairs["source"]) == {"clinician", "model"}
     assert (pairs.loc[pairs.source == "clinician", "weight"] == 10).all()
     assert set(pairs["split"]) <= {"train", "validation", "test"}
-    figure = pairs["a_id"].str.split("#").str[0].str.split(":").str[0]
-    assert (pairs.assign(f=figure).groupby("f")["split"].nunique() == 1).all()  # a figure is in one split
+    sides = pd.concat([pairs[[side, "split"]].rename(columns={side: "unit"}) for side in ("a_id", "b_id")])
+    figure = sides["unit"].str.split("#").str[0].str.split(":").str[0]
+    assert (sides.assign(f=figure).groupby("f")["split"].nunique() == 1).all()  # a figure is in one split
     assert (repo / "models/selector/selector.pt").exists() and (repo / "models/selector/model_only/selector.pt").exists()
     sel = json.loads((repo / "metrics/train_selector.json").read_text())
     assert sel["test"]["clinician_alignment"]["n"] > 0 and "validation" in sel["epoch_chosen_on"]

@@ -89,6 +89,21 @@ def test_pool_questions_come_from_the_models_conversation_not_a_template(sample,
     assert [i.question_id.split(":")[1] for i in items[:2]] == ["q0", "q1"]
 
 
+def test_a_pool_reply_cut_inside_an_answer_loses_that_round_and_a_repeated_question_keeps_its_place(sample, tmp_path):
+    from vital.backends import Reply
+
+    class Cut(OfflineBackend):
+        async def acomplete(self, messages, task, sampling):
+            return Reply("User: Q0?\nAnswer 1: a.\nAnswer 2: b.\nUser: Q1?\nAnswer 1: c.\nAnswer 2: d.\n"
+                         "User: Q0?\nAnswer 1: e.\nAnswer 2: f.\nUser: Q2?\nAnswer 1: g.\nAnswer 2: It is", 10, 10, "length")
+
+    records, image_dir = sample
+    items, _, stats = build_pool(records[:1], image_dir, Client(ClientConfig(), Cut()), AppendLog(tmp_path / "p.jsonl"),
+                                 clusters=1, per_cluster=1, questions_per_figure=5, image_weight=1.0, seed=0)
+    assert [(i.question, i.answer_a) for i in items] == [("Q0?", "a."), ("Q1?", "c.")]  # Q2's answer was cut
+    assert stats["figures_with_fewer_questions"] == 1 and stats["fewer_questions_figures"] == [records[0].id]
+
+
 def test_the_offline_pool_asks_different_questions_of_different_figures(sample, tmp_path):
     records, image_dir = sample
     items, _, stats = build_pool(records, image_dir, OFFLINE, AppendLog(tmp_path / "p.jsonl"),

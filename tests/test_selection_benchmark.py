@@ -29,5 +29,6 @@ def test_selection_quality_benchmark_runs_and_prints_every_method_and_row():
     checks = [line.strip() for line in out.splitlines() if "selector beats random:" in line]
     for kind in ("wrong_figure", "flipped_laterality", "wrong_modality", "generic", "all types"):
         assert any(line.startswith(kind) for line in checks), kind
+    assert "without: vs flipped_laterality" in out  # the lexical grounding ablation
     assert "clinician-weight sweep" not in out  # --no-sweep
     assert "wall time:" in out

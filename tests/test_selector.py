@@ -1,6 +1,7 @@
 """The data selector: losses, masking, validation and test metrics, epoch choice, units, backbones, caching, scoring."""
 import dataclasses
 import json
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ from vital import encoders, selector
 from vital.images import ImageStore
 from vital.schema import Conversation
 
-D = selector.MiniLMBackbone.dim
+D = selector.MiniLMBackbone.dim + 1  # + the lexical grounding column
 
 
 def _toy(n_units=200, n_pairs=600, validation=100, test=0, seed=0, source="model"):
@@ -86,6 +87,29 @@ def test_the_epoch_is_chosen_on_validation_and_the_test_pairs_never_choose(finet
     assert stats2["best_epoch"] == stats["best_epoch"] and torch.equal(s2, s)
     assert stats2["test"]["clinician_alignment"]["k"] == stats["test"]["clinician_alignment"]["n"] - \
         stats["test"]["clinician_alignment"]["k"]
+
+
+def test_the_w0_baseline_never_reads_a_clinician_pair(tmp_path):
+    feats, pairs, index = _toy(n_pairs=400, validation=100, test=100, seed=2)
+    pairs.loc[pairs.index[:50], "source"] = "clinician"  # clinician validation, test and train pairs
+    pairs.loc[pairs.index[100:150], "source"] = "clinician"
+    pairs.loc[pairs.index[200:260], "source"] = "clinician"
+    units = pd.DataFrame({"image": "x.png", "context": "c", "qa": list(index)}, index=list(index))
+
+    def fit(pairs):
+        x = torch.from_numpy(feats)
+        rows = lambda *a, **k: lambda units: x[[index[u] for u in units.index]].numpy()  # noqa: E731 the toy features
+        with mock.patch.object(selector, "Featurizer", rows):
+            head, _, history, stats = selector.fit(units, pairs, selector.TrainConfig(epochs=8), tmp_path, tmp_path,
+                                                   model_only=True)
+        return [h["train_loss"] for h in history], stats
+
+    flipped = pairs.copy()
+    clinician = flipped["source"] == "clinician"
+    flipped.loc[clinician & (flipped["split"] != "test"), "label"] = 1 - flipped["label"]  # train and validation
+    (loss, stats), (loss2, stats2) = fit(pairs), fit(flipped)
+    assert loss == loss2 and stats["best_epoch"] == stats2["best_epoch"] and stats["train_pairs"] == 140
+    assert stats["test"] == stats2["test"] and stats["epoch_chosen_on"] == "validation model-pair accuracy"
 
 
 def test_pair_accuracy_counts_ties_apart_with_an_interval():
@@ -166,7 +190,7 @@ def test_a_long_caption_never_pushes_the_answer_out_of_the_features(sample, tmp_
     units = selector.build_units({r.id: long}, convs, [])
     backbone = selector.MiniLMBackbone()
     x = selector.Featurizer(backbone, image_dir, tmp_path / "emb")(units)
-    assert len({row.tobytes() for row in x}) == 3  # each round its own features (cut at 256: all three equal)
+    assert len({row.tobytes() for row in x}) == 3  # each round its own features
     assert selector.long_texts(backbone, units) == {"units_long_context": 3, "units_long_qa": 0}
     tail = selector.build_units({r.id: dataclasses.replace(long, caption=long.caption + " Contrast was given.")},
                                 convs, [])
@@ -238,7 +262,8 @@ def test_filter_scoring_streams_with_the_selectors_unit_and_aggregate(sample, tm
     assert meta["aggregate"] == "min" and meta["unit"] == "round"
     assert scores == pytest.approx({c.id: min(per_round[f"{c.id}#{k}"] for k in range(3)) for c in convs})
 
-    model_dir, backbone, whole = _fit_and_save(recs, convs, image_dir, tmp_path / "conv", unit="conversation")
+    model_dir, backbone, whole = _fit_and_save(recs, convs, image_dir, tmp_path / "conv", unit="conversation",
+                                             aggregate="mean")
     scores, meta = selector.score_conversations(convs, recs, image_dir, tmp_path / "emb", model_dir, chunk=2)
     head = selector.load(model_dir)[0]
     direct = selector.score(head, selector.Featurizer(backbone, image_dir, tmp_path / "emb")(whole))
@@ -251,7 +276,8 @@ def test_a_selector_that_scores_nan_is_an_error_naming_the_unit(sample, tmp_path
     state = torch.load(model_dir / "selector.pt")
     state["net.5.bias"][:] = float("nan")
     torch.save(state, model_dir / "selector.pt")
-    with pytest.raises(ValueError, match=rf"scored 9 unit\(s\) as NaN or infinite \(first: {convs[0].id}#0\); "
+    # aggregate first: only the first rounds are scored
+    with pytest.raises(ValueError, match=rf"scored 3 unit\(s\) as NaN or infinite \(first: {convs[0].id}#0\); "
                                          "retrain it"):
         selector.score_conversations(convs, recs, image_dir, tmp_path / "emb", model_dir)
 
@@ -281,7 +307,7 @@ def test_biomedclip_backbone_from_a_dual_encoder_checkpoint_frozen_and_finetuned
     path = tiny_biomedclip(tmp_path / "biomedclip", kind=kind)
     model_dir, backbone, units = _fit_and_save(recs, convs, image_dir, tmp_path / "frozen", backbone="biomedclip",
                                                backbone_model=str(path))
-    assert backbone.dim == 4 * 16 + 1 and units.shape[0] == 9
+    assert backbone.dim == 4 * 16 and units.shape[0] == 9
     meta = json.loads((model_dir / "config.json").read_text())
     assert meta["backbone"] == "biomedclip" and meta["in_dim"] == 65
     scores, _ = selector.score_conversations(convs, recs, image_dir, tmp_path / "emb", model_dir)

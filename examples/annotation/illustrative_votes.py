@@ -5,12 +5,15 @@
 The rule reads what an annotator sees (caption, mentions, question, the two answers) and marks an answer
 acceptable unless it is overconfident or generic ("definitely", "no abnormality"), contradicts the figure on the
 side or the modality (a left/right/CT/MRI/... word that the caption and mentions do not use), or is under six words.
-Rerun it when the offline pool changes (the votes carry no answers_hash, so merge_preferences counts them as
-unverified).
+Each vote carries the hash of the answers it judged, as the annotation app's do, so if the pool changes the old
+votes are counted stale and never merged: rerun this script then.
 """
 import json
 import re
 import sys
+
+from vital.preferences import answers_hash
+from vital.schema import PoolItem
 
 CHECKED = ("left", "right", "ct", "mri", "mr", "radiograph", "ultrasound", "axial", "sagittal", "coronal")
 OVERCONFIDENT = ("definitely", "certainly", "no abnormality", "undoubtedly")
@@ -29,7 +32,8 @@ def main(pool_path: str, out_path: str) -> None:
             context = item["caption"] + " " + " ".join(item["inline_mentions"])
             vote = {"question_id": item["question_id"], "annotator": "sample-rule (not a clinician)",
                     "a_acceptable": acceptable(item["answer_a"], context),
-                    "b_acceptable": acceptable(item["answer_b"], context), "note": NOTE}
+                    "b_acceptable": acceptable(item["answer_b"], context), "note": NOTE,
+                    "answers_hash": answers_hash(PoolItem(**item))}
             out.write(json.dumps(vote) + "\n")
 
 

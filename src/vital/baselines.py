@@ -2,8 +2,8 @@
 
 - `random`: a random subset of the same size, over `seeds` seeds (mean, standard deviation, and low..high: the 2.5-97.5% range);
 - `rater_threshold`: the conversations with the highest mean round rating of the `rate` judge, i.e. a threshold
-  on the rater's score set where it keeps the same number (AlpaGasus-style); a conversation with a null or
-  missing round rating ranks last;
+  on the rater's score set where it keeps the same number (AlpaGasus-style); equal means are kept in a seeded
+  random order, and a conversation with a null or missing round rating ranks last;
 - `selector_model_only`: the selector trained on model pairs alone (clinician weight w = 0);
 - `selector`: the selector the release was cut with.
 Each method's unit scores are checked against the clinician test pairs (the share of pool answer pairs it orders
@@ -26,6 +26,14 @@ def _spread(values: list[float]) -> dict:
             "low": round(float(np.percentile(v, 2.5)), 4), "high": round(float(np.percentile(v, 97.5)), 4)}
 
 
+def _ranks(scores: dict, seed: int = 0) -> dict[str, float]:
+    """Scores as ranks (higher is better), equal scores in a seeded random order and null last: the rater's
+    integer means tie often, and select_top would otherwise cut a tie by id."""
+    rng = random.Random(seed)
+    order = sorted(scores, key=lambda c: (scores[c] is not None, scores[c] or 0, rng.random()))
+    return {c: float(i) for i, c in enumerate(order)}
+
+
 def compare(kept: list[str], methods: dict[str, tuple[dict, dict]], test_pairs: list, select: dict,
             seeds: int = 20) -> dict:
     """`methods`: {name: ({conversation id: score or None}, {pool unit id: score or None})}; `select`: the
@@ -34,8 +42,7 @@ def compare(kept: list[str], methods: dict[str, tuple[dict, dict]], test_pairs: 
     release = set(kept)
     out = {}
     for name, (conversation_scores, unit_scores) in methods.items():
-        ranked = {c: float("-inf") if s is None else s for c, s in conversation_scores.items()}
-        chosen = select_top(ranked, **select)
+        chosen = select_top(_ranks(conversation_scores), **select)
         out[name] = {"kept": len(chosen), "overlap": round(len(release & set(chosen)) / len(release), 4),
                      "unscored_conversations": sum(s is None for s in conversation_scores.values()),
                      "clinician_test": agreement(unit_scores, test_pairs)}

@@ -40,7 +40,8 @@ LEAK_PHRASES = ("the caption", "figure caption", "the legend", "figure legend", 
                 "according to the text", "according to the context", "mentioned in the text",
                 "mentioned in the caption", "described in the text", "described in the caption",
                 "the provided context", "the given context", "the figure context", "in-text mention",
-                "in-text mentions", "the provided text", "the accompanying text")
+                "in-text mentions", "the provided text", "the accompanying text", "the captions",
+                "figure legends", "mentioned in the paper", "mentioned in the article")
 REFUSAL_PHRASES = ("i'm sorry", "i am sorry", "as an ai", "unable to view", "not able to view", "i cannot view",
                    "i can't view", "i cannot see the image", "i can't see the image", "i cannot analyze",
                    "i can't analyze", "i cannot interpret", "i can't interpret", "i cannot assist", "i can't assist",
@@ -66,6 +67,9 @@ class GenerateConfig:
     def __post_init__(self):
         if self.demo_scheme not in DEMO_SCHEMES:
             raise ValueError(f"generate.demo_scheme is {self.demo_scheme!r}; use one of {', '.join(DEMO_SCHEMES)}")
+        n = self.demos_per_modality
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"generate.demos_per_modality is {n!r}; use an integer >= 0 (0: no demonstrations)")
 
     @classmethod
     def from_params(cls, p: dict) -> "GenerateConfig":
@@ -81,6 +85,14 @@ class GenerateConfig:
 
 def figure_text(caption: str, mentions: list[str]) -> str:
     return f"Caption: {caption}\nIn-text mentions: {' '.join(mentions) if mentions else '(none)'}"
+
+
+def check_demos(demos: list[Demo], source: str) -> None:
+    """A demonstration's domain is one of DOMAINS; anything else names source:record (it would be left out)."""
+    for n, d in enumerate(demos, 1):
+        if d.domain not in DOMAINS:
+            raise ValueError(f"{source}: record {n} ({d.id}): domain {d.domain!r} is not one of {', '.join(DOMAINS)}; "
+                             "fix it or leave the demonstration out")
 
 
 def _by_domain(demos: list[Demo]) -> dict[str, list[Demo]]:
@@ -180,9 +192,10 @@ def _norm(text: str) -> str:
 
 
 def first_phrase(text: str, phrases) -> str | None:
-    """The first of `phrases` in `text` as whole words, case-insensitive ("as an ai" is not in "as an aid")."""
+    """The longest of `phrases` found in `text` as whole words, case-insensitive ("as an ai" is not in "as an
+    aid"; "as mentioned in the caption" is counted as itself, not as "the caption")."""
     text = _norm(text)
-    for p in phrases:
+    for p in sorted(phrases, key=lambda p: (-len(p), p)):
         words = _norm(p).split()
         if words and re.search(r"(?<!\w)" + r"\s+".join(map(re.escape, words)) + r"(?!\w)", text):
             return p

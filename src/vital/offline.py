@@ -191,7 +191,7 @@ def heuristic_score(context: str, question: str, answer: str) -> tuple[int, str]
     +4 x share of the answer's content words found in the caption/mentions (grounding)
     +2 if the answer has 8-60 words, -2 if fewer than 4 (depth, clarity)
     +1 if the question is a question; +1 if the answer hedges where appropriate
-    -2 for overconfident wording; -3 for leaking the source ("the caption says") or refusing
+    -2 for overconfident wording; -3 for leaking the source ("the caption says") or refusing to look
     base 2; clamped to 0..10.
     """
     words = content_words(answer)
@@ -204,6 +204,7 @@ def heuristic_score(context: str, question: str, answer: str) -> tuple[int, str]
     score += 1 if question.strip().endswith("?") else 0
     score += 1 if any(h in low for h in HEDGES) else 0
     score -= 2 if any(o in low for o in OVERCONFIDENT) else 0
-    score -= 3 if re.search(r"\b(the )?(caption|context|text) (says|states|mentions)|i cannot|i'm sorry", low) else 0
+    score -= 3 if re.search(r"\b(the )?(caption|context|text) (says|states|mentions)|\bi (cannot|can't) (view|see|analy[sz]e)"
+                            r"|i'm sorry", low) else 0  # a refusal; "I cannot be certain from the image" is a hedge
     final = int(round(min(10, max(0, score))))
     return final, f"grounding={grounding:.2f} words={n}"

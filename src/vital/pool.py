@@ -99,7 +99,15 @@ def build_pool(records: list[CorpusRecord], images: ImageStore | Path, client, l
     for fid, (r, cluster) in items:
         if fid not in rows:
             continue  # failed: listed in failures
-        rounds = list({q: (q, a, b) for q, a, b in reversed(parse_pool_reply(rows[fid]["reply"]))}.values())[::-1]
+        reply = rows[fid]["reply"]
+        rounds = {}
+        for q, a, b in parse_pool_reply(reply):
+            rounds.setdefault(q, (q, a, b))  # a question asked twice: its first answers
+        rounds = list(rounds.values())
+        said = [m.group(1).lower() for m in map(_LINE.match, reply.splitlines()) if m]
+        if rows[fid].get("finish_reason") == "length" and rounds and said and said[-1] not in ("user", "human",
+                                                                                              "question", "q"):
+            rounds = rounds[:-1]  # cut at max_tokens inside an answer: never show clinicians half an answer
         if not rounds:
             unparsed.append(fid)
         elif len(rounds) < questions_per_figure:
@@ -110,5 +118,6 @@ def build_pool(records: list[CorpusRecord], images: ImageStore | Path, client, l
                                  answer_a=a, answer_b=b, backend=client.name, request_hash=rows[fid]["request_hash"]))
     stats.update(figures=len(picked), clusters=min(clusters, len(records)), questions=len(pool),
                  distinct_questions=len({p.question for p in pool}), unparsed_replies=len(unparsed),
-                 figures_with_fewer_questions=len(short))
+                 unparsed_figures=unparsed[:20], figures_with_fewer_questions=len(short),
+                 fewer_questions_figures=short[:20])
     return pool, failures, stats

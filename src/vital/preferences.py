@@ -20,12 +20,12 @@ Unit ids name what the selector scores: `<question_id>:A` / `:B` for a pool answ
 """
 from __future__ import annotations
 
+import hashlib
 import random
 
-from .schema import AGGREGATES, UNITS, Conversation, PoolItem, PreferencePair, Rating, Vote, request_hash, round_id, rounds
+from .schema import (AGGREGATES, SPLITS, UNITS, Conversation, PoolItem, PreferencePair, Rating, Vote, request_hash,
+                     round_id, rounds)
 from .stats import rate, ties_half
-
-SPLITS = ("train", "validation", "test")
 
 
 def check_shares(section: str, validation: float, test: float) -> None:
@@ -37,15 +37,15 @@ def check_shares(section: str, validation: float, test: float) -> None:
 
 
 def split_figures(figures, validation: float, test: float, seed: int, fixed: dict[str, str] | None = None) -> dict:
-    """{figure: split}: the figures not in `fixed` shuffled with `seed`, a share `test` to test, `validation` to
-    validation, the rest to train; figures in `fixed` keep their split."""
-    fixed = dict(fixed or {})
-    free = sorted(set(figures) - set(fixed))
-    random.Random(seed).shuffle(free)
-    n_test, n_val = round(test * len(free)), round(validation * len(free))
-    for i, f in enumerate(free):
-        fixed[f] = "test" if i < n_test else "validation" if i < n_test + n_val else "train"
-    return fixed
+    """{figure: split}: each figure not in `fixed` by a hash of (seed, figure id) read as a number in [0, 1):
+    below `test` test, below `test + validation` validation, else train; figures in `fixed` keep their split.
+    A figure's split never depends on which other figures there are, so adding votes, figures or ratings never
+    moves a test figure into training (the shares hold on average, not exactly)."""
+    out = dict(fixed or {})
+    for f in set(figures) - set(out):
+        u = int.from_bytes(hashlib.sha256(f"{seed}\x1f{f}".encode()).digest()[:8], "big") / 2 ** 64
+        out[f] = "test" if u < test else "validation" if u < test + validation else "train"
+    return out
 
 
 def answers_hash(item: PoolItem) -> str:
@@ -123,8 +123,9 @@ def check_ratings(ratings: list[Rating], source: str) -> None:
 
 def unit_scores(ratings: list[Rating], conversations: list[Conversation], unit: str,
                 aggregate: str) -> dict[str, float | None]:
-    """{unit id: score}: a round's score, or with unit "conversation" the `aggregate` (mean | min) of its rounds'
-    scores, null when a round's is null or missing (a failed rate request): never a score of some rounds."""
+    """{unit id: score}: a round's score, or with unit "conversation" the `aggregate` (first | mean | min) of its
+    rounds' scores, null when a round's is null or missing (a failed rate request): never a score of some rounds.
+    (The selector refuses unit conversation with aggregate first; the rater baseline uses mean.)"""
     if unit not in UNITS or aggregate not in AGGREGATES:
         raise ValueError(f"train_selector.unit {unit!r} / aggregate {aggregate!r}: use unit one of {', '.join(UNITS)} "
                          f"and aggregate one of {', '.join(AGGREGATES)}")

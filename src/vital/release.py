@@ -184,6 +184,9 @@ DEVIATIONS = (
     "BiomedCLIP fine-tuned end to end: train_selector.backbone=biomedclip, finetune_backbone=true.",
     "Rounds are dropped for quoting the source or refusing by whole phrases, so calibrated hedges ('I cannot be "
     "certain from the image alone') are kept.",
+    "The selector has one feature the paper's has not: the share of the Q&A's words found in the caption and "
+    "mentions (train_selector.lexical_grounding), so that a frozen embedding sees a contradicted side or "
+    "modality; it may also favour answers that repeat the caption.",
 )
 
 

@@ -147,6 +147,7 @@ def round_id(conversation_id: str, k: int) -> str:
 # "first": the first round alone, as the authors' released selector scores a conversation.
 AGGREGATES = {"first": lambda xs: xs[0], "mean": lambda xs: sum(xs) / len(xs), "min": min}
 UNITS = ("round", "conversation")
+SPLITS = ("train", "validation", "test")  # a figure and every preference pair about it are in one
 
 
 def rounds(conversation: list[dict]) -> list[tuple[str, str]]:

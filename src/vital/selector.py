@@ -35,6 +35,7 @@ is chosen on them. Pair accuracies count ties apart (equal scores are neither ri
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -55,10 +56,8 @@ from scipy.stats import rankdata
 from .encoders import (IMAGE_DIM, IMAGE_FEATURES, TEXT_DIM, TEXT_FEATURES, TEXT_MAX_TOKENS, EmbeddingCache, _minilm,
                        count_windows, embed_windows, encode_images, minilm_embed)
 from .images import ImageStore
-from .schema import AGGREGATES, UNITS, Conversation, CorpusRecord, PoolItem, round_id, rounds
+from .schema import AGGREGATES, SPLITS, UNITS, Conversation, CorpusRecord, PoolItem, round_id, rounds
 from .stats import auc_interval, rate, ties_half
-
-SPLITS = ("train", "validation", "test")
 
 
 @dataclass
@@ -78,6 +77,7 @@ class TrainConfig:
     dropout: float = 0.1
     seed: int = 0
     baseline_model_only: bool = True  # also train the w = 0 selector (model pairs only), the baseline filter compares
+    lexical_grounding: bool = True    # the share of the Q&A's words found in the context, beside the embeddings
 
     def __post_init__(self):
         for key, allowed in (("backbone", ("minilm", "biomedclip")), ("unit", UNITS),
@@ -98,7 +98,11 @@ class TrainConfig:
             if isinstance(v, bool) or not ok(f):
                 raise ValueError(f"train_selector.{key} is {v!r}; it must be a number {rule}")
             setattr(self, key, f)
-        for key in ("finetune_backbone", "baseline_model_only"):
+        if self.unit == "conversation" and self.aggregate == "first":
+            raise ValueError("train_selector.aggregate is 'first' with unit 'conversation': 'first' scores a "
+                             "conversation by its first round, but a conversation unit reads every round; use mean "
+                             "or min, or unit round")
+        for key in ("finetune_backbone", "baseline_model_only", "lexical_grounding"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"train_selector.{key} is {getattr(self, key)!r}; use true or false")
         if self.backbone == "biomedclip" and not self.backbone_model:
@@ -164,9 +168,9 @@ def grounding(units: pd.DataFrame) -> np.ndarray:
 
 
 def combine(context, qa, image, lexical, cat: Callable):
-    """The head's input: Q&A, context, their elementwise product, image and lexical grounding (numpy arrays or
-    torch tensors)."""
-    return cat([qa, context, qa * context, image, lexical])
+    """The head's input: Q&A, context, their elementwise product, image and (unless `lexical` is None) lexical
+    grounding (numpy arrays or torch tensors)."""
+    return cat([qa, context, qa * context, image] + ([] if lexical is None else [lexical]))
 
 
 def conversation_score(c: Conversation, unit_scores: dict[str, float], unit: str, aggregate: str) -> float:
@@ -175,6 +179,7 @@ def conversation_score(c: Conversation, unit_scores: dict[str, float], unit: str
     n = len(rounds(c.conversations))
     if not n:
         raise ValueError(f"conversation {c.id} has no rounds to score; screen candidates first (release.screen)")
+    n = 1 if aggregate == "first" else n  # the other rounds need no score
     return float(AGGREGATES[aggregate]([unit_scores[round_id(c.id, k)] for k in range(n)]))
 
 
@@ -197,7 +202,7 @@ def _weights_hash(module: nn.Module) -> str:
 class MiniLMBackbone(nn.Module):
     """The MiniLM text encoder (trainable when fine-tuning) + the fixed image descriptor."""
     kind = "minilm"
-    dim = 3 * TEXT_DIM + IMAGE_DIM + 1
+    dim = 3 * TEXT_DIM + IMAGE_DIM  # combine's embedding part; the lexical grounding column comes on top
     max_length = TEXT_MAX_TOKENS
 
     def __init__(self, path: str | None = None, trainable: bool = False):
@@ -247,7 +252,7 @@ class DualEncoderBackbone(nn.Module):
         if not (hasattr(self.model, "get_text_features") and hasattr(self.model, "get_image_features")):
             raise ValueError(f"train_selector.backbone_model {name!r} is a {type(self.model).__name__}, not a dual "
                              "encoder with text and image projections (VisionTextDualEncoderModel or CLIPModel)")
-        self.dim = 4 * self.model.config.projection_dim + 1
+        self.dim = 4 * self.model.config.projection_dim
         self.max_length = min(TEXT_MAX_TOKENS, getattr(self.model.config.text_config, "max_position_embeddings", 256))
 
     @property
@@ -286,12 +291,12 @@ def build_backbone(cfg: dict, model_dir: Path | None = None) -> nn.Module:
     return MiniLMBackbone(tuned, trainable=model_dir is None and cfg["finetune_backbone"])
 
 
-def encode(backbone: nn.Module, units: pd.DataFrame, images: ImageStore | Path) -> torch.Tensor:
+def encode(backbone: nn.Module, units: pd.DataFrame, images: ImageStore | Path, lexical: bool = True) -> torch.Tensor:
     """Features of `units` with gradients (fine-tuning): see `combine`."""
     images = ImageStore.of(images)
     return combine(backbone.text_features(units["context"].tolist()), backbone.text_features(units["qa"].tolist()),
                    backbone.image_features([images.read(u) for u in units["image"]]),
-                   torch.from_numpy(grounding(units)), lambda xs: torch.cat(xs, dim=1))
+                   torch.from_numpy(grounding(units)) if lexical else None, lambda xs: torch.cat(xs, dim=1))
 
 
 def _batched(fn: Callable, items: list, batch_size: int = 32) -> np.ndarray:
@@ -303,14 +308,15 @@ class Featurizer:
     """Frozen features of units through one backbone: each unique text and image is encoded once across epochs,
     stages and experiments (EmbeddingCache, keyed by the backbone's identity and the content)."""
 
-    def __init__(self, backbone: nn.Module, images: ImageStore | Path, cache_dir: Path):
+    def __init__(self, backbone: nn.Module, images: ImageStore | Path, cache_dir: Path, lexical: bool = True):
         self.backbone, self.store, identity = backbone, ImageStore.of(images), backbone.identity
+        self.lexical, self.dim = lexical, backbone.dim + int(lexical)
         self.texts = EmbeddingCache(cache_dir, "text", f"{identity}:text")
         self.images = EmbeddingCache(cache_dir, "image", f"{identity}:image")
 
     def __call__(self, units: pd.DataFrame) -> np.ndarray:
         if units.empty:
-            return np.zeros((0, self.backbone.dim), np.float32)
+            return np.zeros((0, self.dim), np.float32)
         texts = list(dict.fromkeys([*units["context"], *units["qa"]]))  # a figure's context is encoded once
         names = list(dict.fromkeys(units["image"]))  # each image read and hashed once
         data = [self.store.read(n) for n in names]
@@ -320,7 +326,8 @@ class Featurizer:
                                                                      [data[i] for i in idx]))
         row, image_row = {t: i for i, t in enumerate(texts)}, {n: i for i, n in enumerate(names)}
         return combine(text[[row[t] for t in units["context"]]], text[[row[t] for t in units["qa"]]],
-                       image[[image_row[u] for u in units["image"]]], grounding(units), np.hstack).astype(np.float32)
+                       image[[image_row[u] for u in units["image"]]], grounding(units) if self.lexical else None,
+                       np.hstack).astype(np.float32)
 
 
 def missing_images(units: pd.DataFrame, images: ImageStore | Path) -> list[str]:
@@ -465,12 +472,17 @@ def train(features: Callable[[torch.Tensor], torch.Tensor], n_units: int, in_dim
     if backbone is not None:
         backbone.load_state_dict(best[1])
     s = score_all()
+    n = {(split, src): len(held[split][src][0]) for split in held for src in ("model", "clinician")}
+    chosen_on = ([] if not (choose_on_clinicians and n["validation", "clinician"]) else ["clinician alignment"]) + \
+        (["model-pair accuracy"] if n["validation", "model"] else [])
+    warnings = [f"no {src} {split} pairs" + (": the last epoch is kept" if split == "validation" and not chosen_on
+                                             else "") for (split, src), k in n.items() if not k]
     stats = {"train_pairs": len(tr_w), "pairs_masked_ties": counts["ties_masked"],
              "pairs_missing_units": counts["missing_units"], "best_epoch": best_key[2],
              "train_loss": history[best_key[2] - 1]["train_loss"],
-             "epoch_chosen_on": "validation " + ("clinician alignment, then " if choose_on_clinicians else "")
-                                + "model-pair accuracy",
-             "validation": split_report(s, held["validation"]), "test": split_report(s, held["test"])}
+             "epoch_chosen_on": "validation " + ", then ".join(chosen_on) if chosen_on else "(no validation pairs)",
+             "warnings": warnings, "validation": split_report(s, held["validation"]),
+             "test": split_report(s, held["test"])}
     return head.eval(), history, stats
 
 
@@ -491,26 +503,28 @@ def fit(units: pd.DataFrame, pairs: pd.DataFrame, cfg: TrainConfig, images: Imag
     backbone = build_backbone(asdict(cfg))
     if cfg.finetune_backbone:  # the backbone encodes each batch, with gradients
         def features(rows):
-            return encode(backbone, units.iloc[rows.tolist()], images)
+            return encode(backbone, units.iloc[rows.tolist()], images, cfg.lexical_grounding)
     else:  # every unique text and image encoded once
-        x = torch.from_numpy(Featurizer(backbone, images, cache_dir)(units))
+        x = torch.from_numpy(Featurizer(backbone, images, cache_dir, cfg.lexical_grounding)(units))
 
         def features(rows):
             return x[rows]
-    head, history, stats = train(features, len(units), backbone.dim, pairs, {u: i for i, u in enumerate(units.index)},
+    head, history, stats = train(features, len(units), backbone.dim + int(cfg.lexical_grounding), pairs,
+                                 {u: i for i, u in enumerate(units.index)},
                                  cfg, backbone if cfg.finetune_backbone else None, choose_on_clinicians=not model_only)
     return head, backbone, history, {"units": len(units), **long_texts(backbone, units), **stats}
 
 
 # ---------------------------------------------------------------- saving, loading, scoring
 
-def save(head: Selector, backbone: nn.Module, out_dir: Path, cfg: TrainConfig, best_epoch: int) -> dict:
+def save(head: Selector, backbone: nn.Module, out_dir: Path, cfg: TrainConfig, best_epoch: int,
+         trained_on: str = "clinician and model pairs") -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(head.state_dict(), out_dir / "selector.pt")
     if cfg.finetune_backbone:
         backbone.save(out_dir / "backbone")
-    meta = {**asdict(cfg), "backbone_identity": backbone.identity, "in_dim": head.net[0].in_features,
-            "best_epoch": best_epoch}
+    meta = {**asdict(cfg), "trained_on": trained_on, "backbone_identity": backbone.identity,
+            "in_dim": head.net[0].in_features, "best_epoch": best_epoch}
     (out_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -519,9 +533,10 @@ def load(model_dir: Path) -> tuple[Selector, nn.Module, dict]:
     """The head, the backbone it was trained on, and its config; refuses a backbone that is not the same."""
     meta = json.loads((model_dir / "config.json").read_text())
     backbone = build_backbone(meta, model_dir)
-    if backbone.identity != meta["backbone_identity"] or backbone.dim != meta["in_dim"]:
+    dim = backbone.dim + int(meta.get("lexical_grounding", False))
+    if backbone.identity != meta["backbone_identity"] or dim != meta["in_dim"]:
         raise ValueError(f"{model_dir}/config.json: the selector was trained on backbone {meta['backbone_identity']!r} "
-                         f"({meta['in_dim']} features) but it now loads as {backbone.identity!r} ({backbone.dim}): "
+                         f"({meta['in_dim']} features) but it now loads as {backbone.identity!r} ({dim}): "
                          "the backbone's weights changed. Retrain it: dvc repro -f train_selector")
     head = Selector(meta["in_dim"], meta["hidden"], meta["dropout"])
     head.load_state_dict(torch.load(model_dir / "selector.pt", weights_only=True))
@@ -550,11 +565,13 @@ def score_conversations(conversations: list[Conversation], records: dict[str, Co
     """{conversation id: score} with the trained selector, streaming `chunk` conversations at a time (features
     are never all in memory). A non-finite score is an error naming the unit."""
     head, backbone, meta = load(model_dir)
-    featurize = Featurizer(backbone, images, cache_dir)
+    featurize = Featurizer(backbone, images, cache_dir, meta["lexical_grounding"])
+    first = meta["unit"] == "round" and meta["aggregate"] == "first"  # the other rounds would not count
     out = {}
     for i in range(0, len(conversations), chunk):
         part = conversations[i:i + chunk]
-        scores = _unit_scores(head, featurize, build_units(records, part, [], meta["unit"]), model_dir)
+        scored = [dataclasses.replace(c, conversations=c.conversations[:2]) for c in part] if first else part
+        scores = _unit_scores(head, featurize, build_units(records, scored, [], meta["unit"]), model_dir)
         out.update({c.id: conversation_score(c, scores, meta["unit"], meta["aggregate"]) for c in part})
     return out, meta
 
@@ -563,4 +580,5 @@ def score_pool_answers(pool: list[PoolItem], images: ImageStore | Path, cache_di
                        model_dir: Path) -> dict[str, float]:
     """{`<question_id>:A|B`: score} of clinician-judged pool answers with the trained selector."""
     head, backbone, meta = load(model_dir)
-    return _unit_scores(head, Featurizer(backbone, images, cache_dir), build_units({}, [], pool, meta["unit"]), model_dir)
+    return _unit_scores(head, Featurizer(backbone, images, cache_dir, meta["lexical_grounding"]),
+                        build_units({}, [], pool, meta["unit"]), model_dir)
