@@ -50,7 +50,7 @@ def epoch_reencoding(units, pairs, image_dir, cfg):
     """One epoch the way the released code trains: encode both sides of each batch, then step."""
     torch.manual_seed(0)
     backbone = selector.MiniLMBackbone()
-    model = selector.Selector(backbone.dim, cfg.hidden, cfg.dropout)
+    model = selector.Selector(backbone.dim + 1, cfg.hidden, cfg.dropout)  # + the lexical grounding column
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
     store = ImageStore(image_dir)
