@@ -144,26 +144,14 @@ def test_images_are_shrunk_to_max_image_side(tmp_path):
     assert image_part(data, 0) == image_part(data, 2000)  # already small enough: sent as it is
 
 
-def test_a_reply_cut_at_max_tokens_loses_its_unfinished_last_round(sample, tmp_path):
+@pytest.mark.parametrize("tail", ["\nUser: Q4?\nAssistant: It is",  # cut inside an answer: that round goes
+                                  "\nUser: Q4 is"])  # cut inside a question: every complete round stays
+def test_a_reply_cut_at_max_tokens_loses_only_its_unfinished_round(sample, tmp_path, tail):
     from vital.backends import Reply
 
     class Cut(OfflineBackend):
         async def acomplete(self, messages, task, sampling):
-            text = "\n".join(f"User: Q{i}?\nAssistant: A{i}." for i in range(4)) + "\nUser: Q4?\nAssistant: It is"
-            return Reply(text, 10, 10, "length")
-
-    records, image_dir = sample
-    convs, *_ = generate(records[:1], image_dir, [], offline(Cut()), AppendLog(tmp_path / "c.jsonl"), GenerateConfig())
-    assert [t["value"] for t in convs[0].conversations][-1] == "A3."
-
-
-def test_a_reply_cut_inside_a_question_keeps_its_last_complete_round(sample, tmp_path):
-    from vital.backends import Reply
-
-    class Cut(OfflineBackend):
-        async def acomplete(self, messages, task, sampling):
-            text = "\n".join(f"User: Q{i}?\nAssistant: A{i}." for i in range(4)) + "\nUser: Q4 is"
-            return Reply(text, 10, 10, "length")
+            return Reply("\n".join(f"User: Q{i}?\nAssistant: A{i}." for i in range(4)) + tail, 10, 10, "length")
 
     records, image_dir = sample
     convs, *_ = generate(records[:1], image_dir, [], offline(Cut()), AppendLog(tmp_path / "c.jsonl"), GenerateConfig())
