@@ -1,6 +1,7 @@
 """What `filter` compares the selector with, at the release's own size (metrics/selection.json).
 
-- `random`: a random subset of the same size, over `seeds` seeds (mean, standard deviation, and low..high: the 2.5-97.5% range);
+- `random`: a random subset of the same size, over `seeds` seeds (mean, standard deviation, and low..high: the
+  2.5-97.5% range);
 - `rater_threshold`: the conversations with the highest mean round rating of the `rate` judge, i.e. a threshold
   on the rater's score set where it keeps the same number (AlpaGasus-style); equal means are kept in a seeded
   random order, and a conversation with a null or missing round rating ranks last;
