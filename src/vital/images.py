@@ -11,10 +11,22 @@ So the `corpus` and `filter` stages write their images into a few uncompressed t
 Every reader goes through `ImageStore`, which reads one image with a single `pread` at its offset, and
 reads a plain folder the same way. Shards are written deterministically (fixed tar headers, input order),
 so the same images give the same bytes and DVC stores them once.
+
+The release is stored the way image-text datasets ship on the Hugging Face Hub instead: parquet shards whose
+rows carry their image (`image`: {bytes, path}, declared as the `datasets` Image feature), so `datasets`, TRL
+and LLaMA-Factory read it with no image folder (`write_hub_shards`):
+
+    data/release/data/
+        train-00000-of-00002.parquet    one row per record, rows grouped 100 to a row group
+        train-00001-of-00002.parquet
+
+`ImageStore` reads such a folder too (by `image.path`, a row group at a time), so `vital images unpack` writes
+its loose folder and `vital validate release --image-dir` checks against it.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -29,6 +41,9 @@ from PIL import Image
 
 INDEX = "index.parquet"
 SHARD = re.compile(r"images-\d{5}\.tar")
+HUB_SHARD = re.compile(r"train-(\d{5})-of-(\d{5})\.parquet")
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the `datasets` Image feature's storage
+HUB_ROW_GROUP = 100  # rows per row group: what `datasets` writes for image data, so a reader streams
 
 
 class ImageError(FileNotFoundError):
@@ -55,11 +70,17 @@ class ImageStore:
         if not self.packed and not self.root.is_dir():
             raise StoreError(f"image store {self.root} does not exist (run the stage that writes it, e.g. "
                              f"`dvc repro corpus`, or fetch it: `dvc pull {self.root}`)")
-        self._index: dict[str, tuple[str, int, int]] = {}
+        self.hub = sorted(p.name for p in self.root.iterdir() if HUB_SHARD.fullmatch(p.name)) if not self.packed else []
+        self._index: dict[str, tuple] = {}
         self._fds: dict[str, int] = {}
+        self._files: dict[str, pq.ParquetFile] = {}  # hub shards, open
+        self._group: tuple = (None, [])  # the hub row group read last: (shard, group), its images by row
         self._lock = threading.Lock()  # readers share one descriptor per shard (pread needs no seek)
         if self.packed:
             self._load_index()
+        elif self.hub:
+            self.packed = True
+            self._load_hub_index()
 
     def _load_index(self) -> None:
         """Read the index and check every shard it names is there and long enough, so a damaged store stops
@@ -80,6 +101,43 @@ class ImageStore:
             if have < end:
                 state = "is missing" if have < 0 else f"is truncated ({have} of at least {end} bytes)"
                 raise StoreError(f"{self.root / shard} {state}: {fix}")
+
+    def _load_hub_index(self) -> None:
+        """Index the images of parquet shards by `image.path` (the first row that has a name wins) and check
+        the shards are all there (train-i-of-n for every i < n) and readable."""
+        fix = f"fetch it again (`dvc pull {self.root}`) or rerun the stage that wrote it"
+        counts = {int(HUB_SHARD.fullmatch(n).group(2)) for n in self.hub}
+        if len(counts) != 1 or len(self.hub) != counts.pop():
+            raise StoreError(f"{self.root} holds {len(self.hub)} parquet shards that do not make one set "
+                             f"(train-i-of-n for every i < n): {fix}")
+        for shard in self.hub:
+            try:
+                f = self._files[shard] = pq.ParquetFile(self.root / shard)
+                if "image" not in f.schema_arrow.names or f.schema_arrow.field("image").type != IMAGE_TYPE:
+                    raise StoreError(f"{self.root / shard} has no `image` column of {{bytes, path}}: not a release "
+                                     "shard written by `write_hub_shards`")
+                for g in range(f.num_row_groups):
+                    paths = f.read_row_group(g, columns=["image.path"]).column(0).to_pylist()  # [{path}]
+                    for row, name in enumerate(p and p["path"] for p in paths):
+                        if name and name not in self._index:
+                            self._index[name] = (shard, g, row)
+            except StoreError:
+                raise
+            except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+                raise StoreError(f"{self.root / shard} cannot be read ({type(e).__name__}): {fix}") from None
+
+    def _read_hub(self, name: str) -> bytes:
+        shard, group, row = self._index[name]
+        with self._lock:  # a row group is read whole; consecutive names of one group cost one read
+            if self._group[0] != (shard, group):
+                if shard not in self._files:
+                    self._files[shard] = pq.ParquetFile(self.root / shard)
+                images = self._files[shard].read_row_group(group, columns=["image"]).column(0)
+                self._group = ((shard, group), images.to_pylist())
+            data = self._group[1][row]["bytes"]
+        if data is None:
+            raise ImageError(f"image {name!r} in {self.root / shard} has no bytes (a path-only row)")
+        return data
 
     @classmethod
     def of(cls, images: "ImageStore | str | Path") -> "ImageStore":
@@ -106,6 +164,8 @@ class ImageStore:
             raise ImageError(f"image {name!r} is not in {self.root}")
         if not self.packed:
             return (self.root / name).read_bytes()
+        if self.hub:
+            return self._read_hub(name)
         shard, offset, size = self._index[name]
         with self._lock:
             if shard not in self._fds:
@@ -124,6 +184,9 @@ class ImageStore:
         for fd in fds.values():
             os.close(fd)
         fds.clear()
+        for f in getattr(self, "_files", {}).values():
+            f.close()
+        getattr(self, "_files", {}).clear()
 
     def __del__(self):
         self.close()
@@ -138,13 +201,7 @@ class ShardWriter:
         if shard_mb <= 0:
             raise ValueError(f"shard_mb must be positive, got {shard_mb}")
         self.out = Path(out_dir)
-        if self.out.exists() and not (self.out / INDEX).is_file() and any(self.out.iterdir()):
-            raise StoreError(f"{self.out} exists and is not an image store: refusing to replace it; "
-                             "choose another folder or remove it")
-        for stale in self.out.parent.glob(f".{self.out.name}.*-*"):  # .tmp / .old left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir(parents=True)
+        self.tmp = _fresh_tmp(self.out, INDEX)
         self.limit = int(shard_mb * 2**20)
         self.rows: dict[str, list] = {"name": [], "shard": [], "offset": [], "size": []}
         self._names: set[str] = set()
@@ -179,19 +236,7 @@ class ShardWriter:
         pq.write_table(pa.table(self.rows, schema=pa.schema([("name", pa.string()), ("shard", pa.string()),
                                                              ("offset", pa.int64()), ("size", pa.int64())])),
                        self.tmp / INDEX)
-        for f in self.tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-        if self.out.exists():
-            os.replace(self.out, old)  # two renames: a reader sees the old store or the new one, never a mix
-        os.replace(self.tmp, self.out)
-        shutil.rmtree(old, ignore_errors=True)
-        fd = os.open(self.out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _publish(self.tmp, self.out)
 
     def abort(self) -> None:
         if self._tar is not None:
@@ -203,6 +248,93 @@ class ShardWriter:
 
     def __exit__(self, exc_type, *_):
         self.abort() if exc_type else self.close()
+
+
+def _fresh_tmp(out: Path, marker: str) -> Path:
+    """A new temporary sibling of `out` to write a store in (stale ones of a killed run removed). `out` may be
+    missing, empty, or a store (it has `marker`): anything else is refused, never replaced."""
+    if out.exists() and any(out.iterdir()) and not any(out.glob(marker)):
+        raise StoreError(f"{out} exists and is not an image store: refusing to replace it; "
+                         "choose another folder or remove it")
+    for stale in out.parent.glob(f".{out.name}.*-*"):  # .tmp / .old left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Make the store written in `tmp` the one at `out`, durably: a reader sees the old store or the new one."""
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        os.replace(out, old)  # two renames: a reader sees the old store or the new one, never a mix
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_VALUES = {pa.string(): "string", pa.float64(): "float64", pa.float32(): "float32", pa.int64(): "int64",
+           pa.int32(): "int32", pa.bool_(): "bool"}
+
+
+def hf_feature(t: pa.DataType):
+    """The `datasets` feature of an arrow type, written as every `datasets` version reads it (a list as
+    `[feature]`: datasets 2.16, which LLaMA-Factory allows, takes the metadata as the whole schema)."""
+    if t == IMAGE_TYPE:
+        return {"_type": "Image"}
+    if pa.types.is_list(t):
+        return [hf_feature(t.value_type)]
+    if pa.types.is_struct(t):
+        return {f.name: hf_feature(f.type) for f in t}
+    if t not in _VALUES:
+        raise ValueError(f"no datasets feature for the arrow type {t}")
+    return {"dtype": _VALUES[t], "_type": "Value"}
+
+
+def write_hub_shards(rows, images: "ImageStore | str | Path", out_dir: str | Path, schema: pa.Schema,
+                     shard_mb: float = 256) -> int:
+    """Write `rows` (dicts; `image` names an image of `images`) as parquet shards of about `shard_mb` in
+    `out_dir` (replaced whole, as `ShardWriter` does), each row carrying its image's bytes and name in `image`,
+    which the schema's metadata declares as the `datasets` Image feature. `schema` names the other columns;
+    rows keep their order. Returns the number of shards."""
+    if shard_mb <= 0:
+        raise ValueError(f"shard_mb must be positive, got {shard_mb}")
+    src, out = ImageStore.of(images), Path(out_dir)
+    schema = schema.append(pa.field("image", IMAGE_TYPE)) if "image" not in schema.names else schema
+    features = {f.name: hf_feature(f.type) for f in schema}
+    schema = schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    tmp, limit, shards, batch, size = _fresh_tmp(out, "train-*.parquet"), int(shard_mb * 2**20), [], [], 0
+
+    def flush(last=False):
+        if batch or (last and not shards):  # no rows: one empty shard, so the folder still loads
+            name = f"part-{len(shards):05d}.parquet"
+            pq.write_table(pa.Table.from_pylist(batch, schema=schema), tmp / name, row_group_size=HUB_ROW_GROUP)
+            shards.append(name)
+            batch.clear()
+
+    try:
+        for r in rows:
+            data = src.read(check_name(r["image"]))
+            if batch and size + len(data) > limit:
+                flush()
+                size = 0
+            batch.append({**r, "image": {"bytes": data, "path": r["image"]}})
+            size += len(data)
+        flush(last=True)
+        for i, name in enumerate(shards):
+            os.replace(tmp / name, tmp / f"train-{i:05d}-of-{len(shards):05d}.parquet")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, out)
+    return len(shards)
 
 
 def pack(images: "ImageStore | str | Path", names, out_dir: str | Path, shard_mb: float = 256) -> int:
