@@ -20,14 +20,14 @@ from pathlib import Path
 import pandas as pd
 from common import EMBEDDINGS, image_store, load, params, write_metrics
 
-from vital import baselines, images, release, selector
+from vital import baselines, release, selector
 from vital.encoders import count_tokens
 from vital.preferences import unit_scores
-from vital.schema import Conversation, CorpusRecord, PoolItem, PreferencePair, Rating, write_atomic, write_json, write_jsonl
+from vital.schema import Conversation, CorpusRecord, PoolItem, PreferencePair, Rating, write_json, write_jsonl
 
 
-RELEASE_IMAGES = Path("data/release/images")
-SELECTOR = Path("models/selector")  # the kept conversations' images, packed: the release stands alone
+RELEASE = Path("data/release")  # the Hub layout, images inside its parquet shards: the release stands alone
+SELECTOR = Path("models/selector")
 
 
 def main():
@@ -56,17 +56,12 @@ def main():
     report = release.validate(out, corpus_images)
     if report["problems"]:  # never release what a trainer would choke on
         raise SystemExit("filter: the release has problems: " + "; ".join(f"{i}: {w}" for i, w in report["problems"][:5]))
-    images.pack(corpus_images, sorted({r["image"] for r in out}), RELEASE_IMAGES, p["shard_mb"])
-    write_json("data/release/instructions.json", out)
-    pd.DataFrame(out).to_parquet("data/release/instructions.parquet", index=False)
-    write_json("data/release/llamafactory.json", [release.to_llamafactory(r) for r in out])
-    write_json("data/release/dataset_info.json", release.LLAMAFACTORY_DATASET_INFO)
-    write_jsonl("data/release/trl.jsonl", [release.to_trl(r) for r in out])
     tokens = count_tokens([" ".join(t["value"] for t in r["conversations"]) for r in out])
     origin = (f"{len(out)} instruction conversations kept of {len(conversations)} candidates "
               f"(`filter` params: {json.dumps(p, sort_keys=True)}).")
-    card = release.data_card(out, origin, selector_info, "MiniLM WordPiece", tokens, selection=selection)
-    write_atomic("data/release/DATA_CARD.md", card)
+    card = release.data_card(out, origin, selector_info, "MiniLM WordPiece", tokens, selection=selection,
+                             root=str(RELEASE))
+    shards = release.write_release(RELEASE, out, corpus_images, card, p["shard_mb"])
     write_metrics("filter", {"candidates": len(conversations), "skipped": len(skipped),
                              "skipped_examples": skipped[:5], "kept": len(out), "ratio": p["ratio"],
                              "top_k": p["top_k"], "balance_domains": p["balance_domains"],
@@ -74,7 +69,7 @@ def main():
                              "kept_by_domain": dict(sorted(Counter(r["domain"] for r in out).items())),
                              "generators": sorted({r["generator"] for r in out}),
                              "min_kept_score": round(min(conv_scores[i] for i in keep), 5),
-                             "images": str(RELEASE_IMAGES)}, t0)
+                             "shards": shards}, t0)
 
 
 def compare_with_baselines(candidates, conv_scores, keep, records, corpus_images, select):

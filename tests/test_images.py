@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vital import release
-from vital.images import INDEX, ImageError, ImageStore, ShardWriter, StoreError, pack, unpack
+from vital.images import INDEX, ImageError, ImageStore, ShardWriter, StoreError, pack, unpack, write_hub_shards
 
 
 def _blobs(n, size=900):
@@ -118,6 +118,53 @@ def test_a_plain_folder_reads_the_same_and_pack_unpack_round_trip(tmp_path):
     assert r.returncode == 2 and "nowhere does not exist" in r.stderr
 
 
+
+def _hub(tmp_path, blobs, shard_mb=0.004):
+    import pyarrow as pa
+    rows = [{"id": f"r{i}", "image": name} for i, name in enumerate(blobs)]
+    folder = tmp_path / "folder"
+    for name, data in blobs.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return write_hub_shards(rows, folder, tmp_path / "hub", pa.schema([("id", pa.string())]), shard_mb)
+
+
+def test_parquet_shards_with_images_inside_read_back_as_a_store(tmp_path):
+    """The release's Hub layout: every row carries its image; ImageStore reads them by name, unpack writes the
+    folder LLaVA reads, and a set of shards with one missing or damaged stops at open, naming the file."""
+    import pyarrow.parquet as pq
+
+    blobs = _blobs(12)
+    n = _hub(tmp_path, blobs)
+    shards = sorted(p.name for p in (tmp_path / "hub").iterdir())
+    assert n > 1 and shards == [f"train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
+    table = pq.read_table(tmp_path / "hub")
+    assert table.column_names == ["id", "image"] and table.column("id").to_pylist() == [f"r{i}" for i in range(12)]
+    assert b'"_type": "Image"' in table.schema.metadata[b"huggingface"]  # what `datasets` decodes as an image
+    store = ImageStore(tmp_path / "hub")
+    assert store.packed and sorted(store.names()) == sorted(blobs)
+    assert all(store.read(name) == data for name, data in reversed(blobs.items()))  # any order, not only forwards
+    assert unpack(tmp_path / "hub", tmp_path / "back") == 12
+    assert {name: (tmp_path / "back" / name).read_bytes() for name in blobs} == blobs
+    with pytest.raises(ImageError, match="'nope.png' is not in"):
+        store.read("nope.png")
+    store.close()
+
+    (tmp_path / "hub" / shards[-1]).unlink()
+    with pytest.raises(StoreError, match=r"hub holds \d+ parquet shards that do not make one set.*dvc pull"):
+        ImageStore(tmp_path / "hub")
+    _hub(tmp_path, blobs)  # written again, whole
+    (tmp_path / "hub" / shards[0]).write_bytes(b"PAR1 cut short")
+    with pytest.raises(StoreError, match=rf"{shards[0]} cannot be read"):
+        ImageStore(tmp_path / "hub")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    import pyarrow as pa
+    with pytest.raises(StoreError, match="not an image store: refusing"):
+        write_hub_shards([], tmp_path / "folder", tmp_path / "notes", pa.schema([]))
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
 # ---------------------------------------------------------------- vital release import
 
 def _official(n_good=6):
@@ -187,8 +234,10 @@ def test_release_import_converts_the_official_format_and_feeds_tune(http_server,
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "data/external/biomed-vital-instructions-80k"
-    assert "12 records -> 6 imported" in r.stdout and "1 without a domain" in r.stdout and f"dvc add data/external/biomed-vital-instructions-80k" in r.stdout
-    assert "-S tune.data=data/external/biomed-vital-instructions-80k/instructions.json" in r.stdout
+    out_name = "data/external/biomed-vital-instructions-80k"
+    assert "12 records -> 6 imported" in r.stdout and "1 without a domain" in r.stdout
+    assert f"dvc add {out_name}/data {out_name}/instructions.json  (not {out_name}/images" in r.stdout
+    assert f"-S tune.data={out_name}/instructions.json -S tune.images={out_name}/data" in r.stdout
     summary = json.loads((out / "import.json").read_text())
     assert summary["url"] == f"{base}/BioMed-VITAL-instructions-80K.json" and len(summary["sha256"]) == 64
     assert summary["file"] == "source/BioMed-VITAL-instructions-80K.json"  # kept as fetched, apart from outputs
@@ -197,7 +246,7 @@ def test_release_import_converts_the_official_format_and_feeds_tune(http_server,
         "<image> appears _ times; it belongs once, in the first human turn": 1, "duplicate id": 2,
         "image not found in the image folder": 1, "turns do not alternate human/gpt starting with human": 1,
         "unknown domain": 1}
-    card = (out / "DATA_CARD.md").read_text()
+    card = (out / "README.md").read_text()
     assert "6 conversations imported from" in card and "| mri | 2 |" in card and "1 without a domain" in card
     rejected = {}
     for x in map(json.loads, (out / "rejected.jsonl").read_text().splitlines()):
@@ -211,15 +260,16 @@ def test_release_import_converts_the_official_format_and_feeds_tune(http_server,
     assert all(x["conversations"][0]["value"].startswith("<image>\n") and x["generator"].startswith("imported:")
                for x in imported)
     assert imported[0]["conversations"][0]["value"] == "<image>\nWhat does this image show?"
-    report = release.validate(imported, out / "images")  # what `vital validate release` checks
-    assert not report["problems"] and report["image_token_placement"] == {"start": 6}
+    for store in ("images", "data"):  # LLaVA's loose folder, and the parquet shards the stages read
+        report = release.validate(imported, out / store)  # what `vital validate release` checks
+        assert not report["problems"] and report["image_token_placement"] == {"start": 6}
     r = subprocess.run([sys.executable, "-m", "vital.cli", "validate", "release", str(out / "instructions.json"),
                         "--image-dir", str(out / "images")], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
 
     from vital import tune  # feeds tune directly: the tiny LLaVA trains on it from the packed images
     model, processor = tune.load_base(tune.TINY, 0)
-    _, history, stats = tune.train(model, processor, imported, out / "images", tune.TuneConfig(max_steps=2))
+    _, history, stats = tune.train(model, processor, imported, out / "data", tune.TuneConfig(max_steps=2))
     assert len(history) == 2 and stats["examples"] == 6
 
 

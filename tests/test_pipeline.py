@@ -21,8 +21,8 @@ from vital.images import ImageStore, pack, unpack
 from vital.schema import IMAGE_TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["corpus", "annotation_pool", "generate", "rate", "merge_preferences", "train_selector", "filter", "tune",
-          "evaluate"]
+STAGES = ["corpus", "annotation_pool", "generate", "rate", "merge_preferences", "train_selector", "filter",
+          "release_images", "tune", "evaluate"]
 
 
 def _env():
@@ -98,11 +98,10 @@ def test_dag_runs_offline_end_to_end_then_experiment_reruns_only_downstream(repo
         assert sum(t["value"].count(IMAGE_TOKEN) for t in turns) == 1
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
     out = run("vital validate release data/release/instructions.json --image-dir data/release/images", repo).stdout
-    assert "12 records" in out and "0 problems" in out  # the release carries its own images
-    assert sorted(ImageStore(repo / "data/release/images").names()) == sorted({r["image"] for r in rel})
-    assert len((repo / "data/release/trl.jsonl").read_text().splitlines()) == 12
-    assert len(json.loads((repo / "data/release/llamafactory.json").read_text())) == 12
-    assert "12 instruction conversations kept of 14 candidates" in (repo / "data/release/DATA_CARD.md").read_text()
+    assert "12 records" in out and "0 problems" in out  # LLaVA's image_folder, unpacked by release_images
+    assert sorted(ImageStore(repo / "data/release/data").names()) == sorted({r["image"] for r in rel})
+    assert "12 instruction conversations kept of 14 candidates" in (repo / "data/release/README.md").read_text()
+    assert _load_as_the_card_says(repo) == "12 (2, 3, 32, 32)"
     assert (repo / "models/vlm/adapter/adapter_model.safetensors").exists()
     card = (repo / "models/vlm/adapter/README.md").read_text()  # the model card beside the adapter
     sha = hashlib.sha256((repo / "data/release/instructions.json").read_bytes()).hexdigest()
@@ -117,7 +116,7 @@ def test_dag_runs_offline_end_to_end_then_experiment_reruns_only_downstream(repo
     _publish_and_pull_into_a_fresh_clone(repo)
 
     exp = run("dvc exp run -S filter.ratio=0.5", repo).stdout
-    assert ran(exp) == ["filter", "tune", "evaluate"]
+    assert ran(exp) == ["filter", "release_images", "tune", "evaluate"]
     assert len(json.loads((repo / "data/release/instructions.json").read_text())) == 7
     shown = run("dvc exp show --json", repo).stdout
     assert '"ratio": 0.5' in shown and '"kept": 7' in shown
@@ -137,6 +136,13 @@ def _publish_and_pull_into_a_fresh_clone(repo):
     clone = repo.parent / "clone"
     run(f"git clone -q {repo} {clone}", repo.parent)
     run("dvc pull", clone)
+    assert _load_as_the_card_says(clone) == "12 (2, 3, 32, 32)"  # datasets and TRL: no other command
+    storage = repo.parent / "biomed-vital-storage" / "files" / "md5"
+    for f in (repo / "data/release/images").iterdir():  # the loose folder is made from data/, never pushed
+        digest = hashlib.md5(f.read_bytes()).hexdigest()
+        assert not (storage / digest[:2] / digest[2:]).exists(), f
+    assert "release_images" in run("dvc status", clone).stdout
+    assert ran(run("dvc repro", clone).stdout) == ["release_images"]  # the one command LLaVA's folder needs
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     outs = [o["path"] for stage in lock["stages"].values() for o in stage.get("outs", [])]
     assert "data/release/instructions.json" in outs and "models/vlm" in outs
@@ -151,10 +157,21 @@ def _publish_and_pull_into_a_fresh_clone(repo):
     run("git tag -a biomed-vital-instructions@v0.1.0 -m 'a release'", repo)  # a registered version (GTO tag)
     run(f"dvc artifacts get {repo} biomed-vital-instructions -o {got}", repo.parent)
     assert got.read_bytes() == (repo / "data/release/instructions.json").read_bytes()
-    run("git tag -a biomed-vital-images@v0.1.0 -m 'its figures'", repo)
-    run(f"dvc artifacts get {repo} biomed-vital-images -o {repo.parent / 'figures'}", repo.parent)
+    run("git tag -a biomed-vital-release@v0.1.0 -m 'with its figures'", repo)
+    run(f"dvc artifacts get {repo} biomed-vital-release -o {repo.parent / 'figures'}", repo.parent)
     figures, release = ImageStore(repo.parent / "figures"), ImageStore(repo / "data/release/images")
     assert figures.names() and all(figures.read(n) == release.read(n) for n in release.names())
+
+
+def _load_as_the_card_says(folder) -> str:
+    """Run the data card's Python lines (datasets, then TRL's collator with the tiny LLaVA's processor) in
+    `folder`, as a user pastes them: rows loaded, and the batch's pixel_values shape."""
+    script = ("import re\nfrom vital.tune import build_tiny_llava\nscope = {'processor': build_tiny_llava(0)[1]}\n"
+              "for block in re.findall(r'```python\\n(.*?)```', open('data/release/README.md').read(), re.S):\n"
+              "    exec(block, scope)\nprint(len(scope['ds']), tuple(scope['batch']['pixel_values'].shape))")
+    (folder.parent / "load_as_the_card_says.py").write_text(script)
+    out = run(f"python {folder.parent / 'load_as_the_card_says.py'}", folder, HF_DATASETS_CACHE=str(folder.parent / f"{folder.name}-hf"))
+    return out.stdout.strip().splitlines()[-1]
 
 
 def test_corpus_stage_ingests_a_user_corpus_and_strict_mode_names_file_line(repo):
@@ -251,7 +268,7 @@ def test_clinician_weight_sweep_runs_one_queued_experiment_per_weight(repo):
     try:
         queued = sh(SWEEP).stdout
         assert queued.count("Queued experiment") == 2, queued
-        sh("dvc queue start")
+        sh("dvc queue start", timeout=300)  # starts the workers; slow on a loaded 2-core machine
         deadline = time.monotonic() + 300
         while re.search(r"\b(Queued|Running)\b", status := sh("dvc queue status").stdout):
             assert time.monotonic() < deadline, f"the sweep still runs after 300 s:\n{status}"
@@ -310,7 +327,7 @@ def test_selector_experiments_biomedclip_finetuned_per_conversation_logistic(rep
     assert list(epochs["epoch"]) == [1, 2, 3]
     assert {"validation_auc", "validation_map", "validation_mean_rank", "validation_model_accuracy"} <= set(epochs)
     assert (repo / "models/selector/backbone/model.safetensors").exists()
-    card = (repo / "data/release/DATA_CARD.md").read_text()
+    card = (repo / "data/release/README.md").read_text()
     assert '"backbone": "biomedclip"' in card and '"unit": "conversation"' in card
 
     broken = run("dvc exp run filter -S train_selector.backbone=biomedclip -S train_selector.backbone_model=null",
@@ -390,7 +407,7 @@ def test_an_imported_release_feeds_the_tune_stage_by_params(repo, tmp_path, samp
     assert ran(exp) == ["tune"]
     assert json.loads((repo / "metrics/tune.json").read_text())["examples"] == 4
     card = (repo / "models/vlm/adapter/README.md").read_text()
-    assert f"`{out}/instructions.json`: 4 conversations" in card and f"`{out}/DATA_CARD.md`" in card
+    assert f"`{out}/instructions.json`: 4 conversations" in card and f"`{out}/README.md`" in card
 
     # the same stage on two processes (torchrun on CPU; on GPUs: -S tune.accelerate_config=configs/accelerate/
     # ddp.yaml -S tune.num_processes=N): the main process alone writes the adapter, card and metrics

@@ -254,19 +254,17 @@ def test_validate_release_accepts_the_official_shape_and_names_each_problem(tmp_
     assert CliRunner().invoke(app, ["validate", "release", str(tmp_path / "trunc.json")]).exit_code == 2
 
 
-def test_release_exports_for_llamafactory_and_trl_keep_every_turn():
+def test_release_messages_keep_every_turn_without_the_placeholder_and_the_card_says_what_made_it():
     r = release.to_llava(Conversation("c1", "c1.png", "mri", [
         {"from": "human", "value": "Modality?"}, {"from": "gpt", "value": "MRI."},
         {"from": "human", "value": "Where?"}, {"from": "gpt", "value": "Liver."}], "offline", "m", "h"), 0.5)
-    lf = release.to_llamafactory(r)
-    assert lf["images"] == ["c1.png"] and lf["messages"][0] == {"role": "user", "content": "<image>\nModality?"}
-    assert [m["role"] for m in lf["messages"]] == ["user", "assistant"] * 2
-    trl = release.to_trl(r)
-    assert trl["messages"][0]["content"] == [{"type": "image"}, {"type": "text", "text": "Modality?"}]
-    assert trl["messages"][3]["content"] == [{"type": "text", "text": "Liver."}] and trl["images"] == ["c1.png"]
+    assert r["conversations"][0]["value"] == "<image>\nModality?"
+    assert release.to_messages(r) == [{"role": "user", "content": "Modality?"}, {"role": "assistant", "content": "MRI."},
+                                      {"role": "user", "content": "Where?"}, {"role": "assistant", "content": "Liver."}]
     card = release.data_card([r], "1 kept of 2.", {"backbone": "b"}, "words", [5])
     assert "1 kept of 2." in card and "| mri | 1 |" in card and "## Selector scores" in card
-    assert "offline:m" in card and '"backbone": "b"' in card
+    assert "offline:m" in card and '"backbone": "b"' in card and "## Load it" not in card  # no folder, no lines
+    assert 'load_dataset("data/release"' in release.data_card([r], "o", None, "w", [5], root="data/release")
 
 
 def test_baselines_at_the_release_size_agreement_overlap_and_ties_cut_at_random():

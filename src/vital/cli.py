@@ -56,7 +56,8 @@ def summary(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of <s
                 + (f"  ({selection['note']})" if selection.get("note") else ""))
     release = Path("data/release/instructions.json")
     if release.exists():
-        typer.echo(f"release: {release} ({len(json.loads(release.read_text()))} conversations)")
+        typer.echo(f"release: {release.parent}/ ({len(json.loads(release.read_text()))} conversations; how "
+                   f"datasets, TRL, LLaMA-Factory and LLaVA load it: {release.parent / 'README.md'})")
     typer.echo("details: dvc metrics show, dvc plots show, dvc exp show")
 
 
@@ -128,8 +129,8 @@ def release_import(url: str = typer.Argument(..., help="the instructions JSON, e
                                                        "download URL (http, https or file://)"),
                    out: Path = typer.Option(None, help="folder to write (default: data/external/<file name>)"),
                    images: Path = typer.Option(None, help="folder (or packed store) of the figures the records "
-                                                          "name; they are packed into <out>/images"),
-                   shard_mb: float = typer.Option(256, help="image shard size")):
+                                                          "name; they go into <out>/data with the records"),
+                   shard_mb: float = typer.Option(256, help="parquet shard size")):
     """Download a published release, check it like `vital validate release`, convert it to this project's
     format (<out>/instructions.json) and list what could not be converted (<out>/rejected.jsonl)."""
     from .release import import_folder, import_release
@@ -146,20 +147,24 @@ def release_import(url: str = typer.Argument(..., help="the instructions JSON, e
     for reason, n in s["rejected_by_reason"].items():
         typer.echo(f"  {reason}: {n}")
     typer.echo("domains: " + ", ".join(f"{d}={n}" for d, n in s["domains"].items()))
-    typer.echo(f"version it:  dvc add {out}")
     if s["images"]:
-        typer.echo(f"tune on it:  dvc exp run tune -S tune.data={out}/instructions.json -S tune.images={s['images']}")
+        typer.echo(f"load it:     see {out / 'README.md'} (datasets, TRL, LLaMA-Factory, LLaVA)")
+        typer.echo(f"version it:  dvc add {out / 'data'} {out / 'instructions.json'}  (not {out / 'images'}: it is "
+                   f"unpacked from data/; after a pull: vital images unpack {out / 'data'} {out / 'images'})")
+        typer.echo(f"tune on it:  dvc exp run tune -S tune.data={out}/instructions.json -S tune.images={out}/data")
     else:
+        typer.echo(f"version it:  dvc add {out}")
         typer.echo("the records need their images: download them, then rerun with --images DIR")
 
 
-images_app = typer.Typer(help="Packed image stores (tar shards + index.parquet, see src/vital/images.py).",
+images_app = typer.Typer(help="Packed image stores: tar shards + index.parquet, or the release's parquet "
+                         "shards with the images inside (see src/vital/images.py).",
                          no_args_is_help=True)
 app.add_typer(images_app, name="images")
 
 
 @images_app.command("unpack")
-def images_unpack(store: Path = typer.Argument(..., help="a packed store, e.g. data/release/images"),
+def images_unpack(store: Path = typer.Argument(..., help="a packed store, e.g. data/release/data"),
                   out: Path = typer.Argument(..., help="folder to write the images into")):
     """Write every image of a store as a plain file (for trainers that read a folder)."""
     from .images import unpack

@@ -11,12 +11,15 @@ import json
 import math
 import os
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import yaml
 
-from .images import ImageStore, pack
+from .images import IMAGE_TYPE, ImageStore, unpack, write_hub_shards
 from .schema import IMAGE_TOKEN, Conversation, mask_url, write_atomic, write_json, write_jsonl
 
 
@@ -130,39 +133,89 @@ def validate(records, images: ImageStore | Path | None = None) -> dict:
             "image_token_placement": dict(sorted(placement.items())), "rounds": rounds}
 
 
-# ---------------------------------------------------------------- other trainers' formats
-# Image paths are relative to the image folder (`vital images unpack data/release/images DIR`; LLaMA-Factory:
-# `media_dir`; TRL: your collator).
+# ---------------------------------------------------------------- the release folder, as trainers read it
+# A dataset folder in the Hugging Face Hub layout (DESIGN.md, "Data contracts"):
+#   README.md          the data card; its YAML front matter names the views (`configs:`) for `datasets`
+#   data/train-*.parquet  one row per conversation with its image embedded: `datasets`, TRL, LLaMA-Factory
+#   dataset_info.json  LLaMA-Factory's entry for data/ (sharegpt: LLaVA turns + image)
+#   instructions.json  LLaVA format, `image` relative to images/ (LLaVA's image_folder; `tune` reads it)
+#   images/            the images as loose files, unpacked from data/ (stage `release_images`, not stored twice)
+
+HUB_DATA, LOOSE_IMAGES, CARD = "data", "images", "README.md"
+_TURNS = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
+RELEASE_SCHEMA = pa.schema([
+    ("id", pa.string()), ("image", IMAGE_TYPE), ("domain", pa.string()),
+    ("conversations", _TURNS),  # LLaVA: `<image>\n` once, at the start of the first human turn
+    ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),  # chat: no placeholder
+    ("selector_score", pa.float64()), ("generator", pa.string())])
+VIEWS = {"llava": ["id", "image", "domain", "conversations"], "trl": ["image", "messages"]}
 
 LLAMAFACTORY_DATASET_INFO = {"biomed_vital": {
-    "file_name": "llamafactory.json", "formatting": "sharegpt",
-    "columns": {"messages": "messages", "images": "images"},
-    "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}
-
-def _turn_text(t: dict) -> str:
-    return t["value"].replace(f"{IMAGE_TOKEN}\n", "").replace(IMAGE_TOKEN, "").strip()
+    "file_name": HUB_DATA, "formatting": "sharegpt", "columns": {"messages": "conversations", "images": "image"},
+    "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+             "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}}}
 
 
-def to_llamafactory(r: dict) -> dict:
-    """LLaMA-Factory's sharegpt multimodal format: `messages` with `<image>` in the text, and `images`."""
-    messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
-                for t in r["conversations"]]
-    return {"messages": messages, "images": [r["image"]]}
+def to_messages(r: dict) -> list[dict]:
+    """The conversation as chat messages (user/assistant, text only): the image is a column of its own, and
+    TRL's collator puts it before the first question."""
+    return [{"role": "user" if t["from"] == "human" else "assistant",
+             "content": t["value"].replace(f"{IMAGE_TOKEN}\n", "").replace(IMAGE_TOKEN, "").strip()}
+            for t in r["conversations"]]
 
 
-def to_trl(r: dict) -> dict:
-    """TRL's conversational vision format: typed content parts, the image as the first part."""
-    messages = []
-    for i, t in enumerate(r["conversations"]):
-        content = ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": _turn_text(t)}]
-        messages.append({"role": "user" if t["from"] == "human" else "assistant", "content": content})
-    return {"id": r["id"], "messages": messages, "images": [r["image"]]}
+def front_matter(n: int) -> str:
+    """The data card's YAML header: what the Hub shows, and the views `datasets.load_dataset` offers."""
+    def files():  # a new list each time: YAML would write a shared one as an anchor, which readers may not follow
+        return [{"split": "train", "path": f"{HUB_DATA}/train-*.parquet"}]
+
+    configs = [{"config_name": "default", "default": True, "data_files": files()},
+               *({"config_name": name, "data_files": files(), "columns": cols} for name, cols in VIEWS.items())]
+    size = next(label for bound, label in [(1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"),
+                                             (1e6, "100K<n<1M"), (float("inf"), "n>1M")] if n < bound)
+    meta = {"pretty_name": "BioMed-VITAL visual instructions", "language": ["en"],
+            "task_categories": ["visual-question-answering", "image-text-to-text"],
+            "tags": ["biomedical", "medical", "llava", "visual-instruction-tuning", "biomed-vital"],
+            "size_categories": [size], "configs": configs}
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n"
 
 
-FORMATS = ("LLaVA (`instructions.json`), also `instructions.parquet`, LLaMA-Factory sharegpt (`llamafactory.json`) "
-           "and TRL messages (`trl.jsonl`). Images are packed in `images/` beside them (tar shards + "
-           "`index.parquet`); `vital images unpack data/release/images DIR` writes a plain folder for trainers "
-           "that want one, with the same relative paths.")
+def how_to_load(root: str) -> list[str]:
+    """The data card's lines that load this folder with each trainer's own code (tests run the first two;
+    `make interop` the other two)."""
+    return ["## Load it", "",
+            "Hugging Face `datasets` (views: `default`, `llava`, `trl`; `image` decodes to a PIL image):", "",
+            "```python", "from datasets import load_dataset",
+            f'ds = load_dataset("{root}", split="train")', "```", "",
+            "TRL, vision SFT (`messages` + `image`, rows as `load_dataset` returns them):", "",
+            "```python", "from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling",
+            f'rows = load_dataset("{root}", "trl", split="train")',
+            "batch = DataCollatorForVisionLanguageModeling(processor)([rows[0], rows[1]])", "```", "",
+            f"LLaMA-Factory (`dataset_info.json` names `{HUB_DATA}/`, images embedded; no `media_dir`): "
+            f"`llamafactory-cli train ... --dataset_dir {root} --dataset biomed_vital --template llava`", "",
+            f"LLaVA (`llava/train/train.py`): `--data_path {root}/instructions.json --image_folder {root}/"
+            f"{LOOSE_IMAGES}`. `{LOOSE_IMAGES}/` is unpacked from `{HUB_DATA}/` and not stored in the remote: "
+            f"after a `dvc pull`, `dvc repro release_images` (or `vital images unpack {root}/{HUB_DATA} "
+            f"{root}/{LOOSE_IMAGES}`) writes it.", ""]
+
+
+def write_release(out_dir: Path, records: list[dict], images: ImageStore | Path, card: str,
+                  shard_mb: float = 256) -> int:
+    """The release folder from LLaVA records and the store holding their images: parquet shards with the
+    images in them, instructions.json, dataset_info.json and the data card under its front matter (not the
+    loose images/: `vital images unpack`). Returns the number of shards."""
+    out_dir = Path(out_dir)
+    rows = [{**{k: r.get(k) for k in RELEASE_SCHEMA.names}, "messages": to_messages(r)} for r in records]
+    shards = write_hub_shards(rows, images, out_dir / HUB_DATA, RELEASE_SCHEMA, shard_mb)
+    write_json(out_dir / "instructions.json", records)
+    write_json(out_dir / "dataset_info.json", LLAMAFACTORY_DATASET_INFO)
+    write_atomic(out_dir / CARD, front_matter(len(records)) + card)
+    return shards
+
+
+FORMATS = (f"a dataset folder in the Hugging Face Hub layout: parquet shards with the images embedded "
+           f"(`{HUB_DATA}/`), views named in this card's `configs:`, LLaMA-Factory's `dataset_info.json`, and "
+           f"LLaVA's `instructions.json` with the image folder `{LOOSE_IMAGES}/`.")
 
 
 # Where this pipeline departs from the BioMed-VITAL paper and the authors' released code, and why (README: "The
@@ -191,9 +244,10 @@ DEVIATIONS = (
 
 
 def data_card(release: list[dict], origin: str, selector_info: dict | None, tokenizer_name: str, tokens: list[int],
-              formats: str = FORMATS, selection: dict | None = None) -> str:
-    """A markdown data card: what is in the release and what made it (`origin`: one sentence); with `selection`
-    (filter's comparison with baselines, metrics/selection.json), that table and the method's deviations."""
+              formats: str = FORMATS, selection: dict | None = None, root: str | None = None) -> str:
+    """A markdown data card: what is in the release and what made it (`origin`: one sentence); with `root`
+    (the folder, as users name it), how each trainer loads it; with `selection` (filter's comparison with
+    baselines, metrics/selection.json), that table and the method's deviations."""
     by_domain = Counter(r["domain"] for r in release)
     rounds = [len(r["conversations"]) // 2 for r in release]
     scores = [r["selector_score"] for r in release if r.get("selector_score") is not None]
@@ -214,6 +268,8 @@ def data_card(release: list[dict], origin: str, selector_info: dict | None, toke
               f"- generator(s): {', '.join(sorted({r['generator'] for r in release}))}",
               f"- selector: {json.dumps(selector_info, sort_keys=True) if selector_info else 'none recorded'}",
               f"- format: {formats}", ""]
+    if root:
+        lines += how_to_load(root)
     if selection:
         lines += ["## The selector against baselines at this size", "",
                   f"Agreement with the clinician test pairs ({selection['clinician_test_pairs']} pairs on figures no "
@@ -327,11 +383,12 @@ def import_folder(url: str) -> Path:
 
 
 def import_release(url: str, out_dir: Path, image_dir: Path | None = None, shard_mb: float = 256) -> dict:
-    """Download a published instructions JSON into `out_dir/source/` (kept as fetched; a rerun reuses it),
-    convert it to `instructions.json` in this project's release format with a `DATA_CARD.md`, list what could
-    not be converted in `rejected.jsonl`, and with `image_dir` (the downloaded figures) pack the images the
-    records use into `out_dir/images`; records whose image is not there are rejected too. Returns the
-    `import.json` summary."""
+    """Download a published instructions JSON (BioMed-VITAL 60K/80K, LLaVA-Med 60K, ...) into `out_dir/source/`
+    (kept as fetched; a rerun reuses it), convert it to this project's records and list what could not be
+    converted in `rejected.jsonl`. With `image_dir` (the downloaded figures: a folder or a packed store),
+    records whose image is not there are rejected too, and `out_dir` becomes a release folder like the
+    `filter` stage's (`write_release`, with `images/` unpacked for LLaVA); without it, `instructions.json`
+    and the data card only. Returns the `import.json` summary."""
     from .encoders import count_tokens
 
     out_dir, shown = Path(out_dir), mask_url(url)
@@ -344,16 +401,14 @@ def import_release(url: str, out_dir: Path, image_dir: Path | None = None, shard
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
         raise ValueError(f"{raw} (from {shown}) is not an instructions JSON array ({e}); is the URL the "
                          f"instructions file? Delete {raw} to download it again") from None
-    if image_dir is not None:
-        store = ImageStore(image_dir)
+    store = ImageStore(image_dir) if image_dir is not None else None
+    if store is not None:
         rejected += [{"id": r["id"], "problems": [f"image not found in the image folder: {r['image']!r}"]}
                      for r in converted if r["image"] not in store]
         converted = [r for r in converted if r["image"] in store]
-        pack(store, sorted({r["image"] for r in converted}), out_dir / "images", shard_mb)
-    report = validate(converted, out_dir / "images" if image_dir is not None else None)
+    report = validate(converted, store)
     if report["problems"]:  # convert_official let through something validate refuses: a bug, not bad input
         raise RuntimeError(f"converted records fail validation: {report['problems'][:3]}")
-    write_json(out_dir / "instructions.json", converted)
     write_jsonl(out_dir / "rejected.jsonl", rejected)
     digest = hashlib.sha256()
     with open(raw, "rb") as f:
@@ -363,13 +418,21 @@ def import_release(url: str, out_dir: Path, image_dir: Path | None = None, shard
                "records": len(records), "imported": len(converted), "rejected": len(rejected),
                "rejected_by_reason": dict(sorted(Counter(reason(x["problems"][0]) for x in rejected).items())),
                "domain_missing": no_domain, "domains": report["domains"], "rounds": report["rounds"],
-               "images": str(out_dir / "images") if image_dir is not None else None}
+               "images": str(out_dir / LOOSE_IMAGES) if store is not None else None}
     origin = (f"{len(converted)} conversations imported from {shown} (`{raw.name}`, sha256 {summary['sha256']}): "
               f"{len(records)} records, {len(rejected)} rejected (`rejected.jsonl`), {no_domain} without a domain "
               "(counted as `other`).")
     tokens = count_tokens([" ".join(t["value"] for t in r["conversations"]) for r in converted])
-    formats = "LLaVA (`instructions.json`)" + (", images packed in `images/` (tar shards + `index.parquet`)"
-                                               if image_dir is not None else ", images not imported (--images)")
-    write_atomic(out_dir / "DATA_CARD.md", data_card(converted, origin, None, "MiniLM WordPiece", tokens, formats))
+    if store is None:
+        write_json(out_dir / "instructions.json", converted)
+        card = data_card(converted, origin, None, "MiniLM WordPiece", tokens,
+                         "LLaVA (`instructions.json`); images not imported (rerun with --images DIR)")
+        write_atomic(out_dir / CARD, card)
+    else:
+        card = data_card(converted, origin, None, "MiniLM WordPiece", tokens, root=str(out_dir))
+        write_release(out_dir, converted, store, card, shard_mb)
+        if (out_dir / LOOSE_IMAGES).exists():  # ours, from an earlier import: written afresh
+            shutil.rmtree(out_dir / LOOSE_IMAGES)
+        unpack(out_dir / HUB_DATA, out_dir / LOOSE_IMAGES)
     write_json(out_dir / "import.json", summary)
     return summary

@@ -443,7 +443,7 @@ def model_card(cfg: TuneConfig, stats: dict, data: Path, records: int, data_sha2
                   "LLaVA-family model to train a real one.", ""]
     lines += ["## Training data", "",
               f"- `{data}`: {records} conversations (LLaVA format), sha256 `{data_sha256}`",
-              f"- its data card: `{data.parent / 'DATA_CARD.md'}`", "",
+              f"- its data card: `{data.parent / 'README.md'}`", "",
               "## Training", "", "| setting | value |", "|---|---|",
               *[f"| {k} | {', '.join(v) if isinstance(v, tuple) else v} |" for k, v in settings.items()], "",
               "Loss on the assistant turns only; LoRA on the language model's projections, vision tower frozen.", "",
