@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser repro test test-fast
+.PHONY: install browser repro test test-fast interop
 
 install: $(VENV)/.installed
 
@@ -35,3 +35,7 @@ test: install browser
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
+
+# LLaMA-Factory and LLaVA load the release with their own code, each in a venv of its own pins (interop/interop.mk)
+interop:
+	@$(MAKE) --no-print-directory -f interop/interop.mk interop
