@@ -1,19 +1,21 @@
-"""`dvc add` + `dvc push` + `dvc pull` of many small images, packed (vital.images shards) vs loose files.
+"""`dvc add` + `dvc push` + `dvc pull` of many small images: loose files, tar shards, and parquet shards with the
+images inside (the release's Hub layout), side by side in one run.
 
     python benchmarks/remote_images.py                    # 10,000 images, a local directory remote
+    python benchmarks/remote_images.py --n 60000          # the paper's release size
     python benchmarks/remote_images.py --s3 --n 2000      # an S3 remote (moto on 127.0.0.1)
-    python benchmarks/remote_images.py --n 1000           # quicker
 
-Generates `--n` distinct random-noise PNGs (about 3 KB each, fixed seed) once, then builds two throwaway
-repos side by side (git + dvc, analytics off, each with its own remote): one `dvc add`s the loose folder, the
-other a store packed from it with `vital.images.pack` (`--shard-mb` per shard). For each it times, through the
-`dvc` CLI in subprocesses: `dvc add`, `dvc push`, and a fresh `dvc pull` into a `git clone` (empty cache, empty
-workspace), then checks the pulled bytes against the originals (every file hashed; every image read back
-through `ImageStore`). It also times reading all images through `ImageStore` from each pulled copy (index
-load included), as a stage reads them: cold (file pages dropped with posix_fadvise; the kernel keeps inodes
-and dentries, so this is not a cold disk) and warm (best of 3). Prints seconds and loose/packed ratios (> 1:
-packed is faster), the packing time itself, and the file counts and sizes on each side.
-Issue: "Benchmark `dvc push` + `dvc pull` of 10,000 small images packed vs loose, as a ratio, and report it."
+Generates `--n` distinct random-noise PNGs (about 3 KB each, fixed seed) once, then builds three throwaway
+repos (git + dvc, analytics off, each with its own remote): one `dvc add`s the loose folder, one a tar store
+packed from it (`vital.images.pack`: the corpus's layout), one parquet shards with the images inside
+(`vital.images.write_hub_shards`: the release's layout, what `datasets.load_dataset` reads), `--shard-mb` per
+shard. For each it times, through the `dvc` CLI in subprocesses: `dvc add`, `dvc push`, and a fresh
+`dvc pull` into a `git clone` (empty cache, empty workspace), then checks the pulled bytes against the
+originals (every file hashed; every image read back through `ImageStore`). It also times reading all images
+through `ImageStore` from each pulled copy (index load included), cold (file pages dropped with
+posix_fadvise; the kernel keeps inodes and dentries, so this is not a cold disk) and warm (best of 3).
+Prints seconds, the ratios parquet/tar (the release against the tar shards it replaced; <= 1.2 is the
+target for pull) and loose/parquet, the packing times, and the file counts and sizes.
 """
 import argparse
 import hashlib
@@ -27,9 +29,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
-from vital.images import INDEX, ImageStore, pack
+from vital.images import ImageStore, pack, write_hub_shards
 
 DATA = "data/images"  # the tracked folder in both repos
 
@@ -153,11 +156,14 @@ def new_repo(path: Path, kind: str, remote: Remote, env: dict) -> None:
        "git add -A && git commit -q -m init", path, env)
 
 
+KINDS = ("loose", "tar", "parquet")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=10_000, help="how many images")
     ap.add_argument("--side", type=int, default=32, help="image side in pixels (noise PNG of about 3*side^2 bytes)")
-    ap.add_argument("--shard-mb", type=float, default=256, help="shard size for vital.images.pack")
+    ap.add_argument("--shard-mb", type=float, default=256, help="shard size, tar and parquet")
     ap.add_argument("--s3", action="store_true", help="push to a moto S3 server on 127.0.0.1, not a local folder")
     ap.add_argument("--jobs", type=int, default=None, help="dvc push/pull --jobs (default: dvc's own)")
     ap.add_argument("--seed", type=int, default=0)
@@ -178,35 +184,33 @@ def main():
             names = sorted(originals)
             want = {n: hashlib.sha256(b).hexdigest() for n, b in originals.items()}
 
-            new_repo(tmp / "loose", "loose", remote, env)
-            new_repo(tmp / "packed", "packed", remote, env)
-            for kind in ("loose", "packed"):
+            for kind in KINDS:
+                new_repo(tmp / kind, kind, remote, env)
                 (tmp / kind / DATA).parent.mkdir(parents=True)
             sh(f"cp -r {tmp / 'originals'} {tmp / 'loose' / DATA}", tmp, env)
+            packing = {}
             t = time.perf_counter()
-            pack(tmp / "originals", names, tmp / "packed" / DATA, args.shard_mb)
-            pack_s = time.perf_counter() - t
-            packed_digests = digests(tmp / "packed" / DATA)
+            pack(tmp / "originals", names, tmp / "tar" / DATA, args.shard_mb)
+            packing["tar"] = time.perf_counter() - t
+            t = time.perf_counter()
+            write_hub_shards([{"image": n} for n in names], tmp / "originals", tmp / "parquet" / DATA, pa.schema([]),
+                             args.shard_mb)
+            packing["parquet"] = time.perf_counter() - t
+            written = {kind: digests(tmp / kind / DATA) for kind in KINDS}
 
-            res = {kind: round_trip(kind, tmp / kind, remote, env, jobs) for kind in ("loose", "packed")}
+            res = {kind: round_trip(kind, tmp / kind, remote, env, jobs) for kind in KINDS}
 
-            # the pulled bytes are the originals
-            assert digests(res["loose"]["clone"] / DATA) == want, "loose pull differs from the originals"
-            assert digests(res["packed"]["clone"] / DATA) == packed_digests, "packed pull differs from the shards"
-            store = ImageStore(res["packed"]["clone"] / DATA)
-            assert store.packed and sorted(store.names()) == names
-            assert all(hashlib.sha256(store.read(n)).hexdigest() == want[n] for n in names), "packed image differs"
-            store.close()
-
-            reads = {}
-            for kind in ("loose", "packed"):
+            reads, sizes, pushed = {}, {}, {}
+            for kind in KINDS:  # the pulled bytes are what was added, and every image reads back as the original
                 folder = res[kind]["clone"] / DATA
+                assert digests(folder) == written[kind], f"{kind}: the pull differs from what was pushed"
+                store = ImageStore(folder)
+                assert sorted(store.names()) == names, kind
+                assert all(hashlib.sha256(store.read(n)).hexdigest() == want[n] for n in names), f"{kind}: an image differs"
+                store.close()
                 drop_page_cache(folder)
                 reads[kind] = (read_all(folder, names), min(read_all(folder, names) for _ in range(3)))
-
-            sizes = {"loose": size_of(res["loose"]["clone"] / DATA), "packed": size_of(res["packed"]["clone"] / DATA)}
-            pushed = {kind: remote.stats(kind) for kind in ("loose", "packed")}
-            shards = sum(1 for p in files_of(res["packed"]["clone"] / DATA) if p.name != INDEX)
+                sizes[kind], pushed[kind] = size_of(folder), remote.stats(kind)
         finally:
             remote.stop()
 
@@ -214,28 +218,24 @@ def main():
     print(f"{args.n} images ({args.side}x{args.side} noise PNG), remote: {where}, dvc push/pull jobs: "
           f"{args.jobs or 'default'}, shard_mb {args.shard_mb:g}, {os.cpu_count()} CPUs")
     mb = 2**20
-    print(f"generating the images: {gen_s:.1f} s; packing them (vital.images.pack): {pack_s:.2f} s")
-    for kind in ("loose", "packed"):
-        n, b = sizes[kind]
-        pn, pb = pushed[kind]
-        extra = f" ({shards} shard{'s' * (shards != 1)} + index)" if kind == "packed" else ""
-        print(f"{kind:<6} workspace: {n:6d} files{extra}, {b / mb:7.1f} MiB; remote: {pn:6d} objects, "
-              f"{pb / mb:7.1f} MiB")
+    print(f"generating the images: {gen_s:.1f} s; packing them: tar (vital.images.pack) {packing['tar']:.2f} s, "
+          f"parquet (vital.images.write_hub_shards) {packing['parquet']:.2f} s")
+    for kind in KINDS:
+        (n, b), (pn, pb) = sizes[kind], pushed[kind]
+        print(f"{kind:<8} workspace: {n:6d} files, {b / mb:7.1f} MiB; remote: {pn:6d} objects, {pb / mb:7.1f} MiB")
     print()
-    print(f"{'seconds':<22}{'loose':>9}{'packed':>9}{'loose/packed':>14}")
-    rows = [("dvc add", "add"), ("dvc push", "push"), ("dvc pull (fresh clone)", "pull")]
-    for label, key in rows:
-        lo, pa_ = res["loose"][key], res["packed"][key]
-        print(f"{label:<22}{lo:9.2f}{pa_:9.2f}{lo / pa_:14.1f}")
-    for label, keys in (("push + pull", ("push", "pull")), ("add + push + pull", ("add", "push", "pull"))):
-        lo, pa_ = (sum(res[k][x] for x in keys) for k in ("loose", "packed"))
-        print(f"{label:<22}{lo:9.2f}{pa_:9.2f}{lo / pa_:14.1f}")
-    lo, pa_ = res["loose"]["add"] + res["loose"]["push"] + res["loose"]["pull"], \
-        pack_s + res["packed"]["add"] + res["packed"]["push"] + res["packed"]["pull"]
-    print(f"{'total incl. packing':<22}{lo:9.2f}{pa_:9.2f}{lo / pa_:14.1f}")
+    print(f"{'seconds':<24}{'loose':>9}{'tar':>9}{'parquet':>9}{'parquet/tar':>13}{'loose/parquet':>15}")
+
+    def row(label, values, digits=2):
+        lo, ta, pq_ = (values[k] for k in KINDS)
+        print(f"{label:<24}{lo:9.{digits}f}{ta:9.{digits}f}{pq_:9.{digits}f}{pq_ / ta:13.2f}{lo / pq_:15.1f}")
+
+    for label, keys in (("dvc add", ("add",)), ("dvc push", ("push",)), ("dvc pull (fresh clone)", ("pull",)),
+                        ("push + pull", ("push", "pull")), ("add + push + pull", ("add", "push", "pull"))):
+        row(label, {k: sum(res[k][x] for x in keys) for k in KINDS})
+    row("total incl. packing", {k: packing.get(k, 0) + sum(res[k][x] for x in ("add", "push", "pull")) for k in KINDS})
     for i, label in enumerate(("ImageStore read, cold", "ImageStore read, warm")):
-        lo, pa_ = reads["loose"][i], reads["packed"][i]
-        print(f"{label:<22}{lo:9.3f}{pa_:9.3f}{lo / pa_:14.1f}")
+        row(label, {k: reads[k][i] for k in KINDS}, 3)
     print("pulled bytes verified: every file hashed, every image read back through ImageStore")
 
 
