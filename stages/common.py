@@ -1,16 +1,34 @@
-"""IO glue shared by the stage scripts: params, typed record files, metrics. No algorithm here."""
+"""IO glue shared by the stage scripts: params, typed record files, metrics. No algorithm here.
+
+Every stage imports this module before anything heavy: importing it checks all of params.yaml
+(src/vital/params.py), so a wrong value stops the stage within a second, one line per problem."""
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-from pathlib import Path
+import sys
 
-import yaml
+from vital.params import ParamsError, check
 
-from vital.backends import Fatal
-from vital.client import Client, ClientConfig
-from vital.images import ImageStore, StoreError
-from vital.schema import AppendLog, read_jsonl, write_json
+try:
+    PARAMS = check()
+except ParamsError as e:
+    print(e, file=sys.stderr)
+    sys.exit(2)
+
+import os  # noqa: E402  (after the check, on purpose)
+import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# The same float sums on any x86 machine, so a fresh clone's `dvc repro` rewrites the same models and metrics:
+# a fixed thread count and the AVX2 kernels of torch and MKL (README: Reproducing a run). Set them to go faster.
+for var, value in (("OMP_NUM_THREADS", "2"), ("MKL_NUM_THREADS", "2"), ("ATEN_CPU_CAPABILITY", "avx2"),
+                   ("MKL_CBWR", "AVX2")):
+    os.environ.setdefault(var, value)
+
+from vital.backends import Fatal  # noqa: E402
+from vital.client import Client, ClientConfig  # noqa: E402
+from vital.images import ImageStore, StoreError  # noqa: E402
+from vital.schema import AppendLog, meaningful, read_jsonl, write_json  # noqa: E402
 
 CORPUS_IMAGES = Path("data/corpus/images")
 EMBEDDINGS = Path("data/cache/embeddings")  # a content-keyed cache shared by stages; not a DVC output
@@ -25,8 +43,8 @@ def image_store(path: Path = CORPUS_IMAGES) -> ImageStore:
 
 
 def params(section: str) -> dict:
-    with open("params.yaml", encoding="utf-8") as f:
-        return yaml.safe_load(f)[section]
+    """One section of params.yaml, already checked."""
+    return dict(PARAMS[section])
 
 
 def load(path, cls) -> list:
@@ -44,6 +62,7 @@ def load(path, cls) -> list:
 def write_metrics(stage: str, metrics: dict, started: float) -> None:
     """metrics/<stage>.json, plus one summary line with the wall time. The time is printed, not stored,
     so that rerunning the same inputs reproduces every tracked file byte for byte."""
+    metrics = meaningful(metrics)
     write_json(f"metrics/{stage}.json", metrics)
     summary = ", ".join(f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float, str)) and v is not None)
     print(f"[{stage}] {summary} ({time.time() - started:.1f}s)")

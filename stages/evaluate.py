@@ -8,11 +8,11 @@ import json
 import time
 from pathlib import Path
 
-import pandas as pd
 from common import image_store, load, model_client, params, write_metrics
+import pandas as pd  # after common: a bad params.yaml stops before the heavy imports
 
 from vital import evaluate, tune
-from vital.schema import AppendLog, CorpusRecord, read_jsonl, write_jsonl
+from vital.schema import CSV_FLOAT, AppendLog, CorpusRecord, read_jsonl, write_jsonl
 
 CACHE = "data/cache/evaluate.jsonl"  # judge replies: a rerun pays for nothing twice
 
@@ -23,14 +23,12 @@ def main():
     if p["eval_sets"] == "sample":
         vqa, chat = evaluate.sample_eval_sets(load("data/corpus/records.jsonl", CorpusRecord))
         images = image_store()
-    elif p["eval_sets"] == "folder":
+    else:  # folder
         try:
             vqa, chat = evaluate.load_eval_sets(folder)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"evaluate: {e}") from None
         images = image_store(folder / "images")
-    else:
-        raise SystemExit(f"params.yaml: evaluate.eval_sets must be 'sample' or 'folder', got {p['eval_sets']!r}")
     baseline_file = folder / "baseline_answers.jsonl"
     if p["eval_sets"] == "folder" and baseline_file.exists():
         baseline, against = {b["question_id"]: b["answer"] for b in read_jsonl(baseline_file)}, str(baseline_file)
@@ -71,7 +69,7 @@ def main():
         m = evaluate.vqa_metrics([v for v in vqa if v.get("domain", "other") == d], preds)[0]
         m.pop("by_dataset")
         rows.append({"domain": d, **m, "relative_score": metrics["relative_score_by_domain"].get(d)})
-    pd.DataFrame(rows).to_csv("metrics/evaluate_by_domain.csv", index=False)
+    pd.DataFrame(rows).to_csv("metrics/evaluate_by_domain.csv", index=False, float_format=CSV_FLOAT)
     write_metrics("evaluate", metrics, t0)
 
 

@@ -17,13 +17,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pandas as pd
 from common import EMBEDDINGS, image_store, load, params, write_metrics
+import pandas as pd  # after common: a bad params.yaml stops before the heavy imports
 
 from vital import baselines, release, selector
 from vital.encoders import count_tokens
 from vital.preferences import unit_scores
-from vital.schema import Conversation, CorpusRecord, PoolItem, PreferencePair, Rating, write_json, write_jsonl
+from vital.schema import (CSV_FLOAT, Conversation, CorpusRecord, PoolItem, PreferencePair, Rating, meaningful,
+                          write_json, write_jsonl)
 
 
 RELEASE = Path("data/release")  # the Hub layout, images inside its parquet shards: the release stands alone
@@ -96,8 +97,9 @@ def compare_with_baselines(candidates, conv_scores, keep, records, corpus_images
     selection = {"candidates": len(candidates), "kept": len(keep), "clinician_test_pairs": len(test),
                  "made_by": made_by, "note": "Offline backends: these figures check the pipeline, not data quality."
                  if offline else "", "methods": comparison}
+    selection = meaningful(selection)
     write_json("metrics/selection.json", selection)
-    pd.DataFrame(baselines.csv_rows(comparison)).to_csv("metrics/selection.csv", index=False)
+    pd.DataFrame(baselines.csv_rows(comparison)).to_csv("metrics/selection.csv", index=False, float_format=CSV_FLOAT)
     return selection
 
 

@@ -9,29 +9,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import pandas as pd
 from common import load, params, write_metrics
+import pandas as pd  # after common: a bad params.yaml stops before the heavy imports
 
-from vital.preferences import (SPLITS, check_ratings, check_shares, check_votes, clinician_pairs, model_pairs,
+from vital.preferences import (SPLITS, check_ratings, check_votes, clinician_pairs, model_pairs,
                                rater_agreement, unit_scores)
 from vital.schema import Conversation, PoolItem, PreferencePair, Rating, Vote
 
 
 def main():
     t0, p, sel = time.time(), params("merge_preferences"), params("train_selector")
-    for old in ("clinician_holdout", "model_holdout"):
-        if old in p:
-            raise SystemExit(f"merge_preferences: params.yaml: merge_preferences.{old} is gone: splits are by figure "
-                             f"now, set {old.split('_')[0]}_validation and {old.split('_')[0]}_test instead")
-    missing = [k for k in ("clinician_validation", "clinician_test", "model_validation", "model_test") if k not in p]
-    if missing:
-        raise SystemExit(f"merge_preferences: params.yaml has no merge_preferences.{missing[0]}: give the share of "
-                         "figures for that split (README: The selector)")
-    try:
-        check_shares("merge_preferences.clinician", p["clinician_validation"], p["clinician_test"])
-        check_shares("merge_preferences.model", p["model_validation"], p["model_test"])
-    except ValueError as e:
-        raise SystemExit(f"merge_preferences: {e}") from None
     pool = {x.question_id: x for x in load("data/annotation/pool.jsonl", PoolItem)}
     votes = load(p["clinician"], Vote)
     try:

@@ -12,11 +12,11 @@ selector (model pairs only) is trained too, into models/selector/model_only/, fo
 import time
 from pathlib import Path
 
-import pandas as pd
 from common import CORPUS_IMAGES, EMBEDDINGS, image_store, load, params, write_metrics
+import pandas as pd  # after common: a bad params.yaml stops before the heavy imports
 
 from vital import release, selector
-from vital.schema import Conversation, CorpusRecord, PoolItem
+from vital.schema import CSV_FLOAT, Conversation, CorpusRecord, PoolItem
 
 
 def main():
@@ -49,7 +49,7 @@ def main():
                                                                "validation", "test")}}
     except ValueError as e:
         raise SystemExit(f"train_selector: {e}") from None
-    pd.DataFrame(history).to_csv("metrics/train_selector_epochs.csv", index=False)
+    pd.DataFrame(history).to_csv("metrics/train_selector_epochs.csv", index=False, float_format=CSV_FLOAT)
     for w in stats["warnings"]:  # small or skewed data: say so, the metrics carry them too
         print(f"train_selector: warning: {w} (merge_preferences' split shares, or more clinician votes)")
     write_metrics("train_selector", {

@@ -15,11 +15,11 @@ import json
 import time
 from pathlib import Path
 
-import pandas as pd
 from common import image_store, params, write_metrics
+import pandas as pd  # after common: a bad params.yaml stops before the heavy imports
 
 from vital import tune
-from vital.schema import write_atomic, write_json
+from vital.schema import CSV_FLOAT, write_atomic, write_json
 
 
 CHECKPOINT = Path("data/cache/tune_checkpoint")  # resumable state while training; removed when it finishes
@@ -54,7 +54,7 @@ def main():
     card = tune.model_card(cfg, stats, data, len(release), hashlib.sha256(data.read_bytes()).hexdigest(), label)
     write_atomic(out / "adapter" / "README.md", card)  # replaces peft's empty template
     write_json("models/vlm/model_info.json", {"base_model": cfg.base_model, "label": label, "data": str(data), **stats})
-    pd.DataFrame(history).to_csv("metrics/tune_loss.csv", index=False)
+    pd.DataFrame(history).to_csv("metrics/tune_loss.csv", index=False, float_format=CSV_FLOAT)
     write_metrics("tune", {"base_model": cfg.base_model, "model": label, **stats}, t0)
 
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from vital import release, selector
-from vital.preferences import (SPLITS, answers_hash, check_ratings, check_shares, check_votes, clinician_pairs,
+from vital.preferences import (SPLITS, answers_hash, check_ratings, check_votes, clinician_pairs,
                                model_pairs, rater_agreement, split_figures, unit_scores)
 from vital.schema import IMAGE_TOKEN, Conversation, PoolItem, Rating, Vote
 
@@ -57,15 +57,6 @@ def test_a_figures_questions_stay_in_one_split_and_its_generated_rounds_follow()
             seen.setdefault(f, set()).add(p.split)
     assert all(len(s) == 1 for s in seen.values())  # and every other figure is in one split too
     assert sum(counts["figures"].values()) == 30
-
-
-def test_split_shares_that_leave_nothing_to_train_are_refused():
-    check_shares("merge_preferences.clinician", 0.2, 0.3)
-    with pytest.raises(ValueError, match=r"merge_preferences.clinician_validation \+ merge_preferences.clinician_test"
-                                         r" is 1.0: leave some figures to train on"):
-        check_shares("merge_preferences.clinician", 0.5, 0.5)
-    with pytest.raises(ValueError, match=r"merge_preferences.model_test is -0.1: use a share in \[0, 1\)"):
-        check_shares("merge_preferences.model", 0.1, -0.1)
 
 
 def test_app_votes_picks_and_stale_votes():

@@ -28,14 +28,6 @@ from .schema import (AGGREGATES, SPLITS, UNITS, Conversation, PoolItem, Preferen
 from .stats import rate, ties_half
 
 
-def check_shares(section: str, validation: float, test: float) -> None:
-    for name, v in (("validation", validation), ("test", test)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-            raise ValueError(f"{section}_{name} is {v!r}: use a share in [0, 1)")
-    if validation + test >= 1:
-        raise ValueError(f"{section}_validation + {section}_test is {validation + test}: leave some figures to train on")
-
-
 def split_figures(figures, validation: float, test: float, seed: int, fixed: dict[str, str] | None = None) -> dict:
     """{figure: split}: each figure not in `fixed` by a hash of (seed, figure id) read as a number in [0, 1):
     below `test` test, below `test + validation` validation, else train; figures in `fixed` keep their split.

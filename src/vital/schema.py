@@ -198,6 +198,21 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
     return len(lines)
 
 
+DIGITS = 4  # significant digits of a metric: float noise across CPUs stays below them (README: Reproducing a run)
+CSV_FLOAT = f"%.{DIGITS}g"  # pandas to_csv(float_format=...) for metrics tables
+
+
+def meaningful(obj: Any, digits: int = DIGITS) -> Any:
+    """`obj` with every float rounded to `digits` significant digits, in dicts and lists too."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}") if obj == obj and abs(obj) != float("inf") else obj
+    if isinstance(obj, dict):
+        return {k: meaningful(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [meaningful(v, digits) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 

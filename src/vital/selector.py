@@ -416,6 +416,7 @@ def train(features: Callable[[torch.Tensor], torch.Tensor], n_units: int, in_dim
         raise ValueError(f"preference pairs have split {unknown[0]!r}; the splits are {', '.join(SPLITS)}: rerun "
                          "merge_preferences (dvc repro merge_preferences)")
     torch.manual_seed(cfg.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     counts = pair_tensors(pairs, index)[3]  # over every split
     tr_w, tr_l, tr_wt, _ = pair_tensors(pairs[pairs["split"] == "train"], index)
     held = {split: {src: pair_tensors(pairs[(pairs["split"] == split) & (pairs["source"] == src)], index)[:2]

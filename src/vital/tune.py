@@ -271,6 +271,7 @@ def train(model, processor, release: list[dict], images: ImageStore | Path, cfg:
                          "saved adapter afterwards (PeftModel.merge_and_unload on one machine)")
     checkpoint_dir = None if sharded else checkpoint_dir
     torch.manual_seed(cfg.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # where torch has them; warns, never stops, elsewhere
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
