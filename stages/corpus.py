@@ -8,7 +8,7 @@ from pathlib import Path
 
 from common import CORPUS_IMAGES, params, write_metrics
 
-from vital.corpus import build_sample, ingest
+from vital.corpus import CorpusError, build_sample, ingest
 from vital.schema import write_jsonl
 
 
@@ -16,13 +16,15 @@ def main():
     t0, p = time.time(), params("corpus")
     if p["source"] == "sample":
         result = build_sample(CORPUS_IMAGES, p["max_image_side"], p["shard_mb"])
-    elif p["source"] == "path":
-        result = ingest(Path(p["path"]), Path(p["image_dir"]), CORPUS_IMAGES, p["strict"], p["shard_mb"])
-    else:
-        raise SystemExit(f"params.yaml: corpus.source must be 'sample' or 'path', got {p['source']!r}")
-    if not result.records:
-        raise SystemExit(f"corpus: no usable records ({len(result.rejected)} rejected). Reasons: "
-                         f"{result.counts()['rejected_by_reason']}; first: {result.rejected[:1]}")
+    else:  # path (params.yaml is checked: src/vital/params.py)
+        try:
+            result = ingest(Path(p["path"]), Path(p["image_dir"]), CORPUS_IMAGES, p["strict"], p["shard_mb"],
+                            p["max_pixels"])
+        except CorpusError as e:  # strict mode's first bad record, or nothing to read: one line, no traceback
+            raise SystemExit(str(e)) from None
+        refusal = result.refusal(p["path"])  # the same words `vital validate corpus` prints
+        if refusal:
+            raise SystemExit(refusal)
     write_jsonl("data/corpus/records.jsonl", result.records)
     write_jsonl("data/corpus/rejected.jsonl", result.rejected)
     write_metrics("corpus", {"source": p["source"], **result.counts()}, t0)

@@ -3,8 +3,9 @@
 A user corpus is LLaVA-Med `fig_captions` records (JSON array, JSONL or parquet) plus an image directory:
     {"pair_id": "...", "pmid": "...", "fig_label": "...", "fig_caption": "..." | {"tokens": "..."},
      "in_text_mention": "..." | {"tokens": "..."} | [...], "domain": {"chest_xray": true, ...}}
-The image is `<image_dir>/<pair_id>.{jpg,jpeg,png}` unless the record names one in `image`.
-Bad records go to `rejected` with file, line and reason; with `strict` the first one stops the run.
+The image is `<image_dir>/<pair_id>.{jpg,jpeg,png}` unless the record names one in `image` (a relative path that
+stays inside `image_dir`, symlinks resolved). Bad records go to `rejected` with file, line and reason; with
+`strict` the first one stops the run. `vital validate corpus` runs the same `ingest`, so both agree.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .images import ShardWriter
 from .schema import DOMAINS, CorpusRecord, Rejected
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MAX_PIXELS = 40_000_000  # width x height; params.yaml corpus.max_pixels and `vital validate corpus --max-pixels`
 
 
 class CorpusError(ValueError):
@@ -40,6 +42,18 @@ class CorpusResult:
         domains = {d: sum(r.domain == d for r in self.records) for d in DOMAINS}
         return {"records": len(self.records), "rejected": len(self.rejected),
                 "rejected_by_reason": dict(sorted(reasons.items())), "by_domain": domains}
+
+    def refusal(self, source) -> str | None:
+        """Why this corpus cannot be used (no usable record), in the words the stage stops with and
+        `vital validate corpus` prints; None when it can."""
+        if self.records:
+            return None
+        if not self.rejected:
+            return f"corpus: no usable records in {source} (0 rejected: it holds no record)"
+        reasons = ", ".join(f"{k}={n}" for k, n in self.counts()["rejected_by_reason"].items())
+        first = self.rejected[0]
+        return (f"corpus: no usable records in {source} ({len(self.rejected)} rejected: {reasons}); "
+                f"first: {first.file}:{first.line}: {first.reason}")
 
 
 # ------------------------------------------------------------------ sample corpus
@@ -108,26 +122,34 @@ def build_sample(image_dir: Path, max_image_side: int, shard_mb: float = 256) ->
 
 # ------------------------------------------------------------------ user corpus (LLaVA-Med fig_captions)
 
-def text_value(value, what: str) -> str:
-    """LLaVA-Med stores text as a string or as {"tokens": ...}."""
+def _text(value, what: str) -> str:
+    """LLaVA-Med text: a string or {"tokens": string}; None is empty. Anything else raises CorpusError."""
     if isinstance(value, dict):
         value = value.get("tokens", value.get("text"))
-    if isinstance(value, list):
-        value = " ".join(text_value(v, what) for v in value)
     if value is None:
         return ""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):  # numeric pmid / pair_id (parquet)
-        return str(value)
     if not isinstance(value, str):
-        raise CorpusError(f"{what} is a {type(value).__name__}, expected text or {{tokens: text}}")
+        raise CorpusError(f'{what} is not text ({type(value).__name__}): use a string or {{"tokens": string}}')
     return value.strip()
 
 
+def text_value(value, what: str) -> str:
+    """Lenient `_text`: a list is joined and a number written out (numeric pmid / pair_id from parquet)."""
+    if isinstance(value, dict):
+        value = value.get("tokens", value.get("text"))
+    if isinstance(value, list):
+        return " ".join(text_value(v, what) for v in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return _text(value, what)
+
+
 def _mentions(value) -> list[str]:
+    """in_text_mention: text, or a list of text items (LLaVA-Med: a list of {"tokens": ...})."""
     if value is None:
         return []
     items = value if isinstance(value, list) else [value]
-    return [t for t in (text_value(v, "in_text_mention") for v in items) if t]
+    return [t for t in (_text(v, "in_text_mention") for v in items) if t]
 
 
 # how other releases name the domains (BioMed-VITAL: CXR, MRI, Histology, Gross, CT), case-insensitive
@@ -168,12 +190,20 @@ def _iter_raw(path: Path):
     """(line, record | None, error | None) for each record of a JSON, JSONL or parquet file."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (OSError, pa.ArrowException) as e:
+            raise CorpusError(f"{path}: cannot read it as parquet ({e})") from None
+        for i, row in enumerate(rows, 1):
             yield i, row, None
         return
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    try:
+        text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read it ({e.strerror})") from None
     if suffix == ".jsonl":
         for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 etc.
             if not line.strip():
@@ -205,30 +235,47 @@ def _iter_raw(path: Path):
         yield line, obj, None
 
 
-def _check_image(path: Path) -> str | None:
+def _check_image(path: Path, max_pixels: int) -> str | None:
     if not path.exists():
         return f"missing image: {path}"
     if path.stat().st_size == 0:
         return f"empty image: {path} is 0 bytes"
+    # max_pixels stands in for Pillow's decompression-bomb check, which would warn or raise before we see the size
+    bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(path) as im:
+            w, h = im.size  # from the header: nothing is decoded yet
+            if w * h > max_pixels:
+                return (f"image too large: {w}x{h} = {w * h / 1e6:.1f} MP > corpus.max_pixels "
+                        f"{max_pixels / 1e6:.1f} MP: {path}")
             im.load()
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
         return f"corrupt image: {path}: {type(e).__name__}"
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
     return None
 
 
 def _find_image(image_dir: Path, raw: dict, rid: str) -> Path:
-    if raw.get("image"):
-        return image_dir / str(raw["image"])
-    for suffix in IMAGE_SUFFIXES:
-        p = image_dir / f"{rid}{suffix}"
-        if p.exists():
-            return p
-    return image_dir / f"{rid}.jpg"
+    """The record's image file, which must resolve (`..`, symlinks) inside image_dir: a corpus never packs
+    a file from elsewhere on disk into a dataset."""
+    name = raw.get("image")
+    if name and not isinstance(name, str):
+        raise CorpusError(f"image is not text ({type(name).__name__}): name a file inside corpus.image_dir")
+    if name:
+        path = image_dir / name  # an absolute `name` replaces image_dir, and is caught below
+    else:
+        path = next((p for p in (image_dir / f"{rid}{s}" for s in IMAGE_SUFFIXES) if p.exists()),
+                    image_dir / f"{rid}.jpg")
+    if "\0" in str(path):
+        raise CorpusError("bad image path: it holds a NUL character")
+    real = path.resolve()
+    if not real.is_relative_to(image_dir.resolve()):
+        raise CorpusError(f"path escapes image_dir: {name or path.name} resolves to {real}, outside {image_dir}")
+    return path
 
 
-def parse_record(raw, image_dir: Path, source: str) -> tuple[CorpusRecord, Path]:
+def parse_record(raw, image_dir: Path, source: str, max_pixels: int = MAX_PIXELS) -> tuple[CorpusRecord, Path]:
     """One LLaVA-Med fig_captions record -> CorpusRecord. Raises CorpusError with the reason."""
     if not isinstance(raw, dict):
         raise CorpusError(f"malformed record: expected an object, got {type(raw).__name__}")
@@ -239,7 +286,7 @@ def parse_record(raw, image_dir: Path, source: str) -> tuple[CorpusRecord, Path]
         raise CorpusError("missing id: the record has no pair_id")
     if "/" in rid or "\\" in rid or rid.startswith("."):
         raise CorpusError(f"bad id: {rid!r} cannot name an image file; use letters, digits, '-', '_'")
-    caption = text_value(raw.get("fig_caption", raw.get("caption")), "fig_caption")
+    caption = _text(raw.get("fig_caption", raw.get("caption")), "caption")
     if not caption:
         raise CorpusError("missing caption: fig_caption is empty")
     record = CorpusRecord(
@@ -248,14 +295,21 @@ def parse_record(raw, image_dir: Path, source: str) -> tuple[CorpusRecord, Path]
         domain=parse_domain(raw.get("domain")), source=source,
         pmid=text_value(raw.get("pmid"), "pmid") or None)
     image = _find_image(image_dir, raw, rid)
-    problem = _check_image(image)
+    problem = _check_image(image, max_pixels)
     if problem:
         raise CorpusError(problem)
     return record, image
 
 
-def ingest(path: Path, image_dir: Path, out_image_dir: Path | None, strict: bool, shard_mb: float = 256) -> CorpusResult:
-    """Read a user corpus; pack accepted images into `out_image_dir` (if given) so it is self-contained."""
+def ingest(path: Path, image_dir: Path, out_image_dir: Path | None, strict: bool, shard_mb: float = 256,
+           max_pixels: int = MAX_PIXELS) -> CorpusResult:
+    """Read a user corpus; pack accepted images into `out_image_dir` (if given) so it is self-contained.
+    The `corpus` stage and `vital validate corpus` both call this, so they agree on every record."""
+    if not path.exists():
+        raise CorpusError(f"{path}: no such file or folder; corpus.path (or `vital validate corpus PATH`) names a "
+                          ".json, .jsonl or .parquet file or a folder of them")
+    if not image_dir.is_dir():
+        raise CorpusError(f"{image_dir}: no such folder; corpus.image_dir (or --image-dir) names the folder of images")
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".json", ".jsonl", ".parquet")) \
         if path.is_dir() else [path]
     if not files:
@@ -268,7 +322,7 @@ def ingest(path: Path, image_dir: Path, out_image_dir: Path | None, strict: bool
                 try:
                     if error:
                         raise CorpusError(error)
-                    record, image = parse_record(raw, image_dir, source=f"{f.name}:{line}")
+                    record, image = parse_record(raw, image_dir, f"{f.name}:{line}", max_pixels)
                     if record.id in seen:
                         raise CorpusError(f"duplicate id: {record.id} already seen earlier in the corpus")
                 except CorpusError as e:
