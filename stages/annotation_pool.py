@@ -9,6 +9,7 @@ from common import image_store, load, model_client, params, write_metrics
 
 from vital.pool import build_pool
 from vital.schema import AppendLog, CorpusRecord, write_jsonl
+from vital.replies import rejected_note
 
 
 def main():
@@ -21,6 +22,9 @@ def main():
     write_jsonl("data/annotation/pool.jsonl", items)
     write_jsonl("data/annotation/pool_failures.jsonl", failures)
     write_metrics("annotation_pool", {"backend": client.name, "model": client.model, **stats}, t0)
+    if note := rejected_note("annotation_pool", stats["unparsed_by_reason"], "figures left out of the pool, "
+                             "listed in metrics/annotation_pool.json (unparsed_figures)"):
+        print(note)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from common import image_store, load, model_client, params, write_metrics
 
 from vital.generate import MODALITIES, GenerateConfig, check_demos, generate
 from vital.schema import AppendLog, CorpusRecord, Demo, write_jsonl
+from vital.replies import rejected_note
 
 
 def main():
@@ -35,6 +36,8 @@ def main():
     write_metrics("generate", {"backend": client.name, "model": client.model, "demo_scheme": cfg.demo_scheme,
                                "demos_by_modality": {d: sum(x.domain == d for x in demos) for d in MODALITIES},
                                **stats}, t0)
+    if note := rejected_note("generate", stats["rejected_by_reason"], "data/candidates/generate_rejected.jsonl"):
+        print(note)
 
 
 if __name__ == "__main__":

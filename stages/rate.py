@@ -10,6 +10,7 @@ from common import image_store, load, model_client, params, write_metrics
 
 from vital.rate import rate
 from vital.schema import AppendLog, Conversation, CorpusRecord, PoolItem, write_jsonl
+from vital.replies import rejected_note
 
 
 def main():
@@ -25,6 +26,9 @@ def main():
     write_jsonl("data/candidates/pool_ratings.jsonl", pool_ratings)
     write_jsonl("data/candidates/rate_failures.jsonl", failures)
     write_metrics("rate", {"backend": client.name, "judge": client.model, **stats}, t0)
+    if note := rejected_note("rate", stats["unparsed_by_reason"], "score null, raw reply kept, in "
+                             "data/candidates/ratings.jsonl"):
+        print(note)
 
 
 if __name__ == "__main__":

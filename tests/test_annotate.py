@@ -499,3 +499,79 @@ def test_behind_a_proxy_only_the_public_origin_may_post(pool, tmp_path):
         assert dr.request("/login", {"token": token}, {"Origin": "https://annotate.example.org"})[0] == 200
     finally:
         s.close()
+
+
+# ---------------------------------------------------------------- export never loses clinicians' votes
+
+def _votes(db, items, annotator="dr_a"):
+    """Votes straight into the database, as the app writes them."""
+    from vital.preferences import answers_hash
+    conn = connect(db)
+    with conn:
+        for i in items:
+            conn.execute("INSERT OR REPLACE INTO votes VALUES (?, ?, 1, 0, NULL, '', ?, '2024-01-01T00:00:00+00:00')",
+                         (i.question_id, annotator, answers_hash(i)))
+    conn.close()
+
+
+def _export(path, db, out, *extra):
+    return CliRunner().invoke(cli, ["annotate", "export", "--db", str(db), "--pool", str(path), "--out", str(out),
+                                    *extra])
+
+
+def test_export_with_a_mistyped_database_creates_nothing_and_keeps_the_votes(pool, tmp_path):
+    path, _, items = pool
+    _votes(tmp_path / "db.sqlite", items[:3])
+    assert _export(path, tmp_path / "db.sqlite", tmp_path / "out").exit_code == 0
+    before = (tmp_path / "out/clinician.jsonl").read_bytes()
+    result = _export(path, tmp_path / "db.sqlte", tmp_path / "out")  # the typo
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: {tmp_path / 'db.sqlte'}: no such annotation database (nothing was "
+                                     "written); pass --db with the file that `vital annotate serve` and `add-user` use")
+    assert not (tmp_path / "db.sqlte").exists() and (tmp_path / "out/clinician.jsonl").read_bytes() == before
+    (tmp_path / "junk.sqlite").write_text("not a database")
+    result = _export(path, tmp_path / "junk.sqlite", tmp_path / "out")
+    assert result.exit_code == 2 and "not an annotation database" in result.output
+
+
+def test_export_refuses_to_replace_more_votes_with_fewer_unless_forced(pool, tmp_path):
+    path, _, items = pool
+    _votes(tmp_path / "full.sqlite", items[:4])
+    _votes(tmp_path / "partial.sqlite", items[:1])
+    assert _export(path, tmp_path / "full.sqlite", tmp_path / "out").exit_code == 0
+    before = (tmp_path / "out/clinician.jsonl").read_bytes()
+    result = _export(path, tmp_path / "partial.sqlite", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: {tmp_path / 'out/clinician.jsonl'} holds 4 votes; this export of "
+                                     f"{tmp_path / 'partial.sqlite'} would write 1. Nothing was written: check --db "
+                                     "and --pool, or pass --force to overwrite")
+    assert (tmp_path / "out/clinician.jsonl").read_bytes() == before  # unchanged
+    with pytest.raises(AnnotationError, match="holds 4 votes"):
+        export(tmp_path / "partial.sqlite", path, tmp_path / "out")
+
+    result = _export(path, tmp_path / "partial.sqlite", tmp_path / "out", "--force")
+    assert result.exit_code == 0 and "1 votes by 1 annotators" in result.output
+    assert len(list(read_jsonl(tmp_path / "out/clinician.jsonl"))) == 1
+
+
+def test_export_with_as_many_or_more_votes_replaces_the_file(pool, tmp_path):
+    path, _, items = pool
+    db = tmp_path / "db.sqlite"
+    _votes(db, items[:2])
+    assert _export(path, db, tmp_path / "out").exit_code == 0
+    assert _export(path, db, tmp_path / "out").exit_code == 0  # the same votes again
+    _votes(db, items[:5], annotator="dr_b")
+    result = _export(path, db, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert len(list(read_jsonl(tmp_path / "out/clinician.jsonl"))) == 7
+
+
+def test_export_refuses_to_replace_demonstrations_with_fewer(pool, tmp_path):
+    path, _, items = pool
+    db = tmp_path / "db.sqlite"
+    _votes(db, items[:2])
+    write_jsonl(tmp_path / "out/demos.jsonl", [{"id": "demo-kept-by-hand"}])
+    result = _export(path, db, tmp_path / "out")
+    assert result.exit_code == 2 and "demos.jsonl holds 1 demonstrations" in result.output
+    assert not (tmp_path / "out/clinician.jsonl").exists()  # nothing written, not even the votes
+    assert _export(path, db, tmp_path / "out", "--force").exit_code == 0

@@ -85,13 +85,15 @@ def test_faults_are_retried_or_recorded_and_a_rerun_finishes_the_rest(sample, tm
         client = openai_client(fake, concurrency=8, timeout_s=0.5, max_attempts=2)
         convs, rejected, failures, stats = run_generate(client, records, image_dir, tmp_path / "c.jsonl")
         assert {r["fault"] for r in fake.log} == {None, *FAULTS}  # 429, 500, slow, garbage, truncated, nonsense
-        assert stats["retries"] >= 5 and rejected  # the nonsense reply is rejected, not retried
+        assert stats["retries"] >= 5  # transport faults are retried; a `nonsense` reply is a reply, asked again once
+        nonsense = [r["key"] for r in fake.log if r["fault"] == "nonsense"]
+        assert stats["reasked"] >= 1 and len(nonsense) >= stats["reasked"]
         ids = [c.id for c in convs] + [r["id"] for r in rejected] + [k for f in failures for k in f.keys]
         assert sorted(ids) == sorted(r.id for r in records)  # every figure is a conversation, a rejection or a failure
         for f in failures:
             assert f.attempts == 2 and f.error.startswith("gave up after 2 attempts")
-        for r in rejected:  # `nonsense` replies parse to nothing: rejected with the reason, paid for, cached
-            assert r["reason"] == "unparseable reply (no User/Assistant rounds)"
+        for r in rejected:  # `nonsense` twice parses to nothing: rejected with the reason, paid for, cached
+            assert r["reason"] == "unparseable reply (no User/Assistant rounds), also when asked again"
         assert stats["rejected_by_reason"].get("unparseable", 0) == len(rejected)
 
         fake.fault_rate = 0
@@ -235,9 +237,10 @@ def test_transformers_backend_generates_in_batches_with_a_tiny_llava(sample, tmp
     processor.save_pretrained(tmp_path / "tiny")
     client = Client(ClientConfig(backend="transformers", model=str(tmp_path / "tiny"), batch_size=3, concurrency=1))
     convs, rejected, failures, stats = run_generate(client, records[:5], image_dir, tmp_path / "c.jsonl", max_tokens=12)
-    assert client.backend.batch_sizes == [3, 2] and stats["requests"] == 5 and not failures
-    # random weights write word salad: rejected with a reason, the reply kept in the cache
-    assert len(rejected) == 5 and stats["rejected_by_reason"] == {"unparseable": 5}
+    # random weights write word salad: asked again once (a second pass, in batches too), then rejected with a
+    # reason, both replies kept in the cache
+    assert client.backend.batch_sizes == [3, 2, 3, 2] and stats["requests"] == 10 and not failures
+    assert stats["reasked"] == 5 and len(rejected) == 5 and stats["rejected_by_reason"] == {"unparseable": 5}
     assert all(row["backend"] == "transformers" and row["reply"] for row in read_jsonl(tmp_path / "c.jsonl"))
     assert stats["completion_tokens"] > 0 and stats["cost_usd"] == 0.0
 
@@ -284,3 +287,140 @@ def test_params_with_credentials_or_typos_are_refused():
     cfg = ClientConfig.from_params({"max_attempts": 3, "prices": {"m": [1, 2]}},
                                    {"backend": "offline", "model": "m", "demos": "x", "min_rounds": 3})
     assert (cfg.max_attempts, cfg.model, cfg.prices) == (3, "m", {"m": [1, 2]})
+
+
+# ---------------------------------------------------------------- a reply of no use is asked again, once
+
+def garbage_first(fake, caption, times=1, text="nonsense"):
+    """The fake server answers the request about the figure with `caption` with a well-formed reply of no use
+    (`nonsense`: Lorem ipsum) the first `times` times it is asked, then as usual."""
+    original, asked = fake.chat, []
+
+    def chat(body, fault):
+        prompt = json.dumps(body["messages"][-1]["content"])
+        if caption in prompt:
+            asked.append(prompt)
+            if len(asked) <= times:
+                fault = text
+        return original(body, fault)
+    fake.chat = chat
+    return asked
+
+
+def test_garbage_then_a_good_reply_ends_like_a_clean_run_and_is_never_paid_twice(sample, tmp_path, key):
+    records, image_dir = sample
+    records = records[:4]
+    with FakeOpenAI() as fake:
+        clean, *_ = run_generate(openai_client(fake), records, image_dir, tmp_path / "clean.jsonl")
+        asked = garbage_first(fake, records[1].caption)
+        calls = fake.calls["POST /v1/chat/completions"]
+        convs, rejected, failures, stats = run_generate(openai_client(fake), records, image_dir, tmp_path / "c.jsonl")
+        assert [(c.id, c.conversations) for c in convs] == [(c.id, c.conversations) for c in clean]
+        assert not rejected and not failures and stats["reasked"] == 1 and len(asked) == 2
+        assert fake.calls["POST /v1/chat/completions"] - calls == len(records) + 1 == stats["requests"]
+        cache = list(read_jsonl(tmp_path / "c.jsonl"))
+        reask = next(e for e in cache if e.get("reask_of"))  # the second answer, cached under its own key
+        assert convs[1].request_hash == reask["request_hash"] != reask["reask_of"]
+        assert [e["reply"] for e in cache if e["request_hash"] == reask["reask_of"]] == ["Lorem ipsum dolor sit amet."]
+
+        again = run_generate(openai_client(fake), records, image_dir, tmp_path / "c.jsonl")
+        assert fake.calls["POST /v1/chat/completions"] - calls == len(records) + 1  # the rerun sent nothing
+        assert again[3]["reasked"] == 1 and again[3]["requests"] == 0 and len(again[0]) == len(records)
+        # killed after the first reply and before its re-ask's answer was written: a rerun sends the re-ask only
+        (tmp_path / "c.jsonl").write_text("".join(json.dumps(e) + "\n" for e in cache if not e.get("reask_of")))
+        resumed = run_generate(openai_client(fake), records, image_dir, tmp_path / "c.jsonl")
+        assert resumed[3]["requests"] == 1 and [c.conversations for c in resumed[0]] == [c.conversations for c in clean]
+
+
+STAGE_PARAMS = {"backend": "openai", "model": "gpt-4o", "concurrency": 4}
+
+
+def stage_repo(tmp_path, records, image_dir, base_url):
+    """A working copy with what stages/generate.py reads: params.yaml (the openai backend at `base_url`),
+    the stage scripts, a corpus and the demonstrations."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+    from vital.schema import write_jsonl
+
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    shutil.copytree(root / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "examples/annotation").mkdir(parents=True)
+    shutil.copy(root / "examples/annotation/demos.jsonl", repo / "examples/annotation/demos.jsonl")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["generate"].update(STAGE_PARAMS, base_url=base_url, demos="examples/annotation/demos.jsonl")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_jsonl(repo / "data/corpus/records.jsonl", records)
+    shutil.copytree(image_dir, repo / "data/corpus/images")
+    return repo
+
+
+def run_stage(repo, name):
+    p = subprocess.run([sys.executable, f"stages/{name}.py"], cwd=repo, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ))
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+def test_garbage_twice_is_recorded_and_said_and_evict_then_rerun_asks_again(sample, tmp_path, key):
+    from typer.testing import CliRunner
+
+    from vital.cli import app as cli
+
+    records, image_dir = sample
+    records = records[:3]
+    with FakeOpenAI() as fake:
+        repo = stage_repo(tmp_path, records, image_dir, fake.base_url)
+        garbage_first(fake, records[0].caption, times=2)
+        out = run_stage(repo, "generate")
+        summary = next(line for line in out.splitlines() if line.startswith("[generate] backend="))
+        assert "reasked=1," in summary and "conversations=2," in summary and "rejected=1," in summary
+        assert ("[generate] 1 reply rejected, also when asked again (1 unparseable): "
+                "data/candidates/generate_rejected.jsonl. `vital cache evict --rejected --stage generate` and "
+                "`dvc repro generate` ask them again") in out
+        metrics = json.loads((repo / "metrics/generate.json").read_text())
+        assert metrics["reasked"] == 1 and metrics["rejected_by_reason"] == {"unparseable": 1}
+        rejected = list(read_jsonl(repo / "data/candidates/generate_rejected.jsonl"))
+        assert [(r["id"], r["reason"]) for r in rejected] == [
+            (records[0].id, "unparseable reply (no User/Assistant rounds), also when asked again")]
+
+        calls = fake.calls["POST /v1/chat/completions"]
+        assert "reasked=1," in run_stage(repo, "generate")  # a rerun as is: all cached, nothing sent
+        assert fake.calls["POST /v1/chat/completions"] == calls
+
+        result = CliRunner().invoke(cli, ["cache", "evict", "--rejected", "--stage", "generate", "--cache-dir",
+                                          str(repo / "data/cache")])
+        assert result.exit_code == 0, result.output
+        assert result.output == (f"{repo / 'data/cache/generate.jsonl'}: removed 2 of 4 replies (2 unparseable); "
+                                 "the next `dvc repro generate` asks them again\n")
+        out = run_stage(repo, "generate")  # the server answers well now
+        assert fake.calls["POST /v1/chat/completions"] == calls + 1  # only the evicted request, asked anew
+        assert "reasked=0," in out and "conversations=3," in out and "rejected=0," in out
+        assert len(list(read_jsonl(repo / "data/candidates/conversations.jsonl"))) == 3
+        result = CliRunner().invoke(cli, ["cache", "evict", "--rejected", "--cache-dir", str(repo / "data/cache")])
+        assert result.exit_code == 0 and f"{repo / 'data/cache/generate.jsonl'}: removed 0 of 3 replies\n" in result.output
+        assert f"{repo / 'data/cache/rate.jsonl'}: no cache (the stage has not run)" in result.output
+
+
+def test_batch_mode_asks_again_in_a_second_batch_and_resumes_polling_it(sample, tmp_path, key):
+    records, image_dir = sample
+    records = records[:4]
+    with FakeOpenAI(batch_polls=3) as fake:
+        garbage_first(fake, records[0].caption)
+        stops = 0
+        while True:
+            client = openai_client(fake, mode="batch", batch_poll_s=0.01, batch_wait_s=0)  # stop after one poll
+            try:
+                convs, rejected, failures, stats = run_generate(client, records, image_dir, tmp_path / "c.jsonl",
+                                                                AppendLog(tmp_path / "batches.jsonl"))
+                break
+            except BatchesInFlight:  # the first batch, then the re-ask's, still running: a rerun polls them
+                stops += 1
+                assert stops < 10
+    assert len(convs) == len(records) and not rejected and not failures and stats["reasked"] == 1
+    assert fake.calls["POST /v1/batches"] == 2 and stops >= 2
+    cache = list(read_jsonl(tmp_path / "c.jsonl"))
+    assert len(cache) == len(records) + 1 and [e["via"] for e in cache] == ["batch"] * len(cache)
+    assert sum(bool(e.get("reask_of")) for e in cache) == 1

@@ -1,4 +1,5 @@
 import copy
+import json
 
 from vital.backends import Fatal, image_part
 from vital.client import Client, ClientConfig
@@ -253,3 +254,83 @@ def test_default_prompt_and_phrases_are_params_yaml():
     assert (cfg.system_prompt, cfg.leak_phrases, cfg.refusal_phrases) == (SYSTEM_PROMPT, LEAK_PHRASES,
                                                                           REFUSAL_PHRASES)
     assert cfg.demo_scheme == GenerateConfig().demo_scheme
+
+
+class Flaky(OfflineBackend):
+    """The offline model, but the first `times` asks about a prompt holding `marker` get `text` instead."""
+
+    def __init__(self, marker, times=1, text="I'm sorry, I can't help with that."):
+        self.marker, self.times, self.text, self.asked = marker, times, text, 0
+
+    def complete(self, messages, task):
+        if self.marker in str(messages[-1]["content"]):
+            self.asked += 1
+            if self.asked <= self.times:
+                return self.text
+        return super().complete(messages, task)
+
+
+def test_rejected_reply_is_one_rule_for_every_stage():
+    from vital.replies import rejected_reply
+
+    good = "User: What modality?\nAssistant: A chest radiograph.\nUser: Which side?\nAssistant: The left."
+    assert rejected_reply("generate", good) is None
+    assert rejected_reply("generate", "Lorem ipsum dolor sit amet.") == "unparseable"
+    assert rejected_reply("generate", "I'm sorry, I can't help with that.") == "refused"
+    assert rejected_reply("generate", "User: What is it?\nAssistant: As an AI, I cannot view images.") == "refused"
+    assert rejected_reply("generate", "User: What is it?\nAssistant: I am sorry, but...", ["as an ai"]) is None
+    assert rejected_reply("rate", "7\nclear") is None and rejected_reply("rate", "quite good") == "unparseable"
+    assert rejected_reply("rate", "I cannot assist with rating this.") == "refused"
+    assert rejected_reply("pool", "User: Where?\nAnswer 1: Left.\nAnswer 2: Right.") is None
+    assert rejected_reply("pool", "User: Where?\nAnswer 1: Left.") == "unparseable"
+    assert rejected_reply("judge", "anything") is None  # not judged by this rule
+
+
+def test_a_refusal_is_asked_again_once_then_rejected_with_its_reason(sample, tmp_path):
+    records, image_dir = sample
+    records = records[:3]
+    clean, *_ = generate(records, image_dir, [], offline(), AppendLog(tmp_path / "clean.jsonl"), CFG)
+    once = Flaky(records[2].caption)
+    convs, rejected, _, stats = generate(records, image_dir, [], offline(once), AppendLog(tmp_path / "a.jsonl"), CFG)
+    assert [c.conversations for c in convs] == [c.conversations for c in clean] and not rejected
+    assert stats["reasked"] == 1 and once.asked == 2 and stats["requests"] == 4
+
+    twice = Flaky(records[2].caption, times=2)
+    convs, rejected, _, stats = generate(records, image_dir, [], offline(twice), AppendLog(tmp_path / "b.jsonl"), CFG)
+    assert [c.id for c in convs] == [r.id for r in records[:2]] and stats["reasked"] == 1 and twice.asked == 2
+    assert rejected == [{"id": records[2].id, "reason": "refused (a refusal and no usable round), also when asked again",
+                         "request_hash": rejected[0]["request_hash"]}]
+    assert stats["rejected_by_reason"] == {"refused": 1} and stats["rejected"] == 1
+
+
+def test_evict_removes_what_stayed_rejected_and_keeps_what_a_re_ask_answered(sample, tmp_path):
+    from vital.replies import evict_rejected
+
+    records, image_dir = sample
+    records = records[:3]
+    cache = tmp_path / "generate.jsonl"
+
+    class TwoFlaky(OfflineBackend):  # figure 0: garbage once (the re-ask answers); figure 1: garbage twice
+        asked = {0: 0, 1: 0}
+
+        def complete(self, messages, task):
+            for k, times in ((0, 1), (1, 2)):
+                if records[k].caption in str(messages[-1]["content"]):
+                    self.asked[k] += 1
+                    if self.asked[k] <= times:
+                        return "Lorem ipsum dolor sit amet."
+            return super().complete(messages, task)
+
+    convs, rejected, _, stats = generate(records, image_dir, [], offline(TwoFlaky()), AppendLog(cache), CFG)
+    assert stats["reasked"] == 2 and [r["id"] for r in rejected] == [records[1].id] and len(convs) == 2
+    assert cache.read_text().count("\n") == 5
+    with open(cache, "a") as f:
+        f.write('{"request_hash": "torn')  # a killed run's half line: dropped too
+    assert evict_rejected(cache) == {"path": str(cache), "entries": 5, "removed": 2,
+                                     "by_reason": {"unparseable": 2, "refused": 0}}
+    left = [json.loads(x) for x in cache.read_text().splitlines()]
+    assert len(left) == 3 and sum(e["reply"].startswith("Lorem") for e in left) == 1  # figure 0's first reply leads on
+    counting = CountingBackend()
+    convs, rejected, _, stats = generate(records, image_dir, [], offline(counting), AppendLog(cache), CFG)
+    assert counting.calls == 1 and len(convs) == 3 and not rejected  # figure 1 only, asked anew
+    assert evict_rejected(cache)["removed"] == 0 and evict_rejected(tmp_path / "none.jsonl")["entries"] == 0

@@ -111,3 +111,53 @@ def test_the_offline_pool_asks_different_questions_of_different_figures(sample, 
     firsts = {i.question for i in items if i.question_id.endswith(":q0")}
     assert stats["distinct_questions"] >= 8 and len(firsts) >= 4  # a template would ask two questions of all
     assert any(w in " ".join(i.question.lower() for i in items) for w in ("side", "plane", "size", "anatomy"))
+
+
+class Flaky(OfflineBackend):
+    """The offline model, but the first `times` asks about a prompt holding `marker` get `text` instead."""
+
+    def __init__(self, marker, times=1, text="I would rate this quite highly overall."):
+        self.marker, self.times, self.text, self.asked = marker, times, text, 0
+
+    def complete(self, messages, task):
+        content = messages[-1]["content"]
+        if self.marker in (content if isinstance(content, str) else content[0]["text"]):
+            self.asked += 1
+            if self.asked <= self.times:
+                return self.text
+        return super().complete(messages, task)
+
+
+def test_an_unparseable_rating_is_asked_again_once_then_kept_null_with_its_reason(sample, tmp_path):
+    records, image_dir = sample
+    convs, *_ = generate(records[:2], image_dir, [], OFFLINE, AppendLog(tmp_path / "g.jsonl"), GenerateConfig())
+    by_id = {r.id: r for r in records}
+    clean, *_ = rate(convs, by_id, image_dir, OFFLINE, AppendLog(tmp_path / "clean.jsonl"), {})
+    marker = f"Question: {convs[0].conversations[0]['value']}\nAnswer: {convs[0].conversations[1]['value']}"
+    once = Flaky(marker)
+    ratings, _, _, stats = rate(convs, by_id, image_dir, Client(ClientConfig(), once), AppendLog(tmp_path / "a.jsonl"), {})
+    assert [(r.candidate_id, r.score) for r in ratings] == [(r.candidate_id, r.score) for r in clean]
+    assert stats["reasked"] == 1 and once.asked == 2 and stats["unparsed"] == 0
+
+    twice = Flaky(marker, times=2, text="I cannot assist with that.")
+    ratings, _, _, stats = rate(convs, by_id, image_dir, Client(ClientConfig(), twice), AppendLog(tmp_path / "b.jsonl"), {})
+    assert [r.raw for r in ratings if r.score is None] == ["I cannot assist with that."]
+    assert stats["reasked"] == 1 and stats["unparsed"] == 1
+    assert stats["unparsed_by_reason"] == {"unparseable": 0, "refused": 1}
+
+
+def test_an_unparseable_pool_reply_is_asked_again_once(sample, tmp_path):
+    records, image_dir = sample
+    kw = dict(clusters=2, per_cluster=1, questions_per_figure=2, image_weight=1.0, seed=0)
+    clean, _, _ = build_pool(records[:4], image_dir, OFFLINE, AppendLog(tmp_path / "clean.jsonl"), **kw)
+    once = Flaky(clean[0].caption, text="Lorem ipsum.")
+    items, _, stats = build_pool(records[:4], image_dir, Client(ClientConfig(), once), AppendLog(tmp_path / "a.jsonl"), **kw)
+    assert [(i.question_id, i.answer_a) for i in items] == [(i.question_id, i.answer_a) for i in clean]
+    assert stats["reasked"] == 1 and stats["unparsed_replies"] == 0
+
+    twice = Flaky(clean[0].caption, times=2, text="Lorem ipsum.")
+    items, _, stats = build_pool(records[:4], image_dir, Client(ClientConfig(), twice), AppendLog(tmp_path / "b.jsonl"),
+                                 **kw)
+    assert clean[0].figure_id not in {i.figure_id for i in items} and stats["reasked"] == 1
+    assert stats["unparsed_figures"] == [clean[0].figure_id]
+    assert stats["unparsed_by_reason"] == {"unparseable": 1, "refused": 0}

@@ -403,13 +403,41 @@ def make_app_server(app: App, host: str = "127.0.0.1", port: int = 8090):
 
 # ---------------------------------------------------------------- export
 
-def export(db: Path, pool_path: Path, out_dir: Path) -> dict:
-    """clinician.jsonl + demos.jsonl + annotation_summary.json, sorted, so the same votes give the same files."""
+def connect_readonly(db: Path) -> sqlite3.Connection:
+    """The annotation database opened read-only: a mistyped path is an error, never a new empty database."""
+    if not db.is_file():
+        raise AnnotationError(f"{db}: no such annotation database (nothing was written); pass --db with the "
+                              "file that `vital annotate serve` and `add-user` use")
+    conn = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True, timeout=30)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def held(path: Path) -> int:
+    """How many records a JSONL file holds (0 if it does not exist)."""
+    if not path.is_file():
+        return 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def export(db: Path, pool_path: Path, out_dir: Path, force: bool = False) -> dict:
+    """clinician.jsonl + demos.jsonl + annotation_summary.json, sorted, so the same votes give the same files.
+    The database is only read. An export that would replace a file with fewer votes (or demonstrations) than
+    it holds is refused unless `force`: clinicians' votes are never lost to a wrong --db or --pool."""
+    if not pool_path.is_file():
+        raise AnnotationError(f"{pool_path}: no such pool file; pass --pool with the pool the votes were made on "
+                              "(dvc repro annotation_pool writes data/annotation/pool.jsonl)")
     pool = load_pool(pool_path)
-    conn = connect(db)
-    votes = conn.execute("SELECT * FROM votes ORDER BY question_id, annotator").fetchall()
-    demos = conn.execute("SELECT * FROM demos ORDER BY figure_id, annotator").fetchall()
-    conn.close()
+    conn = connect_readonly(db)
+    try:
+        votes = conn.execute("SELECT * FROM votes ORDER BY question_id, annotator").fetchall()
+        demos = conn.execute("SELECT * FROM demos ORDER BY figure_id, annotator").fetchall()
+    except sqlite3.DatabaseError as e:  # not SQLite, or no votes/demos tables
+        raise AnnotationError(f"{db}: not an annotation database ({e}); pass --db with the file that "
+                              "`vital annotate serve` uses") from None
+    finally:
+        conn.close()
     unknown = sorted({v["question_id"] for v in votes} - set(pool))
     if unknown:
         raise AnnotationError(f"{db} holds votes for {len(unknown)} question(s) not in {pool_path} (e.g. "
@@ -427,6 +455,11 @@ def export(db: Path, pool_path: Path, out_dir: Path) -> dict:
     demo_rows = [Demo(id=f"demo-{fid}", domain=ds[0]["domain"], caption=ds[0]["caption"],
                       inline_mentions=json.loads(ds[0]["inline_mentions"]), conversations=json.loads(ds[0]["conversations"]),
                       note="flagged by " + ", ".join(d["annotator"] for d in ds)) for fid, ds in sorted(by_figure.items())]
+    for name, n, what in (("clinician.jsonl", len(rows), "votes"), ("demos.jsonl", len(demo_rows), "demonstrations")):
+        before = held(out_dir / name)
+        if n < before and not force:
+            raise AnnotationError(f"{out_dir / name} holds {before} {what}; this export of {db} would write {n}. "
+                                  "Nothing was written: check --db and --pool, or pass --force to overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "clinician.jsonl", rows)
     write_jsonl(out_dir / "demos.jsonl", demo_rows)

@@ -16,6 +16,11 @@ failures, cost ledger.
   `tokens_per_minute`, retried on 429/5xx/timeouts with exponential backoff and jitter (never sooner than
   the server's Retry-After) up to `max_attempts`; then the request becomes a `Failure` and the run goes on.
   If nothing succeeds (20 failures and no reply, or every request failed) the run stops with the first error.
+- A reply the stage cannot use (`rejected`, replies.entry_rejected: unparseable or a refusal) is asked again
+  once, under its own key: the same request hashed with `reask: 1`. That answer is cached like any other
+  (with `reask_of`, the first reply's hash), so a rerun or a `kill -9` never pays for it twice, and the
+  row is made from it. What is rejected again is the stage's to record; `vital cache evict --rejected`
+  removes such replies from the cache so that the next run asks them again.
 - Batch mode (`mode: batch`, openai only): the OpenAI Batch API at half price; see batch.py.
 - The ledger: requests, tokens and cost of this run (price table `prices`, USD per million tokens), and
   what every reply in the cache cost. It counts the usage the server reports for the replies kept: a reply
@@ -140,12 +145,15 @@ class Client:
     # ------------------------------------------------------------ public
 
     def run(self, requests: Requests, log: AppendLog, task: str, sampling: dict,
-            make_row: Callable[[str, dict], object], desc: str, batch_state: AppendLog | None = None):
-        """{key: make_row(key, cache entry)} for every request that has a reply, the run's stats, and failures."""
+            make_row: Callable[[str, dict], object], desc: str, batch_state: AppendLog | None = None,
+            rejected: Callable[[dict], str | None] | None = None):
+        """{key: make_row(key, cache entry)} for every request that has a reply, the run's stats, and failures.
+        `rejected(entry)` (replies.entry_rejected): a reply it rejects is asked again once, and its row is made
+        from that second answer (stats `reasked`)."""
         if self.cfg.mode == "batch" and batch_state is None:
             raise Fatal(f"{desc}: mode batch is not offered for this stage; use mode online")
         try:
-            return asyncio.run(self._run(requests, log, task, sampling, make_row, desc, batch_state))
+            return asyncio.run(self._run(requests, log, task, sampling, make_row, desc, batch_state, rejected))
         finally:
             log.close()
             if batch_state:
@@ -163,78 +171,107 @@ class Client:
 
     # ------------------------------------------------------------ the run
 
-    async def _run(self, requests, log, task, sampling, make_row, desc, batch_state):
+    async def _run(self, requests, log, task, sampling, make_row, desc, batch_state, rejected=None):
         done = log.load("request_hash")
-        rows, failures, waiting = {}, [], {}
-        stats = Counter(requests=0, cached=0, failed=0, retries=0, prompt_tokens=0, completion_tokens=0)
-        bar = tqdm(total=len(requests), desc=desc, unit="req", disable=None, dynamic_ncols=True)
+        rows, failures, entries = {}, [], {}  # entries: key -> the cache entry its row was made from
+        stats = Counter(requests=0, cached=0, failed=0, retries=0, **({"reasked": 0} if rejected else {}),
+                        prompt_tokens=0, completion_tokens=0)
         self._spent = 0.0
-
         identity = {"backend": self.name, "model": getattr(self.backend, "identity", self.model)}
+        reask_of: dict[str, str] = {}  # re-ask hash -> the hash of the rejected first reply
 
-        def pending():
-            for key, item in requests.items:
-                try:
-                    messages = requests.build(item)
-                except (OSError, ValueError) as e:  # e.g. an image that cannot be read: this record only
-                    failures.append(Failure(request_hash="", keys=[key], task=task, attempts=0,
-                                            error=f"could not build the request: {type(e).__name__}: {e}"))
-                    stats["failed"] += 1
-                    bar.update()
-                    continue
-                h = request_hash({**identity, "messages": messages, "sampling": sampling})
-                if h in done or h in waiting:  # paid for already, or asked for earlier in this run
-                    stats["cached"] += 1
-                    if h in done:
-                        rows[key] = make_row(key, done[h])
-                        bar.update()
-                    else:
-                        waiting[h].append(key)
-                    continue
-                waiting[h] = [key]
-                yield h, messages
+        def request_key(messages, reask: bool) -> str:
+            # a re-ask is the same request under its own key (so its answer is cached too); a first ask's key
+            # is what it always was, so existing caches stay valid
+            extra = {"reask": 1} if reask else {}
+            return request_hash({**identity, "messages": messages, "sampling": sampling, **extra})
 
-        def on_reply(h: str, reply, via: str, sync: bool = True) -> None:
-            if h in done:  # a batch answered what another run already has
-                return
-            entry = {"request_hash": h, "backend": self.name, "model": self.model, "task": task,
-                     "reply": reply.text, "finish_reason": reply.finish_reason, "via": via,
-                     "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}}
-            log.append(entry, sync=sync)
-            done[h] = entry
-            stats["requests"] += 1
-            stats["prompt_tokens"] += reply.prompt_tokens
-            stats["completion_tokens"] += reply.completion_tokens
-            self._spent += self.cost(entry) or 0.0
-            for key in waiting.pop(h, []):  # a batch may answer a request this run no longer asks for
-                rows[key] = make_row(key, entry)
+        async def ask(items, reask: bool, label: str):
+            waiting: dict[str, list[str]] = {}
+            bar = tqdm(total=len(items), desc=label, unit="req", disable=None, dynamic_ncols=True)
+
+            def keep(key, entry):
+                rows[key], entries[key] = make_row(key, entry), entry
                 bar.update()
-            bar.set_postfix(new=stats["requests"], retries=stats["retries"], failed=stats["failed"],
-                            usd=f"{self._spent:.2f}", refresh=False)
 
-        def on_failure(h: str, error: str, attempts: int) -> None:
-            if h not in waiting:
-                return
-            keys = waiting.pop(h)
-            failures.append(Failure(request_hash=h, keys=keys, task=task, error=redact(error), attempts=attempts))
-            stats["failed"] += 1
-            bar.update(len(keys))
-            if self.cfg.mode == "online" and stats["failed"] >= 20 and stats["requests"] == 0:  # nothing has worked: stop paying for retries
-                raise Fatal(f"the first {stats['failed']} requests all failed, none succeeded; first error: "
-                            f"{failures[0].error}")
+            def pending():
+                for key, item in items:
+                    try:
+                        messages = requests.build(item)
+                    except (OSError, ValueError) as e:  # e.g. an image that cannot be read: this record only
+                        rows.pop(key, None)
+                        failures.append(Failure(request_hash="", keys=[key], task=task, attempts=0,
+                                                error=f"could not build the request: {type(e).__name__}: {e}"))
+                        stats["failed"] += 1
+                        bar.update()
+                        continue
+                    h = request_key(messages, reask)
+                    if reask:
+                        reask_of[h] = entries[key]["request_hash"]
+                    elif rejected and h in done and rejected(done[h]):  # a batch may bring its re-ask's answer
+                        reask_of[request_key(messages, True)] = h
+                    if h in done or h in waiting:  # paid for already, or asked for earlier in this run
+                        stats["cached"] += 1
+                        if h in done:
+                            keep(key, done[h])
+                        else:
+                            waiting[h].append(key)
+                        continue
+                    waiting[h] = [key]
+                    yield h, messages
+
+            def on_reply(h: str, reply, via: str, sync: bool = True) -> None:
+                if h in done:  # a batch answered what another run already has
+                    return
+                entry = {"request_hash": h, "backend": self.name, "model": self.model, "task": task,
+                         "reply": reply.text, "finish_reason": reply.finish_reason, "via": via,
+                         "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens},
+                         **({"reask_of": reask_of[h]} if h in reask_of else {})}
+                log.append(entry, sync=sync)
+                done[h] = entry
+                stats["requests"] += 1
+                stats["prompt_tokens"] += reply.prompt_tokens
+                stats["completion_tokens"] += reply.completion_tokens
+                self._spent += self.cost(entry) or 0.0
+                for key in waiting.pop(h, []):  # a batch may answer a request this run no longer asks for
+                    keep(key, entry)
+                bar.set_postfix(new=stats["requests"], retries=stats["retries"], failed=stats["failed"],
+                                usd=f"{self._spent:.2f}", refresh=False)
+
+            def on_failure(h: str, error: str, attempts: int) -> None:
+                if h not in waiting:
+                    return
+                keys = waiting.pop(h)
+                for key in keys:  # a re-ask that failed: no row (not the rejected reply); a rerun asks again
+                    rows.pop(key, None)
+                failures.append(Failure(request_hash=h, keys=keys, task=task, error=redact(error), attempts=attempts))
+                stats["failed"] += 1
+                bar.update(len(keys))
+                if self.cfg.mode == "online" and stats["failed"] >= 20 and stats["requests"] == 0:  # nothing has worked: stop paying for retries
+                    raise Fatal(f"the first {stats['failed']} requests all failed, none succeeded; first error: "
+                                f"{failures[0].error}")
+
+            try:
+                if self.cfg.mode == "batch":
+                    from .batch import run_batches
+                    await run_batches(self, pending(), sampling, batch_state, on_reply, on_failure)
+                else:
+                    await self._online(pending(), task, sampling, on_reply, on_failure, stats, log.sync)
+            finally:
+                bar.close()
 
         try:
-            if self.cfg.mode == "batch":
-                from .batch import run_batches
-                await run_batches(self, pending(), sampling, batch_state, on_reply, on_failure)
-            else:
-                await self._online(pending(), task, sampling, on_reply, on_failure, stats, log.sync)
+            await ask(requests.items, False, desc)
+            if rejected:  # once: what is rejected again is the stage's to record
+                again = [(key, item) for key, item in requests.items if key in entries and rejected(entries[key])]
+                stats["reasked"] = len(again)
+                if again:
+                    await ask(again, True, f"{desc} (asked again)")
         except BaseExceptionGroup as group:  # task groups wrap what a worker raised; show that
             while isinstance(group, BaseExceptionGroup):
                 group = group.exceptions[0]
             raise group from None
         finally:
-            bar.close()
             await self.backend.aclose()
         if failures and not rows:
             raise Fatal(f"all {len(failures)} requests failed; first error: {failures[0].error}")

@@ -5,7 +5,9 @@ examples (user: its caption and mentions; assistant: its conversation) -- by def
 five modalities, drawn afresh for each figure as the authors' code does -- then the figure itself
 (caption, in-text mentions, image). The reply is parsed into LLaVA turns; rounds that leak the source
 text or refuse (a whole-word phrase match) are dropped, and conversations left with fewer than
-`min_rounds` rounds are rejected with a reason. Every prompt setting is a param (`GenerateConfig`).
+`min_rounds` rounds are rejected with a reason. A reply with nothing usable at all (unparseable, or a
+refusal: replies.rejected_reply) is asked again once before it is rejected. Every prompt setting is a
+param (`GenerateConfig`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from .backends import image_part
 from .images import ImageStore
 from .client import Requests
+from .replies import entry_rejected
 from .schema import DOMAINS, IMAGE_TOKEN, AppendLog, Conversation, CorpusRecord, Demo
 
 SYSTEM_PROMPT = (  # the same text as params.yaml's generate.system_prompt
@@ -46,6 +49,9 @@ REFUSAL_PHRASES = ("i'm sorry", "i am sorry", "as an ai", "unable to view", "not
                    "i can't view", "i cannot see the image", "i can't see the image", "i cannot analyze",
                    "i can't analyze", "i cannot interpret", "i can't interpret", "i cannot assist", "i can't assist",
                    "i cannot help", "i can't help", "i cannot access", "i can't access")
+# why a conversation is rejected when its reply, asked twice, is of no use (replies.rejected_reply)
+REJECTED_REASONS = {"unparseable": "unparseable reply (no User/Assistant rounds), also when asked again",
+                    "refused": "refused (a refusal and no usable round), also when asked again"}
 DEMO_SCHEMES = ("every_modality", "own_domain")
 MODALITIES = tuple(d for d in DOMAINS if d != "other")  # every_modality: one demonstration each, in this order
 
@@ -229,9 +235,14 @@ def generate(records: list[CorpusRecord], images: ImageStore | Path, demos: list
     by_id = {r.id: r for r in records}
     requests = Requests([(r.id, r) for r in records],
                         lambda r: build_messages(r, images.read(r.image), chosen[r.id], cfg))
+    problems = {}  # id -> why its (last) reply is rejected, if it is
+
+    def rejected(entry):
+        return entry_rejected(entry, cfg.refusal_phrases)
 
     def make_row(key, entry):
         r = by_id[key]
+        problems[key] = rejected(entry)
         turns = parse_reply(entry["reply"])
         if entry.get("finish_reason") == "length" and turns:
             # cut off at max_tokens: only a cut inside an answer leaves an unfinished round (a cut inside a
@@ -243,26 +254,27 @@ def generate(records: list[CorpusRecord], images: ImageStore | Path, demos: list
                             model=client.model, request_hash=entry["request_hash"],
                             demo_ids=[d.id for d in chosen[key]])
 
-    rows, stats, failures = client.run(requests, log, "generate", cfg.sampling, make_row, "generate", batch_state)
-    conversations, rejected = [], []
+    rows, stats, failures = client.run(requests, log, "generate", cfg.sampling, make_row, "generate", batch_state,
+                                       rejected)
+    conversations, rejects = [], []
     dropped, by_phrase, reasons = Counter(leak=0, refusal=0, image_token=0), Counter(), Counter()
     for r in records:
         if r.id not in rows:
             continue  # failed: listed in failures
         conv = rows[r.id]
-        parsed = len(conv.conversations) // 2
         turns, d, p = clean_rounds(conv.conversations, cfg)
         dropped.update(d)
         by_phrase.update(p)
-        if len(turns) // 2 < cfg.min_rounds:
-            reason = ("unparseable reply (no User/Assistant rounds)" if parsed == 0 else
-                      f"only {len(turns) // 2} usable rounds (< min_rounds={cfg.min_rounds})")
-            reasons["unparseable" if parsed == 0 else "too_few_rounds"] += 1
-            rejected.append({"id": r.id, "reason": reason, "request_hash": conv.request_hash})
+        problem = problems[r.id]  # unparseable or refused, when asked again too
+        if problem or len(turns) // 2 < cfg.min_rounds:
+            reason = REJECTED_REASONS[problem] if problem else \
+                f"only {len(turns) // 2} usable rounds (< min_rounds={cfg.min_rounds})"
+            reasons[problem or "too_few_rounds"] += 1
+            rejects.append({"id": r.id, "reason": reason, "request_hash": conv.request_hash})
             continue
         conv.conversations = turns
         conversations.append(conv)
-    stats.update(conversations=len(conversations), rejected=len(rejected), rejected_by_reason=dict(reasons),
+    stats.update(conversations=len(conversations), rejected=len(rejects), rejected_by_reason=dict(reasons),
                  rounds_dropped=dict(dropped), rounds_dropped_by_phrase=dict(sorted(by_phrase.items())),
                  rounds=sum(len(c.conversations) // 2 for c in conversations))
-    return conversations, rejected, failures, stats
+    return conversations, rejects, failures, stats

@@ -5,7 +5,9 @@ the `per_cluster` figures nearest each centre are pooled, so clinicians see ever
 rather than a thousand chest X-rays. For each pooled figure the backend writes a multi-round
 conversation with two distinct answers to every question (as the authors' two-answer generation did),
 and the pool takes its first `questions_per_figure` questions with their answers (A and B) for
-clinicians to mark acceptable or not.
+clinicians to mark acceptable or not. A reply with no such round (unparseable, or a refusal:
+replies.rejected_reply) is asked again once; a figure whose second reply has none is left out and
+counted (`unparsed_replies`, `unparsed_by_reason`, `unparsed_figures`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .images import ImageStore
 from .client import Requests
 from .encoders import encode_images, encode_texts
 from .generate import figure_text
+from .replies import REASONS, entry_rejected
 from .schema import AppendLog, CorpusRecord, PoolItem
 
 POOL_PROMPT = (
@@ -94,8 +97,9 @@ def build_pool(records: list[CorpusRecord], images: ImageStore | Path, client, l
                                              image_part(images.read(r.image), max_image_side)]}]
 
     items = [(records[i].id, (records[i], cluster)) for i, cluster in picked]
-    rows, stats, failures = client.run(Requests(items, build), log, "pool", {}, lambda k, e: e, "annotation_pool")
-    pool, unparsed, short = [], [], []
+    rows, stats, failures = client.run(Requests(items, build), log, "pool", {}, lambda k, e: e, "annotation_pool",
+                                       rejected=entry_rejected)
+    pool, unparsed, short, why = [], [], [], dict.fromkeys(REASONS, 0)
     for fid, (r, cluster) in items:
         if fid not in rows:
             continue  # failed: listed in failures
@@ -110,6 +114,7 @@ def build_pool(records: list[CorpusRecord], images: ImageStore | Path, client, l
             rounds = rounds[:-1]  # cut at max_tokens inside an answer: never show clinicians half an answer
         if not rounds:
             unparsed.append(fid)
+            why[entry_rejected(rows[fid]) or "unparseable"] += 1  # (or a reply cut inside its only answer)
         elif len(rounds) < questions_per_figure:
             short.append(fid)
         for k, (q, a, b) in enumerate(rounds[:questions_per_figure]):
@@ -118,6 +123,7 @@ def build_pool(records: list[CorpusRecord], images: ImageStore | Path, client, l
                                  answer_a=a, answer_b=b, backend=client.name, request_hash=rows[fid]["request_hash"]))
     stats.update(figures=len(picked), clusters=min(clusters, len(records)), questions=len(pool),
                  distinct_questions=len({p.question for p in pool}), unparsed_replies=len(unparsed),
+                 unparsed_by_reason=why,
                  unparsed_figures=unparsed[:20], figures_with_fewer_questions=len(short),
                  fewer_questions_figures=short[:20])
     return pool, failures, stats

@@ -2,7 +2,8 @@
 
 The prompt carries the paper's rubric and asks for the score alone on the first line. Parsing is
 strict: a first line that is not an integer 0..10 gives `score: None` with the raw reply kept,
-never a default number.
+never a default number. Such a reply (unparseable, or a refusal: replies.rejected_reply) is asked again
+once first; `unparsed_by_reason` counts what stays null.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from .backends import image_part
 from .images import ImageStore
 from .client import Requests
 from .generate import figure_text
+from .replies import REASONS, entry_rejected
 from .schema import AppendLog, Conversation, CorpusRecord, PoolItem, Rating, round_id, rounds
 
 RUBRIC = (
@@ -59,18 +61,21 @@ def rate(conversations: list[Conversation], records: dict[str, CorpusRecord], im
     requests = Requests([(u[0], u) for u in units], lambda u: rating_messages(u[3], u[4], u[5], u[6],
                                                                               images.read(u[7]), max_image_side))
     meta = {u[0]: u for u in units}
+    problems = {}  # candidate id -> why its (last) reply gives no score, if it gives none
 
     def make_row(key, entry):
         _, conversation_id, k = meta[key][:3]
+        problems[key] = entry_rejected(entry)
         return Rating(candidate_id=key, conversation_id=conversation_id, round=k, score=parse_score(entry["reply"]),
                       judge=client.model, backend=client.name, raw=entry["reply"], request_hash=entry["request_hash"])
 
-    rows, stats, failures = client.run(requests, log, "rate", sampling, make_row, "rate", batch_state)
+    rows, stats, failures = client.run(requests, log, "rate", sampling, make_row, "rate", batch_state, entry_rejected)
     ratings = [rows[u[0]] for u in units[:n_rounds] if u[0] in rows]
     pool_ratings = [rows[u[0]] for u in units[n_rounds:] if u[0] in rows]
     scores = [r.score for r in ratings if r.score is not None]
     hist = {str(s): scores.count(s) for s in range(11)}
     stats.update(rounds=n_rounds, rated=len(ratings), unparsed=sum(r.score is None for r in ratings),
+                 unparsed_by_reason={why: sum(problems[r.candidate_id] == why for r in ratings) for why in REASONS},
                  mean_score=round(sum(scores) / len(scores), 3) if scores else None, score_histogram=hist,
                  pool_answers=len(units) - n_rounds, pool_answers_rated=len(pool_ratings),
                  pool_unparsed=sum(r.score is None for r in pool_ratings))
