@@ -2,12 +2,42 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
 
 app = typer.Typer(help="BioMed-VITAL: clinician-preference-aligned biomedical visual instruction data. "
-                  "The pipeline itself runs with `dvc repro`.", no_args_is_help=True)
+                  "The pipeline itself runs with `dvc repro`.", no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="on an error, show the traceback (anywhere on the "
+                                        "command line)")):
+    """An error is one line on stderr and exit status 2."""
+
+
+def main():
+    """The `vital` entry point: any error ends as one line and exit 2; `--debug` anywhere shows the traceback."""
+    debug = "--debug" in sys.argv[1:]
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        status = app(standalone_mode=False)
+    except typer.exceptions.TyperException as e:  # click's: a mistyped command, option or value
+        ctx = getattr(e, "ctx", None)
+        typer.echo(f"error: {e.format_message()}" + (f" (see {ctx.command_path} --help)" if ctx else ""), err=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, typer.Abort):
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        if debug:
+            raise
+        what = "; ".join(str(e).splitlines()) or "(no message)"
+        typer.echo(f"error: {type(e).__name__}: {what} (rerun with --debug for the traceback)", err=True)
+        sys.exit(2)
+    sys.exit(status or 0)
 
 STAGES = ["corpus", "annotation_pool", "generate", "rate", "merge_preferences", "train_selector", "filter",
           "tune", "evaluate"]
@@ -68,25 +98,43 @@ app.add_typer(validate, name="validate")
 @validate.command("corpus")
 def validate_corpus(path: Path = typer.Argument(..., help="fig_captions .json/.jsonl/.parquet file or folder"),
                     image_dir: Path = typer.Option(..., "--image-dir", help="folder with <pair_id>.jpg images"),
-                    show: int = typer.Option(20, help="how many problems to list")):
-    """Check a LLaVA-Med fig_captions corpus the way the `corpus` stage reads it; exit 1 if any record is bad."""
-    from .corpus import CorpusError, ingest
+                    show: int = typer.Option(20, help="how many problems to list"),
+                    max_pixels: int = typer.Option(None, "--max-pixels", min=1, help="largest image, width x "
+                                                   "height; default: the corpus stage's (vital.corpus.MAX_PIXELS)")):
+    """Check a LLaVA-Med fig_captions corpus the way the `corpus` stage reads it; exit 1 if any record is bad or
+    none is usable, 2 if the corpus cannot be read at all."""
+    from .corpus import MAX_PIXELS, CorpusError, ingest
 
     try:
-        result = ingest(path, image_dir, None, strict=False)
+        result = ingest(path, image_dir, None, strict=False, max_pixels=max_pixels or MAX_PIXELS)
     except CorpusError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
-    c = result.counts()
+    c, refusal = result.counts(), result.refusal(path)  # refusal: the words the stage stops with
     typer.echo(f"{path}: {c['records']} usable records, {c['rejected']} rejected")
-    typer.echo("domains: " + ", ".join(f"{d}={n}" for d, n in c["by_domain"].items() if n))
+    typer.echo("domains: " + (", ".join(f"{d}={n}" for d, n in c["by_domain"].items() if n) or "none"))
     for reason, n in c["rejected_by_reason"].items():
         typer.echo(f"  {reason}: {n}")
     for r in result.rejected[:show]:
         typer.echo(f"  {r.file}:{r.line}: {r.reason}")
     if len(result.rejected) > show:
         typer.echo(f"  ... and {len(result.rejected) - show} more (--show N)")
-    raise typer.Exit(1 if result.rejected else 0)
+    if refusal:
+        typer.echo(f"error: {refusal}", err=True)
+    raise typer.Exit(1 if result.rejected or refusal else 0)
+
+
+@validate.command("params")
+def validate_params(path: Path = typer.Argument(Path("params.yaml"), help="the params file to check")):
+    """Check every key of params.yaml (type, range, known key) as each stage does before it starts."""
+    from .params import ParamsError, check
+
+    try:
+        data = check(path)
+    except ParamsError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{path}: ok ({len(data)} sections, {sum(len(s) for s in data.values())} keys)")
 
 
 @validate.command("release")
@@ -242,12 +290,16 @@ def annotate_serve(pool: Path = POOL, db: Path = DB,
 
 @annotate.command("export")
 def annotate_export(db: Path = DB, pool: Path = POOL,
-                    out: Path = typer.Option(Path("data/annotation"), help="folder for clinician.jsonl, demos.jsonl")):
-    """Write clinician.jsonl, demos.jsonl and annotation_summary.json (agreement included), sorted."""
+                    out: Path = typer.Option(Path("data/annotation"), help="folder for clinician.jsonl, demos.jsonl"),
+                    force: bool = typer.Option(False, "--force", help="replace files that hold more votes or "
+                                                                      "demonstrations than this export")):
+    """Write clinician.jsonl, demos.jsonl and annotation_summary.json (agreement included), sorted. The database
+    is only read (a missing one is an error, exit 2); a file holding more votes or demonstrations than the
+    export would write is kept (exit 2) unless --force."""
     from .annotate import AnnotationError, export
 
     try:
-        summary = export(db, pool, out)
+        summary = export(db, pool, out, force)
     except AnnotationError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -259,6 +311,47 @@ def annotate_export(db: Path = DB, pool: Path = POOL,
     if summary["stale_votes"]:
         typer.echo(f"warning: {summary['stale_votes']} votes judged answers that have changed since; "
                    "merge_preferences skips them (counted as stale)")
+
+
+cache_cli = typer.Typer(help="The request caches of the model-facing stages (data/cache/<stage>.jsonl).",
+                        no_args_is_help=True)
+app.add_typer(cache_cli, name="cache")
+
+
+@cache_cli.command("evict")
+def cache_evict(rejected: bool = typer.Option(False, "--rejected", help="the replies rejected as unparseable or "
+                                                                        "refused, also when asked again"),
+                stage: str = typer.Option("all", "--stage", help="generate | rate | annotation_pool | all"),
+                cache_dir: Path = typer.Option(Path("data/cache"), "--cache-dir", help="where the caches are")):
+    """Remove rejected replies from the request caches so that the next `dvc repro` asks those requests again
+    (each cache is rewritten whole, then swapped in). Run it while no stage is running."""
+    from .replies import CACHES, evict_rejected
+
+    if not rejected:
+        typer.echo("error: say what to evict: --rejected (the replies rejected as unparseable or refused)", err=True)
+        raise typer.Exit(2)
+    if stage not in (*CACHES, "all"):
+        typer.echo(f"error: --stage {stage!r}: use one of {', '.join(CACHES)} or all", err=True)
+        raise typer.Exit(2)
+    phrases = None  # generate's refusal phrases are params; rate and annotation_pool use the defaults
+    try:
+        import yaml
+        phrases = (yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")) or {})["generate"]["refusal_phrases"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        pass
+    for name in CACHES if stage == "all" else [stage]:
+        path = cache_dir / Path(CACHES[name]).name
+        try:
+            r = evict_rejected(path, phrases if name == "generate" else None)
+        except (OSError, ValueError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        if not path.exists():
+            typer.echo(f"{path}: no cache (the stage has not run)")
+            continue
+        why = ", ".join(f"{n} {reason}" for reason, n in r["by_reason"].items() if n)
+        typer.echo(f"{path}: removed {r['removed']} of {r['entries']} replies" + (
+            f" ({why}); the next `dvc repro {name}` asks them again" if r["removed"] else ""))
 
 
 remote_cli = typer.Typer(help="The DVC remote that `dvc push` / `dvc pull` use (see src/vital/remote.py).",
@@ -309,4 +402,4 @@ def pull_data(targets: list[str] = TARGETS, remote: str = REMOTE,
 
 
 if __name__ == "__main__":
-    app()
+    main()
