@@ -25,7 +25,7 @@ def main():
         refusal = result.refusal(p["path"])  # the same words `vital validate corpus` prints
         if refusal:
             raise SystemExit(refusal)
-    write_jsonl("data/corpus/records.jsonl", result.records)
+    write_jsonl("data/corpus/ingested.jsonl", result.records)  # `dedup` reads it
     write_jsonl("data/corpus/rejected.jsonl", result.rejected)
     write_metrics("corpus", {"source": p["source"], **result.counts()}, t0)
 

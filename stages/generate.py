@@ -32,7 +32,7 @@ def main():
     if not conversations:
         raise SystemExit(f"generate: no usable conversation ({stats['rejected']} rejected, {stats['failed']} failed); "
                          "see data/candidates/generate_rejected.jsonl, generate_failures.jsonl and the generate.* params")
-    write_jsonl("data/candidates/conversations.jsonl", conversations)
+    write_jsonl("data/candidates/generated.jsonl", conversations)  # `decontaminate_qa` reads it
     write_metrics("generate", {"backend": client.name, "model": client.model, "demo_scheme": cfg.demo_scheme,
                                "demos_by_modality": {d: sum(x.domain == d for x in demos) for d in MODALITIES},
                                **stats}, t0)

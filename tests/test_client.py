@@ -398,7 +398,7 @@ def test_garbage_twice_is_recorded_and_said_and_evict_then_rerun_asks_again(samp
         out = run_stage(repo, "generate")  # the server answers well now
         assert fake.calls["POST /v1/chat/completions"] == calls + 1  # only the evicted request, asked anew
         assert "reasked=0," in out and "conversations=3," in out and "rejected=0," in out
-        assert len(list(read_jsonl(repo / "data/candidates/conversations.jsonl"))) == 3
+        assert len(list(read_jsonl(repo / "data/candidates/generated.jsonl"))) == 3
         result = CliRunner().invoke(cli, ["cache", "evict", "--rejected", "--cache-dir", str(repo / "data/cache")])
         assert result.exit_code == 0 and f"{repo / 'data/cache/generate.jsonl'}: removed 0 of 3 replies\n" in result.output
         assert f"{repo / 'data/cache/rate.jsonl'}: no cache (the stage has not run)" in result.output

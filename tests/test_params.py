@@ -30,8 +30,9 @@ def with_value(tmp_path, section, key, value, text=TEXT) -> Path:
 
 
 def test_the_repositorys_params_yaml_passes():
-    assert set(check(ROOT / "params.yaml")) == {"corpus", "llm", "annotation_pool", "generate", "rate",
-                                                "merge_preferences", "train_selector", "filter", "tune", "evaluate"}
+    assert set(check(ROOT / "params.yaml")) == {"corpus", "dedup", "decontaminate", "llm", "annotation_pool",
+                                                "generate", "rate", "merge_preferences", "train_selector", "filter",
+                                                "tune", "evaluate"}
 
 
 # every bad value the issue tried, and the words it now stops with
@@ -60,6 +61,9 @@ def test_the_repositorys_params_yaml_passes():
     ("train_selector", "backbone", "biomedclip", "train_selector: backbone_model is null; allowed with backbone "
                                                  "biomedclip"),
     ("generate", "api_key", "sk-secret", "generate.api_key looks like a credential"),
+    ("dedup", "phash_distance", 40, "dedup.phash_distance is 40; allowed: an integer >= 0 and <= 32"),
+    ("decontaminate", "text_cosine", 1.5, "decontaminate.text_cosine is 1.5; allowed: a number > 0 and <= 1"),
+    ("decontaminate", "eval_sets", ["/data/slake"], "decontaminate.eval_sets.0 is '/data/slake'; allowed: a folder name inside eval_root"),
 ])
 def test_a_bad_value_is_one_line_naming_file_line_key_value_and_what_is_allowed(tmp_path, section, key, value, words):
     path = with_value(tmp_path, section, key, value)
@@ -104,7 +108,7 @@ def test_a_stage_stops_on_a_bad_value_before_its_heavy_imports(tmp_path):
 def test_vital_validate_params(tmp_path):
     runner = typer.testing.CliRunner()
     ok = runner.invoke(cli.app, ["validate", "params", str(ROOT / "params.yaml")])
-    assert ok.exit_code == 0 and "ok (10 sections" in ok.output
+    assert ok.exit_code == 0 and "ok (12 sections" in ok.output
     bad = runner.invoke(cli.app, ["validate", "params", str(with_value(tmp_path, "annotation_pool", "per_cluster", 0))])
     assert bad.exit_code == 2 and "annotation_pool.per_cluster is 0; allowed: an integer >= 1" in bad.output
 

@@ -21,7 +21,7 @@ from vital.images import ImageStore, pack, unpack
 from vital.schema import IMAGE_TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["corpus", "annotation_pool", "generate", "rate", "merge_preferences", "train_selector", "filter",
+STAGES = ["corpus", "dedup", "decontaminate", "annotation_pool", "generate", "decontaminate_qa", "rate", "merge_preferences", "train_selector", "filter",
           "release_images", "tune", "evaluate"]
 
 
@@ -336,6 +336,79 @@ def test_selector_experiments_biomedclip_finetuned_per_conversation_logistic(rep
 
 
 @pytest.mark.slow
+def test_duplicates_and_eval_figures_in_a_user_corpus_cost_nothing_and_never_reach_the_release(repo, tmp_path):
+    """20 figures: the 14 sample figures, two panels of one compound figure, two duplicates (the same pixels saved
+    again, a JPEG copy at 0.8x) = 10%, and two eval images re-encoded (JPEG q=70, 0.8x) under other captions."""
+    from PIL import Image
+
+    from vital.corpus import build_sample
+
+    corpus = tmp_path / "corpus"
+    images = corpus / "images"
+    records = build_sample(tmp_path / "store", 512).records
+    store = ImageStore(tmp_path / "store")
+    images.mkdir(parents=True)
+    rows = []
+
+    def add(rid, im_or_bytes, caption, pmid, domain="other", ext="png"):
+        if isinstance(im_or_bytes, bytes):
+            (images / f"{rid}.{ext}").write_bytes(im_or_bytes)
+        else:
+            im_or_bytes.save(images / f"{rid}.{ext}", **({"quality": 70} if ext == "jpg" else {}))
+        rows.append({"pair_id": rid, "pmid": pmid, "fig_label": "Figure 1", "fig_caption": caption,
+                     "in_text_mention": [caption], "domain": domain})
+
+    for k, r in enumerate(records):
+        add(r.id, store.read(r.image), r.caption, str(1000 + k), r.domain)
+    cxr = records[0]
+    with store.open(cxr.image) as im:
+        im = im.convert("RGB")
+        im.save(buf := __import__("io").BytesIO(), "PNG", compress_level=1)
+        add("dup-resaved", buf.getvalue(), "Posteroanterior chest film, reposted with a shorter legend.", "2001")
+        add("dup-jpeg", im.resize((int(im.width * .8), int(im.height * .8))),
+            "A chest film from a review article, shown again at a smaller size.", "2002", ext="jpg")
+    with store.open(records[12].image) as im:  # the fundus photograph, as a compound figure's two panels
+        w, h = im.size
+        caption = "Fundus photographs: (a) the optic disc and (b) the macula of the same eye, colour images."
+        add("panel-a", im.convert("RGB").crop((0, 0, w // 2, h)), caption, "3001")
+        add("panel-b", im.convert("RGB").crop((w // 2, 0, w, h)), caption, "3001")
+    eval_images = sorted((repo / "examples/eval/images").iterdir())[:2]
+    for k, path in enumerate(eval_images):
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            add(f"evalcopy-{k}", im.resize((int(im.width * .8), int(im.height * .8))),
+                f"An image reproduced in a teaching file, number {k}, with a new description of its findings.",
+                str(4000 + k), ext="jpg")
+    (corpus / "fig_captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["corpus"].update(source="path", path=str(corpus / "fig_captions.jsonl"), image_dir=str(images))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run("dvc repro filter", repo)
+
+    assert json.loads((repo / "metrics/corpus.json").read_text())["records"] == 20
+    dedup = json.loads((repo / "metrics/dedup.json").read_text())
+    assert (dedup["figures"], dedup["duplicates"], dedup["by_reason"]) == (20, 2, {"exact_pixels": 1, "near_image": 1})
+    dups = {d["id"]: d for d in map(json.loads, (repo / "data/corpus/duplicates.jsonl").read_text().splitlines())}
+    assert set(dups) == {"dup-resaved", "dup-jpeg"} and {d["duplicate_of"] for d in dups.values()} == {cxr.id}
+    decon = json.loads((repo / "metrics/decontaminate.json").read_text())
+    assert (decon["figures"], decon["removed"], decon["kept"]) == (18, 2, 16)
+    assert decon["by_eval_set"]["eval"]["matched_ids"] == 2
+    report = pd.read_csv(repo / "data/release/contamination.csv", dtype=str)
+    assert set(report["id"]) == {"evalcopy-0", "evalcopy-1"}
+    assert set(report["eval_id"]) == {p.name for p in eval_images} and set(report["kind"]) == {"image_phash"}
+
+    gone = {"dup-resaved", "dup-jpeg", "evalcopy-0", "evalcopy-1"}
+    kept = {json.loads(x)["id"] for x in (repo / "data/corpus/records.jsonl").read_text().splitlines()}
+    assert len(kept) == 16 and not kept & gone and {"panel-a", "panel-b"} <= kept
+    generated = [json.loads(x) for x in (repo / "data/candidates/generated.jsonl").read_text().splitlines()]
+    assert {c["image"].rsplit(".", 1)[0] for c in generated} == kept  # no request was made for a dropped figure
+    release = json.loads((repo / "data/release/instructions.json").read_text())
+    assert release and not {r["image"].rsplit(".", 1)[0] for r in release} & gone
+    card = (repo / "data/release/README.md").read_text()
+    assert "Decontamination" in card and "evalcopy" not in card
+
+
+@pytest.mark.slow
 def test_candidates_whose_image_went_missing_are_skipped_and_counted(repo):
     run("dvc repro filter", repo)
     convs = [json.loads(x) for x in (repo / "data/candidates/conversations.jsonl").read_text().splitlines()]
@@ -379,7 +452,7 @@ def test_an_s3_remote_round_trip_keeps_credentials_in_the_environment(repo, tmp_
         run(f"{local} && dvc pull -r s3 corpus", clone, **creds)
         images = sorted(p.name for p in (repo / "data/corpus/images").iterdir())
         assert images and images == sorted(p.name for p in (clone / "data/corpus/images").iterdir())
-        for f in ["data/corpus/records.jsonl", *(f"data/corpus/images/{i}" for i in images)]:
+        for f in ["data/corpus/ingested.jsonl", *(f"data/corpus/images/{i}" for i in images)]:
             assert (clone / f).read_bytes() == (repo / f).read_bytes(), f
         assert ran(run("dvc repro corpus", clone).stdout) == []
     finally:

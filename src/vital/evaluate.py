@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 from .client import Requests
+from .evalsets import load_eval_sets, uid  # noqa: F401 (load_eval_sets: the stage's reader)
 from .generate import figure_text
 from .images import ImageStore
 from .offline import qa_from_text
-from .schema import AppendLog, CorpusRecord, read_jsonl
+from .schema import AppendLog, CorpusRecord
 from .tune import prompt
 
 DOMAIN_NAMES = {"chest_xray": "chest X-ray", "mri": "MRI", "ct_scan": "CT", "histology": "histology"}
@@ -51,57 +52,6 @@ def sample_eval_sets(records: list[CorpusRecord]) -> tuple[list[dict], list[dict
                          category="detailed_description",
                          text=qa[1][0], gpt4_answer=qa[1][1], fig_caption=r.caption,
                          fig_inline_mention=" ".join(r.inline_mentions)))
-    return vqa, chat
-
-
-def uid(item: dict) -> str:
-    """An item's id across files: datasets number their questions independently."""
-    return f"{item['dataset']}/{item['question_id']}"
-
-
-def _chat_item(raw: dict) -> dict:
-    """A chat question as LLaVA-Med writes it (qa50: `type`, `domain` as flags, `in_text_mention` as a list of
-    {tokens}) or in the flat form (`category`, `domain` name, `fig_inline_mention`)."""
-    from .corpus import parse_domain, text_value
-
-    for key in ("question_id", "image", "text", "gpt4_answer"):
-        if raw.get(key) in (None, ""):
-            raise ValueError(f"no {key!r}")
-    mention = raw.get("fig_inline_mention", raw.get("in_text_mention"))
-    return {"question_id": raw["question_id"], "dataset": "chat", "image": raw["image"],
-            "text": text_value(raw["text"], "text"), "gpt4_answer": text_value(raw["gpt4_answer"], "gpt4_answer"),
-            "domain": parse_domain(raw.get("domain")), "category": raw.get("category", raw.get("type", "unknown")),
-            "fig_caption": text_value(raw.get("fig_caption"), "fig_caption"),
-            "fig_inline_mention": text_value(mention, "mention")}
-
-
-def load_eval_sets(folder: Path) -> tuple[list[dict], list[dict]]:
-    """VQA items from `vqa.jsonl` (dataset: the item's `dataset`, else "vqa") and `vqa/<dataset>.jsonl`, and
-    chat items from `chat.jsonl`, in a folder that also holds `images/`. A malformed item or a repeated id
-    within a dataset stops with file:line."""
-    from .corpus import CorpusError
-
-    folder = Path(folder)
-    files = ([folder / "vqa.jsonl"] if (folder / "vqa.jsonl").exists() else []) + sorted(folder.glob("vqa/*.jsonl"))
-    files += [folder / "chat.jsonl"] if (folder / "chat.jsonl").exists() else []
-    if not files:
-        raise FileNotFoundError(f"{folder}: no vqa.jsonl, vqa/*.jsonl or chat.jsonl (LLaVA-Med eval format)")
-    vqa, chat, seen = [], [], set()
-    for f in files:
-        for line, raw in enumerate(read_jsonl(f), 1):
-            try:
-                if f.name == "chat.jsonl":
-                    item = _chat_item(raw)
-                else:
-                    item = {**raw, "dataset": raw.get("dataset", "vqa" if f.name == "vqa.jsonl" else f.stem)}
-                    if "question_id" not in item:
-                        raise ValueError("no 'question_id'")
-                if uid(item) in seen:
-                    raise ValueError(f"question_id {item['question_id']!r} repeats in dataset {item['dataset']!r}")
-            except (ValueError, CorpusError) as e:
-                raise ValueError(f"{f}:{line}: {e}") from None
-            seen.add(uid(item))
-            (chat if f.name == "chat.jsonl" else vqa).append(item)
     return vqa, chat
 
 

@@ -23,6 +23,8 @@ Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
 Share = Annotated[float, Field(ge=0, lt=1)]  # a share of figures in [0, 1)
 Text = Annotated[str, Field(min_length=1)]
+Fraction = Annotated[float, Field(gt=0, le=1)]  # in (0, 1]
+Bits = Annotated[int, Field(ge=0, le=32)]  # a Hamming distance between 64-bit image hashes
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")]
 Backend = Literal["offline", "openai", "transformers"]
 Mode = Literal["online", "batch"]
@@ -40,6 +42,22 @@ class Corpus(Section):
     max_image_side: Count
     shard_mb: Positive
     max_pixels: Count
+
+
+class Dedup(Section):
+    phash_distance: Bits
+    caption_jaccard: Fraction
+
+
+class Decontaminate(Section):
+    eval_root: Text  # the folder holding the eval sets: a DVC dependency of both decontaminate stages
+    eval_sets: list[Annotated[str, Field(pattern=r"^[^/\\]+$", description="a folder name inside eval_root (no /: "
+                                         "set eval_root to the folder above)")]]  # []: none checked
+    phash_distance: Bits
+    caption_jaccard: Fraction
+    min_words: Count
+    text_containment: Fraction
+    text_cosine: Fraction | None
 
 
 class Llm(Section):
@@ -192,8 +210,8 @@ class Evaluate(Endpoint):
 
 
 SECTIONS: dict[str, type[Section]] = {
-    "corpus": Corpus, "llm": Llm, "annotation_pool": AnnotationPool, "generate": Generate, "rate": Rate,
-    "merge_preferences": MergePreferences, "train_selector": TrainSelector, "filter": Filter, "tune": Tune,
+    "corpus": Corpus, "dedup": Dedup, "decontaminate": Decontaminate, "llm": Llm, "annotation_pool": AnnotationPool,
+    "generate": Generate, "rate": Rate, "merge_preferences": MergePreferences, "train_selector": TrainSelector, "filter": Filter, "tune": Tune,
     "evaluate": Evaluate}
 
 # keys of earlier versions, and what replaced them

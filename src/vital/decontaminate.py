@@ -1,0 +1,110 @@
+"""Stages `decontaminate` and `decontaminate_qa`: nothing of the evaluation test sets goes into the release.
+
+The eval sets are folders named in `decontaminate.eval_sets` (inside `eval_root`), in any layout
+`vital.evalsets` reads: Hugging Face parquet (VQA-RAD, PathVQA), SLAKE, or this repository's eval format.
+
+`decontaminate` (before any paid request) removes a corpus figure whose image matches an eval image (the same
+decoded pixels, or a pHash within `phash_distance` bits: re-encoded, resized) or whose caption matches an eval
+caption (MinHash Jaccard >= `caption_jaccard`; chat sets have captions). `decontaminate_qa` (after `generate`)
+removes a generated round that holds an eval item's question and answer: at least `text_containment` of the
+item's word bigrams are in the round (MinHash LSH Ensemble, a containment index), or the MiniLM embeddings of
+the two question+answer texts have cosine >= `text_cosine` (a paraphrase). Items of fewer than `min_words`
+words ("Is it normal? no") are too generic to match by text; their images are still matched, and they are
+counted. Every match is a row of the contamination report: our id, eval set, eval id, kind, distance.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .dedup import MIN_CAPTION_WORDS, NUM_PERM, hamming_pairs, lean, minhash_pairs, minhashes, shingles, words
+from .evalsets import EvalSet, EvalSetError, read_eval_set  # noqa: F401 (the stages' reader)
+
+REPORT_COLUMNS = ["id", "eval_set", "eval_id", "kind", "distance"]
+
+
+# ------------------------------------------------------------------ figures (before generate)
+
+def figure_matches(ids: list[str], pixels: list[str], phash: np.ndarray, captions: list[str],
+                   sets: list[EvalSet], phash_distance: int, caption_jaccard: float) -> list[dict]:
+    """Report rows for every corpus figure that matches an eval image or caption."""
+    rows = []
+    for s in sets:
+        names = list(s.images)
+        exact: dict[str, list[str]] = {}
+        for name in names:
+            exact.setdefault(s.images[name][0], []).append(name)
+        for i, p in enumerate(pixels):
+            rows += [_row(ids[i], s.name, name, "image_exact", 0) for name in exact.get(p, [])]
+        eval_ph = np.array([s.images[n][1] for n in names], dtype=np.uint64)
+        rows += [_row(ids[i], s.name, names[j], "image_phash", d) for i, j, d in
+                 hamming_pairs(phash, eval_ph, phash_distance) if pixels[i] != s.images[names[j]][0]]
+        ours = [i for i, c in enumerate(captions) if len(words(c)) >= MIN_CAPTION_WORDS]
+        theirs = [it for it in s.items if len(words(it["caption"])) >= MIN_CAPTION_WORDS]
+        if ours and theirs:
+            for x, y, jac in minhash_pairs(minhashes([captions[i] for i in ours], 3),
+                                           minhashes([it["caption"] for it in theirs], 3), caption_jaccard):
+                rows.append(_row(ids[ours[x]], s.name, theirs[y]["id"], "caption", round(1 - jac, 4)))
+    return sorted(rows, key=lambda r: (r["id"], r["eval_set"], r["eval_id"], r["kind"]))
+
+
+def _row(our_id: str, eval_set: str, eval_id: str, kind: str, distance: float) -> dict:
+    return {"id": our_id, "eval_set": eval_set, "eval_id": eval_id, "kind": kind, "distance": distance}
+
+
+# ------------------------------------------------------------------ generated rounds (before filter)
+
+def qa_text(question: str, answer: str) -> str:
+    return f"{question} {answer}".strip()
+
+
+def text_matches(rounds: list[tuple[str, str]], sets: list[EvalSet], min_words: int, containment: float,
+                 cosine: float | None, embed=None) -> tuple[list[dict], dict[str, int]]:
+    """Report rows (id: the round's id) for every generated round that holds an eval item's question and
+    answer, and per eval set how many items were too short to match by text. `rounds` is [(round id,
+    question + answer text)]; `embed` (texts -> L2-normalised rows) is needed when `cosine` is set."""
+    from datasketch import MinHashLSHEnsemble
+
+    rows, short = [], {}
+    usable = {s.name: [it for it in s.items if len(words(qa_text(it["question"], it["answer"]))) >= min_words]
+              for s in sets}
+    for s in sets:
+        short[s.name] = len(s.items) - len(usable[s.name])
+    if not rounds or not any(usable.values()):
+        return rows, short
+    texts = [t for _, t in rounds]
+    sig = minhashes(texts, 2)
+    sizes = [max(1, len(shingles(t, 2))) for t in texts]
+    lsh = MinHashLSHEnsemble(threshold=containment, num_perm=NUM_PERM, num_part=8)
+    lsh.index((k, lean(sig[k]), sizes[k]) for k in range(len(texts)))
+    round_vectors = embed(texts) if cosine is not None else None
+    for s in sets:
+        items = usable[s.name]
+        if not items:
+            continue
+        item_texts = [qa_text(it["question"], it["answer"]) for it in items]
+        item_shingles = [shingles(t, 2) for t in item_texts]
+        item_sig = minhashes(item_texts, 2)
+        for y, it in enumerate(items):
+            q = item_shingles[y]
+            for k in lsh.query(lean(item_sig[y]), len(q)):
+                found = len(q & shingles(texts[k], 2)) / len(q)  # exact containment of the candidate
+                if found >= containment:
+                    rows.append(_row(rounds[k][0], s.name, it["id"], "text_minhash", round(1 - found, 4)))
+        if cosine is not None:
+            sims = round_vectors @ embed(item_texts).T
+            for k, y in zip(*np.nonzero(sims >= cosine)):
+                rows.append(_row(rounds[k][0], s.name, items[y]["id"], "text_embedding",
+                                 round(1 - float(sims[k, y]), 4)))
+    return sorted(rows, key=lambda r: (r["id"], r["eval_set"], r["eval_id"], r["kind"])), short
+
+
+def counts(rows: list[dict], sets: list[EvalSet]) -> dict:
+    """Per eval set: matches by kind and distinct ids matched."""
+    out = {}
+    for s in sets:
+        mine = [r for r in rows if r["eval_set"] == s.name]
+        kinds = sorted({r["kind"] for r in mine})
+        out[s.name] = {"layout": s.layout, "items": len(s.items), "images": len(s.images),
+                       "matches": len(mine), "matched_ids": len({r["id"] for r in mine}),
+                       "by_kind": {k: sum(r["kind"] == k for r in mine) for k in kinds}}
+    return out

@@ -1,0 +1,55 @@
+"""DVC stage `decontaminate_qa`: no generated round that holds an eval item's question and answer is rated,
+selected or released.
+
+    dvc repro decontaminate_qa
+    dvc exp run -S decontaminate.text_cosine=null          # MinHash containment only (no MiniLM)
+
+Reads data/candidates/generated.jsonl (`generate`) and the same eval sets as `decontaminate`; writes
+data/candidates/conversations.jsonl without the matched rounds (a conversation left with none is dropped), and
+the release's audit, data/release/contamination.csv: the figure matches of `decontaminate` and the round
+matches, one row per pair (id, eval_set, eval_id, kind, distance).
+"""
+import time
+from pathlib import Path
+from dataclasses import replace
+
+from common import load, params, write_metrics
+import pandas as pd  # after common: a bad params.yaml stops before the heavy imports
+
+from vital.decontaminate import REPORT_COLUMNS, EvalSetError, counts, qa_text, read_eval_set, text_matches
+from vital.encoders import encode_texts
+from vital.schema import CSV_FLOAT, Conversation, write_jsonl
+
+
+def main():
+    t0, p = time.time(), params("decontaminate")
+    conversations = load("data/candidates/generated.jsonl", Conversation)
+    try:
+        sets = [read_eval_set(Path(p["eval_root"]) / name) for name in p["eval_sets"]]
+    except EvalSetError as e:
+        raise SystemExit(f"decontaminate_qa: {e}") from None
+    rounds = [(f"{c.id}#{k // 2}", qa_text(c.conversations[k]["value"], c.conversations[k + 1]["value"]))
+              for c in conversations for k in range(0, len(c.conversations) - 1, 2)]
+    rows, short = text_matches(rounds, sets, p["min_words"], p["text_containment"], p["text_cosine"], encode_texts)
+    matched = {r["id"] for r in rows}
+    clean = []
+    for c in conversations:
+        turns = [t for k in range(0, len(c.conversations) - 1, 2) if f"{c.id}#{k // 2}" not in matched
+                 for t in c.conversations[k:k + 2]]
+        if turns:
+            clean.append(replace(c, conversations=turns))
+    write_jsonl("data/candidates/conversations.jsonl", clean)
+    figures = pd.read_csv("data/corpus/contamination.csv", dtype={"id": str, "eval_id": str})
+    report = pd.concat([figures, pd.DataFrame(rows, columns=REPORT_COLUMNS)], ignore_index=True)
+    report.to_csv("data/release/contamination.csv", index=False, float_format=CSV_FLOAT)
+    by_set = counts(rows, sets)
+    for name, n in short.items():
+        by_set[name]["items_too_short_to_match"] = n
+    write_metrics("decontaminate_qa", {"conversations": len(conversations), "rounds": len(rounds),
+                                       "rounds_removed": len(matched),
+                                       "conversations_removed": len(conversations) - len(clean),
+                                       "kept": len(clean), "by_eval_set": by_set}, t0)
+
+
+if __name__ == "__main__":
+    main()

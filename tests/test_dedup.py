@@ -1,0 +1,182 @@
+"""dedup and decontaminate on real figures: re-saves, re-encodes, panels, captions, and the three eval layouts."""
+import io
+import itertools
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from vital.decontaminate import figure_matches, qa_text, text_matches
+from vital.dedup import MIN_CAPTION_WORDS, find_duplicates, hamming_pairs, image_hashes
+from vital.encoders import encode_texts
+from vital.evalsets import EvalSetError, read_eval_set
+from vital.images import ImageStore
+
+
+@pytest.fixture(scope="module")
+def figures(sample):
+    records, image_dir = sample
+    store = ImageStore(image_dir)
+    out = {}
+    for r in records:
+        with store.open(r.image) as im:
+            out[r.id] = (im.convert("RGB"), r)
+    return out
+
+
+def jpeg(im: Image.Image, quality=70, scale=0.8) -> Image.Image:
+    buf = io.BytesIO()
+    im.resize((int(im.width * scale), int(im.height * scale))).save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def resave(im: Image.Image, fmt: str) -> Image.Image:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **({"compress_level": 1} if fmt == "PNG" else {}))
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+def dedup(items, phash_distance=8, caption_jaccard=0.9):
+    """items: [(id, image, caption, pmid)] -> {id: Duplicate}"""
+    hashes = [image_hashes(im) for _, im, _, _ in items]
+    dups = find_duplicates([i for i, *_ in items], [h[0] for h in hashes], np.array([h[1] for h in hashes],
+                           dtype=np.uint64), [im.width * im.height for _, im, _, _ in items],
+                           [c for *_, c, _ in items], [p for *_, p in items], phash_distance, caption_jaccard)
+    return {d.id: d for d in dups}
+
+
+def test_the_same_pixels_saved_again_and_a_jpeg_copy_are_duplicates_and_the_largest_copy_is_kept(figures):
+    cxr, rec = figures["sample-cxr-rg1"]
+    ct, ct_rec = figures["sample-ct-head"]
+    items = [("a-png", resave(cxr, "PNG"), rec.caption, "1"), ("a-tiff", resave(cxr, "TIFF"), "another text", "2"),
+             ("a-jpeg", jpeg(cxr), "a third caption", "3"), ("b", ct, ct_rec.caption, "4")]
+    dups = dedup(items)
+    assert set(dups) == {"a-tiff", "a-jpeg"}  # b, a CT, is another figure
+    assert dups["a-tiff"].reason == "exact_pixels" and dups["a-tiff"].distance == 0
+    assert dups["a-jpeg"].reason == "near_image" and 0 <= dups["a-jpeg"].distance <= 4
+    # a-png and a-tiff have the same size; the JPEG is smaller: the tie goes to the smaller id
+    assert {d.duplicate_of for d in dups.values()} == {"a-png"}
+
+
+def test_panels_of_one_compound_figure_are_not_duplicates_though_they_share_a_caption(figures):
+    us, rec = figures["sample-us-pelvis"]  # a dual-panel ultrasound: two panels of one figure
+    w, h = us.size
+    left, right = us.crop((0, 0, w // 2, h)), us.crop((w // 2, 0, w, h))
+    items = [("fig2a", left, rec.caption, "77"), ("fig2b", right, rec.caption, "77")]
+    assert dedup(items) == {}
+    # the same caption in another paper, with another image, is a reused figure
+    items = [("p1", left, rec.caption, "77"), ("p2", figures["sample-fundus"][0], rec.caption, "78")]
+    dups = dedup(items)
+    assert list(dups) == ["p1"] and dups["p1"].reason == "near_caption"  # the fundus photo is larger: kept
+    assert dups["p1"].duplicate_of == dups["p1"].matched == "p2"
+    # a short caption names no one figure
+    short = "Chest X-ray."
+    assert len(short.split()) < MIN_CAPTION_WORDS
+    assert dedup([("s1", left, short, None), ("s2", figures["sample-fundus"][0], short, None)]) == {}
+
+
+def test_distinct_figures_of_one_modality_are_never_near_duplicates(figures):
+    cts = [(i, im, r.caption, None) for i, (im, r) in figures.items()]
+    assert dedup(cts) == {}
+    hashes = [image_hashes(im)[1] for im, _ in figures.values()]
+    nearest = min(bin(a ^ b).count("1") for a, b in itertools.combinations(hashes, 2))
+    assert nearest > 8, nearest  # the default phash_distance leaves room
+
+
+@pytest.mark.parametrize("distance", [0, 3, 8, 13])
+def test_the_banded_index_finds_exactly_the_pairs_a_brute_force_finds(distance):
+    rng = np.random.default_rng(distance)
+    base = rng.integers(0, 2**63, 300, dtype=np.uint64)
+    flips = rng.integers(0, 64, (300, 10))
+    near = base.copy()
+    for k in range(300):  # a noisy copy of each hash: some within the distance, some beyond
+        for bit in flips[k, :rng.integers(0, 11)]:
+            near[k] ^= np.uint64(1) << np.uint64(bit)
+    a = np.concatenate([base, near])
+    brute = {(i, j) for i in range(len(a)) for j in range(i + 1, len(a))
+             if bin(int(a[i]) ^ int(a[j])).count("1") <= distance}
+    assert {(i, j) for i, j, _ in hamming_pairs(a, None, distance)} == brute
+    cross = {(i, j) for i in range(300) for j in range(300) if bin(int(base[i]) ^ int(near[j])).count("1") <= distance}
+    assert {(i, j) for i, j, _ in hamming_pairs(base, near, distance)} == cross
+
+
+# ------------------------------------------------------------------ eval sets in the layouts users have
+
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def eval_sets(tmp_path, figures):
+    """A VQA-RAD-like Hugging Face parquet set, a SLAKE folder and a set in this repository's format, each
+    holding one figure of the sample (the contamination a test plants) and a synthetic one."""
+    cxr, ct, ihc = (figures[k][0] for k in ("sample-cxr-rg1", "sample-ct-head", "sample-ihc-colon"))
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    hf = tmp_path / "vqa_rad"
+    (hf / "data").mkdir(parents=True)
+    table = pa.table({"image": [{"bytes": _png(cxr), "path": "synpic1.jpg"}, {"bytes": _png(noise), "path": "n.jpg"}],
+                      "question": ["What abnormality is seen in the lungs?", "Is this normal?"],
+                      "answer": ["multiple rounded nodules", "yes"]})
+    pq.write_table(table, hf / "data/test-00000-of-00001.parquet")
+    slake = tmp_path / "slake"
+    (slake / "imgs/xmlab1").mkdir(parents=True)
+    ct.save(slake / "imgs/xmlab1/source.jpg", quality=95)
+    (slake / "test.json").write_text(json.dumps([
+        {"qid": 11, "img_name": "xmlab1/source.jpg", "question": "Which window is used to display this head CT?",
+         "answer": "A bone window", "q_lang": "en"}]))
+    ours = tmp_path / "ours"
+    (ours / "images").mkdir(parents=True)
+    ihc.save(ours / "images/e1.png")
+    (ours / "chat.jsonl").write_text(json.dumps({
+        "question_id": "c1", "image": "e1.png", "text": "What does the brown stain mark?",
+        "gpt4_answer": "FHL2 protein in the glandular epithelium.", "domain": "histology",
+        "fig_caption": figures["sample-ihc-colon"][1].caption, "fig_inline_mention": ""}) + "\n")
+    return [hf, slake, ours]
+
+
+def test_every_layout_is_read_and_a_broken_set_is_named(eval_sets, tmp_path):
+    sets = [read_eval_set(p) for p in eval_sets]
+    assert [(s.name, s.layout, len(s.items), len(s.images)) for s in sets] == [
+        ("vqa_rad", "huggingface", 2, 2), ("slake", "slake", 1, 1), ("ours", "vital", 1, 1)]
+    assert sets[1].items[0]["id"] == "11" and sets[2].items[0]["id"] == "chat/c1"
+    (eval_sets[1] / "imgs/xmlab1/source.jpg").unlink()
+    with pytest.raises(EvalSetError, match=r"test.json: item 1: image .*source.jpg is missing"):
+        read_eval_set(eval_sets[1])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvalSetError, match="not an eval set"):
+        read_eval_set(tmp_path / "empty")
+
+
+def test_a_reencoded_eval_image_and_a_paraphrased_eval_question_are_caught_and_nothing_else_is(eval_sets, figures):
+    sets = [read_eval_set(p) for p in eval_sets]
+    ids = list(figures)
+    planted = {"planted-cxr": jpeg(figures["sample-cxr-rg1"][0])}  # JPEG q=70 at 0.8x of a VQA-RAD image
+    images = [figures[i][0] for i in ids] + list(planted.values())
+    hashes = [image_hashes(im) for im in images]
+    captions = [figures[i][1].caption for i in ids] + ["A radiograph."]
+    rows = figure_matches(ids + list(planted), [h[0] for h in hashes], np.array([h[1] for h in hashes], np.uint64),
+                          captions, sets, 8, 0.8)
+    matched = {(r["id"], r["eval_set"], r["kind"]) for r in rows}
+    assert ("planted-cxr", "vqa_rad", "image_phash") in matched
+    # the sample figures the fixture copied are caught as well, by image (and by caption for the chat set)
+    assert {("sample-cxr-rg1", "vqa_rad", "image_exact"), ("sample-ct-head", "slake", "image_phash"),
+            ("sample-ihc-colon", "ours", "image_exact"), ("sample-ihc-colon", "ours", "caption")} <= matched
+    false_positives = {r["id"] for r in rows} - {"planted-cxr", "sample-cxr-rg1", "sample-ct-head", "sample-ihc-colon"}
+    assert false_positives == set()  # 11 other figures, 4 of the same modalities as the eval images
+
+    rounds = [("gen-1#0", qa_text("Which abnormality can be seen in the lungs?",
+                                  "The lungs show multiple rounded nodules.")),  # a paraphrase
+              ("gen-2#1", qa_text("What window is used to display this head CT?", "A bone window is used.")),
+              ("gen-3#0", qa_text("What imaging modality is this?", "It is an axial CT of the head.")),
+              ("gen-4#0", qa_text("Is this normal?", "Yes."))]  # the generic eval item is too short to match
+    rows, short = text_matches(rounds, sets, 6, 0.8, 0.9, encode_texts)
+    assert {(r["id"], r["eval_set"]) for r in rows} == {("gen-1#0", "vqa_rad"), ("gen-2#1", "slake")}
+    assert {r["kind"] for r in rows if r["id"] == "gen-2#1"} >= {"text_minhash"}
+    assert short == {"vqa_rad": 1, "slake": 0, "ours": 0}
+    rows, _ = text_matches(rounds, sets, 6, 0.8, None)  # MinHash alone: the near-verbatim copy only
+    assert {r["id"] for r in rows} == {"gen-2#1"}
