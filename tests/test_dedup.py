@@ -180,3 +180,88 @@ def test_a_reencoded_eval_image_and_a_paraphrased_eval_question_are_caught_and_n
     assert short == {"vqa_rad": 1, "slake": 0, "ours": 0}
     rows, _ = text_matches(rounds, sets, 6, 0.8, None)  # MinHash alone: the near-verbatim copy only
     assert {r["id"] for r in rows} == {"gen-2#1"}
+
+
+# ------------------------------------------------------------------ the stages, as `dvc repro` runs them
+
+def stage_repo(tmp_path, sample, eval_sets, **decontaminate):
+    """A working copy with what the three stages read: params.yaml, the ingested corpus and its images."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    from vital.schema import write_jsonl
+
+    root = Path(__file__).resolve().parents[1]
+    records, image_dir = sample
+    repo = tmp_path / "repo"
+    shutil.copytree(root / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["decontaminate"].update(eval_root=str(eval_sets[0].parent), eval_sets=[p.name for p in eval_sets],
+                                   **decontaminate)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_jsonl(repo / "data/corpus/ingested.jsonl", records)
+    shutil.copytree(image_dir, repo / "data/corpus/images")
+    (repo / "data/release").mkdir(parents=True)
+    return repo
+
+
+def run_stage(repo, name, ok=True):
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, f"stages/{name}.py"], cwd=repo, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ))
+    assert (p.returncode == 0) == ok, p.stdout + p.stderr
+    return p
+
+
+def test_the_stages_remove_what_the_eval_sets_hold_and_report_it_pair_by_pair(tmp_path, sample, eval_sets):
+    import pandas as pd
+
+    from vital.schema import Conversation, read_jsonl, write_jsonl
+
+    repo = stage_repo(tmp_path, sample, eval_sets)
+    run_stage(repo, "dedup")
+    assert json.loads((repo / "metrics/dedup.json").read_text())["duplicates"] == 0
+    run_stage(repo, "decontaminate")
+    m = json.loads((repo / "metrics/decontaminate.json").read_text())
+    assert (m["figures"], m["removed"]) == (14, 3)
+    assert {k: v["matched_ids"] for k, v in m["by_eval_set"].items()} == {"vqa_rad": 1, "slake": 1, "ours": 1}
+    kept = [r["id"] for r in read_jsonl(repo / "data/corpus/records.jsonl")]
+    assert len(kept) == 11 and "sample-cxr-rg1" not in kept
+
+    turns = lambda *qa: [{"from": f, "value": v} for q, a in qa for f, v in (("human", q), ("gpt", a))]  # noqa: E731
+    generated = [Conversation(id="f1", image="f1.png", domain="other", backend="openai", model="m", request_hash="h",
+                              conversations=turns(("What is shown?", "A fundus photograph of the retina."),
+                                                  ("Which abnormality can be seen in the lungs?",
+                                                   "The lungs show multiple rounded nodules."))),
+                 Conversation(id="f2", image="f2.png", domain="ct_scan", backend="openai", model="m", request_hash="h",
+                              conversations=turns(("What window is used to display this head CT?",
+                                                   "A bone window is used.")))]
+    write_jsonl(repo / "data/candidates/generated.jsonl", generated)
+    run_stage(repo, "decontaminate_qa")
+    convs = list(read_jsonl(repo / "data/candidates/conversations.jsonl"))
+    assert [(c["id"], len(c["conversations"])) for c in convs] == [("f1", 2)]  # f2 had one round: dropped
+    qa = json.loads((repo / "metrics/decontaminate_qa.json").read_text())
+    assert (qa["rounds"], qa["rounds_removed"], qa["conversations_removed"]) == (3, 2, 1)
+    report = pd.read_csv(repo / "data/release/contamination.csv", dtype=str)
+    assert list(report.columns) == ["id", "eval_set", "eval_id", "kind", "distance"]
+    assert {"sample-cxr-rg1", "f1#1", "f2#0"} <= set(report["id"])  # the figures and the rounds, in one report
+
+
+def test_an_eval_set_the_stage_cannot_read_stops_it_in_one_line_naming_the_file(tmp_path, sample, eval_sets):
+    repo = stage_repo(tmp_path, sample, eval_sets)
+    run_stage(repo, "dedup")
+    (eval_sets[1] / "imgs/xmlab1/source.jpg").write_bytes(b"not an image")
+    p = run_stage(repo, "decontaminate", ok=False)
+    assert p.stderr.strip().splitlines() == [f"decontaminate: {eval_sets[1] / 'imgs/xmlab1/source.jpg'}: cannot decode "
+                                             "the image (UnidentifiedImageError); the audit needs every eval image: "
+                                             "restore the file or remove the item"]
+    repo2 = stage_repo(tmp_path / "two", sample, [eval_sets[0].parent / "nowhere"])
+    run_stage(repo2, "dedup")
+    p = run_stage(repo2, "decontaminate", ok=False)
+    assert "nowhere: no such folder; decontaminate.eval_sets names folders" in p.stderr
+    assert "Traceback" not in p.stderr
