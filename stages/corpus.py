@@ -19,7 +19,7 @@ def main():
     else:  # path (params.yaml is checked: src/vital/params.py)
         try:
             result = ingest(Path(p["path"]), Path(p["image_dir"]), CORPUS_IMAGES, p["strict"], p["shard_mb"],
-                            p["max_pixels"])
+                            p["max_pixels"], licenses=Path(p["licenses"]) if p["licenses"] else None)
         except CorpusError as e:  # strict mode's first bad record, or nothing to read: one line, no traceback
             raise SystemExit(str(e)) from None
         refusal = result.refusal(p["path"])  # the same words `vital validate corpus` prints

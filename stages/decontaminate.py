@@ -37,6 +37,7 @@ def main():
                          "data/corpus/contamination.csv and the decontaminate.* thresholds")
     write_jsonl("data/corpus/records.jsonl", clean)
     write_metrics("decontaminate", {"figures": len(records), "removed": len(removed), "kept": len(clean),
+                                    "thresholds": {k: p[k] for k in ("phash_distance", "caption_jaccard")},
                                     "by_eval_set": counts(rows, sets)}, t0)
 
 

@@ -48,7 +48,9 @@ def main():
     write_metrics("decontaminate_qa", {"conversations": len(conversations), "rounds": len(rounds),
                                        "rounds_removed": len(matched),
                                        "conversations_removed": len(conversations) - len(clean),
-                                       "kept": len(clean), "by_eval_set": by_set}, t0)
+                                       "kept": len(clean),
+                                       "thresholds": {k: p[k] for k in ("min_words", "text_containment", "text_cosine")},
+                                       "by_eval_set": by_set}, t0)
 
 
 if __name__ == "__main__":

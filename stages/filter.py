@@ -7,6 +7,11 @@ unit and aggregate (models/selector/config.json).
     dvc repro filter
     dvc exp run -S filter.ratio=0.5
     dvc exp run -S filter.top_k=60000 -S filter.balance_domains=true
+    dvc exp run -S 'filter.licenses=[CC BY, CC0]'   # a release for commercial use: other licences dropped first
+
+Every released record carries its provenance (release.PROVENANCE: figure, pmid, pmcid, licence, generator,
+demonstrations, rating, selector score, and the pipeline revision: HEAD's sha, "-dirty" when src/, stages/ or
+dvc.yaml differ from it, and the sha256 of all of params.yaml); data/release/manifest.jsonl lists every image.
 
 It then compares the selector with baselines at the release's size (vital/baselines.py): a random subset, the
 rater's score threshold, and the selector trained on model pairs only (w = 0), each checked against the clinician
@@ -17,12 +22,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import EMBEDDINGS, image_store, load, params, write_metrics
+from common import EMBEDDINGS, PARAMS, image_store, load, params, write_metrics
 import pandas as pd  # after common: a bad params.yaml stops before the heavy imports
 
 from vital import baselines, release, selector
+from vital.decontaminate import card_section
 from vital.encoders import count_tokens
 from vital.preferences import unit_scores
+from vital.provenance import UNKNOWN, allowed, normalise_license, revision
 from vital.schema import (CSV_FLOAT, Conversation, CorpusRecord, PoolItem, PreferencePair, Rating, meaningful,
                           write_json, write_jsonl)
 
@@ -40,6 +47,14 @@ def main():
     if not candidates:
         raise SystemExit(f"filter: none of the {len(conversations)} candidates is usable; see "
                          "data/candidates/filter_skipped.jsonl")
+    allow = [normalise_license(x) for x in p["licenses"]] if p["licenses"] is not None else None
+    license_of = {c.id: records[c.id].license if c.id in records else UNKNOWN for c in candidates}
+    dropped_by_license = dict(sorted(Counter(license_of[c.id] for c in candidates
+                                             if not allowed(license_of[c.id], allow)).items()))
+    candidates = [c for c in candidates if allowed(license_of[c.id], allow)]  # before selection: never scored
+    if not candidates:
+        raise SystemExit(f"filter: filter.licenses {allow} drops every candidate (their licences: "
+                         f"{dict(sorted(Counter(license_of.values()).items()))}); widen it or set it to null")
     try:
         conv_scores, selector_info = selector.score_conversations(candidates, records, corpus_images, EMBEDDINGS,
                                                                   SELECTOR)
@@ -53,7 +68,9 @@ def main():
     except ValueError as e:
         raise SystemExit(f"filter (comparison with baselines): {e}") from None
     by_id = {c.id: c for c in conversations}
-    out = [release.to_llava(by_id[i], conv_scores[i]) for i in keep]
+    scores = {r.candidate_id: r.score for r in load("data/candidates/ratings.jsonl", Rating)}
+    made_by = revision(PARAMS)  # the same within one checkout: HEAD and params.yaml, no clock
+    out = [release.to_llava(by_id[i], conv_scores[i], records.get(i), scores, made_by) for i in keep]
     report = release.validate(out, corpus_images)
     if report["problems"]:  # never release what a trainer would choke on
         raise SystemExit("filter: the release has problems: " + "; ".join(f"{i}: {w}" for i, w in report["problems"][:5]))
@@ -61,13 +78,17 @@ def main():
     origin = (f"{len(out)} instruction conversations kept of {len(conversations)} candidates "
               f"(`filter` params: {json.dumps(p, sort_keys=True)}).")
     card = release.data_card(out, origin, selector_info, "MiniLM WordPiece", tokens, selection=selection,
-                             root=str(RELEASE))
+                             root=str(RELEASE), licenses={"allow": allow, "dropped": dropped_by_license},
+                             audit=card_section(*(json.loads(Path(f"metrics/{s}.json").read_text())
+                                                  for s in ("decontaminate", "decontaminate_qa"))))
     shards = release.write_release(RELEASE, out, corpus_images, card, p["shard_mb"])
     write_metrics("filter", {"candidates": len(conversations), "skipped": len(skipped),
                              "skipped_examples": skipped[:5], "kept": len(out), "ratio": p["ratio"],
                              "top_k": p["top_k"], "balance_domains": p["balance_domains"],
                              "rounds_kept": sum(len(r["conversations"]) // 2 for r in out),
                              "kept_by_domain": dict(sorted(Counter(r["domain"] for r in out).items())),
+                             "licenses": allow, "dropped_by_license": dropped_by_license,
+                             "kept_by_license": dict(sorted(Counter(r["license"] for r in out).items())),
                              "generators": sorted({r["generator"] for r in out}),
                              "min_kept_score": round(min(conv_scores[i] for i in keep), 5),
                              "shards": shards}, t0)

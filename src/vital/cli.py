@@ -100,19 +100,22 @@ def validate_corpus(path: Path = typer.Argument(..., help="fig_captions .json/.j
                     image_dir: Path = typer.Option(..., "--image-dir", help="folder with <pair_id>.jpg images"),
                     show: int = typer.Option(20, help="how many problems to list"),
                     max_pixels: int = typer.Option(None, "--max-pixels", min=1, help="largest image, width x "
-                                                   "height; default: the corpus stage's (vital.corpus.MAX_PIXELS)")):
+                                                   "height; default: the corpus stage's (vital.corpus.MAX_PIXELS)"),
+                    licenses: Path = typer.Option(None, "--licenses", help="licences by pmcid, as corpus.licenses: "
+                                                  "the PMC OA file list CSV or a CSV / JSONL of pmcid,license")):
     """Check a LLaVA-Med fig_captions corpus the way the `corpus` stage reads it; exit 1 if any record is bad or
     none is usable, 2 if the corpus cannot be read at all."""
     from .corpus import MAX_PIXELS, CorpusError, ingest
 
     try:
-        result = ingest(path, image_dir, None, strict=False, max_pixels=max_pixels or MAX_PIXELS)
+        result = ingest(path, image_dir, None, strict=False, max_pixels=max_pixels or MAX_PIXELS, licenses=licenses)
     except CorpusError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     c, refusal = result.counts(), result.refusal(path)  # refusal: the words the stage stops with
     typer.echo(f"{path}: {c['records']} usable records, {c['rejected']} rejected")
     typer.echo("domains: " + (", ".join(f"{d}={n}" for d, n in c["by_domain"].items() if n) or "none"))
+    typer.echo("licences: " + (", ".join(f"{k}={n}" for k, n in c["by_license"].items()) or "none"))
     for reason, n in c["rejected_by_reason"].items():
         typer.echo(f"  {reason}: {n}")
     for r in result.rejected[:show]:
@@ -139,12 +142,16 @@ def validate_params(path: Path = typer.Argument(Path("params.yaml"), help="the p
 
 @validate.command("release")
 def validate_release(path: Path = typer.Argument(..., help="a LLaVA-format instructions JSON (ours, or the "
-                                                          "official BioMed-VITAL 60K/80K file)"),
+                                                          "official BioMed-VITAL 60K/80K file), or a release folder"),
                      image_dir: Path = typer.Option(None, "--image-dir", help="also check every image is in this store or folder"),
                      show: int = typer.Option(20, help="how many problems to list")):
-    """Check an instruction-tuning file the way `tune` reads it; exit 1 if any record has a problem."""
-    from .release import validate
+    """Check an instruction-tuning file the way `tune` reads it, and, when `manifest.jsonl` is beside it, every image
+    it lists (in --image-dir, else the release's data/ and images/) against its sha256; exit 1 if anything has a
+    problem."""
+    from .release import CARD, HUB_DATA, LOOSE_IMAGES, MANIFEST, check_manifest, read_manifest, validate
 
+    if path.is_dir():  # a release folder
+        path = path / "instructions.json"
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -165,7 +172,27 @@ def validate_release(path: Path = typer.Argument(..., help="a LLaVA-format instr
         typer.echo(f"  {rid}: {why}")
     if len(report["problems"]) > show:
         typer.echo(f"  ... and {len(report['problems']) - show} more (--show N)")
-    raise typer.Exit(1 if report["problems"] else 0)
+    bad = bool(report["problems"])
+    manifest = path.parent / MANIFEST
+    if manifest.is_file():
+        stores = [image_dir] if image_dir else [d for d in (path.parent / HUB_DATA, path.parent / LOOSE_IMAGES)
+                                                if d.is_dir()]
+        try:
+            rows = read_manifest(manifest)
+            problems = [p for store in stores for p in check_manifest(rows, store)]
+        except (ValueError, StoreError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        where = ", ".join(str(s) for s in stores) or f"nowhere (no {HUB_DATA}/ or {LOOSE_IMAGES}/ beside it)"
+        typer.echo(f"{manifest}: {len(rows)} images checked in {where}, {len(problems)} missing or changed")
+        for who, why in problems[:show]:
+            typer.echo(f"  {who}: {why}")
+        if len(problems) > show:
+            typer.echo(f"  ... and {len(problems) - show} more (--show N)")
+        bad = bad or bool(problems) or not stores
+    elif (path.parent / CARD).is_file() and (path.parent / HUB_DATA).is_dir():
+        typer.echo(f"(no {MANIFEST} beside {path.name}: a release written before manifests; images not checksummed)")
+    raise typer.Exit(1 if bad else 0)
 
 
 release_app = typer.Typer(help="Published releases: bring one in to tune on.", no_args_is_help=True)

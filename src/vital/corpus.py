@@ -6,6 +6,10 @@ A user corpus is LLaVA-Med `fig_captions` records (JSON array, JSONL or parquet)
 The image is `<image_dir>/<pair_id>.{jpg,jpeg,png}` unless the record names one in `image` (a relative path that
 stays inside `image_dir`, symlinks resolved). Bad records go to `rejected` with file, line and reason; with
 `strict` the first one stops the run. `vital validate corpus` runs the same `ingest`, so both agree.
+
+Provenance (src/vital/provenance.py): `pmcid` (the record's, or a pair_id like PMC1234567_F1), `license` (the
+record's `license` / `licence`, else the `corpus.licenses` side file by pmcid, else "unknown") and `source_url`
+(`source_url` / `url` / `image_url`) are kept on each record; `source` is the input's file:line.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .images import ShardWriter
+from .provenance import LicenseFileError, license_of, pmcid_of, read_licenses, source_url_of
 from .schema import DOMAINS, CorpusRecord, Rejected
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -40,8 +45,12 @@ class CorpusResult:
             key = r.reason.split(":")[0]
             reasons[key] = reasons.get(key, 0) + 1
         domains = {d: sum(r.domain == d for r in self.records) for d in DOMAINS}
+        licenses: dict[str, int] = {}
+        for r in self.records:
+            licenses[r.license] = licenses.get(r.license, 0) + 1
         return {"records": len(self.records), "rejected": len(self.rejected),
-                "rejected_by_reason": dict(sorted(reasons.items())), "by_domain": domains}
+                "rejected_by_reason": dict(sorted(reasons.items())), "by_domain": domains,
+                "by_license": dict(sorted(licenses.items()))}
 
     def refusal(self, source) -> str | None:
         """Why this corpus cannot be used (no usable record), in the words the stage stops with and
@@ -116,7 +125,7 @@ def build_sample(image_dir: Path, max_image_side: int, shard_mb: float = 256) ->
             result.records.append(CorpusRecord(
                 id=s["id"], image=name, caption=s["caption"], fig_label=s["fig_label"],
                 inline_mentions=[s["mention"]], domain=s["domain"],
-                source=f"sample:{s['src'][0]}:{s['src'][1]}"))
+                source=f"sample:{s['src'][0]}:{s['src'][1]}", license=s["license"]))
     return result
 
 
@@ -275,8 +284,10 @@ def _find_image(image_dir: Path, raw: dict, rid: str) -> Path:
     return path
 
 
-def parse_record(raw, image_dir: Path, source: str, max_pixels: int = MAX_PIXELS) -> tuple[CorpusRecord, Path]:
-    """One LLaVA-Med fig_captions record -> CorpusRecord. Raises CorpusError with the reason."""
+def parse_record(raw, image_dir: Path, source: str, max_pixels: int = MAX_PIXELS,
+                 licenses: dict[str, dict] | None = None) -> tuple[CorpusRecord, Path]:
+    """One LLaVA-Med fig_captions record -> CorpusRecord; `licenses` is the side file (provenance.read_licenses).
+    Raises CorpusError with the reason."""
     if not isinstance(raw, dict):
         raise CorpusError(f"malformed record: expected an object, got {type(raw).__name__}")
     if _has_bad_utf8(raw):
@@ -289,11 +300,14 @@ def parse_record(raw, image_dir: Path, source: str, max_pixels: int = MAX_PIXELS
     caption = _text(raw.get("fig_caption", raw.get("caption")), "caption")
     if not caption:
         raise CorpusError("missing caption: fig_caption is empty")
+    pmcid = pmcid_of(raw, rid)
+    listed = (licenses or {}).get(pmcid) or {}
     record = CorpusRecord(
         id=rid, image="", caption=caption, fig_label=text_value(raw.get("fig_label"), "fig_label"),
         inline_mentions=_mentions(raw.get("in_text_mention", raw.get("inline_mentions"))),
         domain=parse_domain(raw.get("domain")), source=source,
-        pmid=text_value(raw.get("pmid"), "pmid") or None)
+        pmid=text_value(raw.get("pmid"), "pmid") or listed.get("pmid"), pmcid=pmcid,
+        license=license_of(raw, pmcid, licenses), source_url=source_url_of(raw))
     image = _find_image(image_dir, raw, rid)
     problem = _check_image(image, max_pixels)
     if problem:
@@ -302,9 +316,10 @@ def parse_record(raw, image_dir: Path, source: str, max_pixels: int = MAX_PIXELS
 
 
 def ingest(path: Path, image_dir: Path, out_image_dir: Path | None, strict: bool, shard_mb: float = 256,
-           max_pixels: int = MAX_PIXELS) -> CorpusResult:
+           max_pixels: int = MAX_PIXELS, licenses: Path | None = None) -> CorpusResult:
     """Read a user corpus; pack accepted images into `out_image_dir` (if given) so it is self-contained.
-    The `corpus` stage and `vital validate corpus` both call this, so they agree on every record."""
+    `licenses` (corpus.licenses) is the side file of licences by pmcid. The `corpus` stage and `vital validate
+    corpus` both call this, so they agree on every record."""
     if not path.exists():
         raise CorpusError(f"{path}: no such file or folder; corpus.path (or `vital validate corpus PATH`) names a "
                           ".json, .jsonl or .parquet file or a folder of them")
@@ -314,6 +329,10 @@ def ingest(path: Path, image_dir: Path, out_image_dir: Path | None, strict: bool
         if path.is_dir() else [path]
     if not files:
         raise CorpusError(f"{path}: no .json, .jsonl or .parquet corpus files found")
+    try:
+        table = read_licenses(licenses) if licenses else None
+    except LicenseFileError as e:
+        raise CorpusError(f"corpus.licenses: {e}") from None
     result, seen = CorpusResult(), set()
     with ShardWriter(out_image_dir, shard_mb) if out_image_dir else nullcontext() as out:
         for f in files:
@@ -322,7 +341,7 @@ def ingest(path: Path, image_dir: Path, out_image_dir: Path | None, strict: bool
                 try:
                     if error:
                         raise CorpusError(error)
-                    record, image = parse_record(raw, image_dir, f"{f.name}:{line}", max_pixels)
+                    record, image = parse_record(raw, image_dir, f"{f.name}:{line}", max_pixels, table)
                     if record.id in seen:
                         raise CorpusError(f"duplicate id: {record.id} already seen earlier in the corpus")
                 except CorpusError as e:

@@ -108,3 +108,32 @@ def counts(rows: list[dict], sets: list[EvalSet]) -> dict:
                        "matches": len(mine), "matched_ids": len({r["id"] for r in mine}),
                        "by_kind": {k: sum(r["kind"] == k for r in mine) for k in kinds}}
     return out
+
+
+def card_section(figures: dict, rounds: dict) -> str:
+    """The data card's account of the audit, from the metrics of `decontaminate` (figures) and
+    `decontaminate_qa` (rounds)."""
+    sets = sorted(set(figures["by_eval_set"]) | set(rounds["by_eval_set"]))
+    if not sets:
+        return ("## Decontamination\n\nNo evaluation set was checked (`decontaminate.eval_sets` is empty): nothing "
+                "is known about overlap with any benchmark.\n")
+    t, q = figures["thresholds"], rounds["thresholds"]
+    lines = ["## Decontamination", "",
+             f"Checked against {len(sets)} evaluation test set(s) before generation and before rating. Figures: "
+             f"the same decoded pixels or a pHash within {t['phash_distance']} bits of an eval image, or a caption "
+             f"at MinHash Jaccard >= {t['caption_jaccard']} to an eval caption. Generated rounds: >= "
+             f"{q['text_containment']} of an eval item's question+answer word bigrams, "
+             + (f"or MiniLM cosine >= {q['text_cosine']}" if q["text_cosine"] is not None else "no embedding test")
+             + f"; items under {q['min_words']} words are matched by image only. Every match is a row of "
+             "`contamination.csv`.", "",
+             "| eval set | layout | items | images | figures removed | rounds removed | items too short for text |",
+             "|---|---|---|---|---|---|---|"]
+    for name in sets:
+        f, r = figures["by_eval_set"].get(name, {}), rounds["by_eval_set"].get(name, {})
+        lines.append(f"| {name} | {f.get('layout', r.get('layout'))} | {f.get('items', r.get('items'))} | "
+                     f"{f.get('images', r.get('images'))} | {f.get('matched_ids', 0)} | {r.get('matched_ids', 0)} | "
+                     f"{r.get('items_too_short_to_match', 0)} |")
+    lines += ["", f"In all: {figures['removed']} of {figures['figures']} figures and {rounds['rounds_removed']} of "
+              f"{rounds['rounds']} generated rounds removed ({rounds['conversations_removed']} conversations left "
+              "with none)."]
+    return "\n".join(lines) + "\n"

@@ -42,6 +42,7 @@ class Corpus(Section):
     max_image_side: Count
     shard_mb: Positive
     max_pixels: Count
+    licenses: Optional[Text]  # a side file of licences by pmcid (PMC OA file list CSV, or pmcid,license); null: none
 
 
 class Dedup(Section):
@@ -172,6 +173,8 @@ class Filter(Section):
     top_k: Natural
     balance_domains: bool
     shard_mb: Positive
+    licenses: Optional[Annotated[list[Text], Field(min_length=1, description="a list of licences, e.g. [CC BY, "
+                                                   "CC0] (not empty: null keeps every licence)")]]
 
 
 class Tune(Section):

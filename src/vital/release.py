@@ -2,11 +2,14 @@
 
 A conversation's score comes from the selector (selector.score_conversations). The release is LLaVA format:
 unique `id`, relative `image`, `domain`, `conversations` alternating human/gpt from human, with
-`<image>\\n` exactly once, at the start of the first human turn.
+`<image>\\n` exactly once, at the start of the first human turn. Every record also carries its provenance
+(`PROVENANCE`): the source figure and its paper, licence, generator, demonstrations, rating, selector score
+and the pipeline revision; `manifest.jsonl` lists every image with its sha256 (`check_manifest`).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -20,7 +23,9 @@ import pyarrow as pa
 import yaml
 
 from .images import IMAGE_TYPE, ImageStore, unpack, write_hub_shards
-from .schema import IMAGE_TOKEN, Conversation, mask_url, write_atomic, write_json, write_jsonl
+from .provenance import UNKNOWN
+from .schema import (IMAGE_TOKEN, Conversation, CorpusRecord, mask_url, read_jsonl, round_id, rounds, write_atomic,
+                     write_json, write_jsonl)
 
 
 def select_top(scores: dict[str, float], ratio: float, top_k: int = 0, domains: dict[str, str] | None = None) -> list[str]:
@@ -47,13 +52,43 @@ def select_top(scores: dict[str, float], ratio: float, top_k: int = 0, domains: 
     return [i for i in ranked if i in kept]
 
 
-def to_llava(c: Conversation, score: float | None = None) -> dict:
-    """The LLaVA record of a candidate; `validate` says whether it is well formed."""
+# what a released record says about where it comes from, after id, image, domain, conversations
+PROVENANCE = ("selector_score", "generator", "figure_id", "pmid", "pmcid", "license", "source", "source_url",
+              "demo_ids", "rating", "round_ratings", "revision")
+
+
+def round_ratings(c: Conversation, scores: dict[str, int | None] | None) -> list[int | None] | None:
+    """The rater's score of each round of `c` (`scores`: {candidate id: score}, ratings.jsonl), null for a round
+    whose reply did not parse or that was not rated; None when no round of `c` was rated at all."""
+    if not scores:
+        return None
+    ids = [round_id(c.id, k) for k in range(len(rounds(c.conversations)))]
+    if not any(i in scores for i in ids):
+        return None
+    return [scores.get(i) for i in ids]
+
+
+def mean_rating(per_round: list[int | None] | None) -> float | None:
+    """The mean of the parsed round scores; None when there is none."""
+    parsed = [x for x in per_round or [] if x is not None]
+    return round(sum(parsed) / len(parsed), 6) if parsed else None
+
+
+def to_llava(c: Conversation, score: float | None = None, figure: CorpusRecord | None = None,
+             scores: dict[str, int | None] | None = None, revision: dict | None = None) -> dict:
+    """The LLaVA record of a candidate with its provenance (`figure`: its corpus record; `scores`: the ratings by
+    candidate id; `revision`: provenance.revision); `validate` says whether it is well formed."""
     turns = [dict(t) if isinstance(t, dict) else t for t in c.conversations]
     if turns and isinstance(turns[0], dict) and isinstance(turns[0].get("value"), str):
         turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"
+    per_round = round_ratings(c, scores)
     return {"id": c.id, "image": c.image, "domain": c.domain, "conversations": turns,
-            "selector_score": None if score is None else round(score, 6), "generator": f"{c.backend}:{c.model}"}
+            "selector_score": None if score is None else round(score, 6), "generator": f"{c.backend}:{c.model}",
+            "figure_id": figure.id if figure else c.id, "pmid": figure.pmid if figure else None,
+            "pmcid": figure.pmcid if figure else None, "license": figure.license if figure else UNKNOWN,
+            "source": figure.source if figure else None, "source_url": figure.source_url if figure else None,
+            "demo_ids": list(c.demo_ids), "rating": mean_rating(per_round), "round_ratings": per_round,
+            "revision": dict(revision) if revision else None}
 
 
 def screen(conversations: list[Conversation], images: ImageStore | Path) -> tuple[list[Conversation], list[dict]]:
@@ -147,7 +182,12 @@ RELEASE_SCHEMA = pa.schema([
     ("id", pa.string()), ("image", IMAGE_TYPE), ("domain", pa.string()),
     ("conversations", _TURNS),  # LLaVA: `<image>\n` once, at the start of the first human turn
     ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),  # chat: no placeholder
-    ("selector_score", pa.float64()), ("generator", pa.string())])
+    ("selector_score", pa.float64()), ("generator", pa.string()),
+    # provenance (PROVENANCE): null where a record does not say (an imported release)
+    ("figure_id", pa.string()), ("pmid", pa.string()), ("pmcid", pa.string()), ("license", pa.string()),
+    ("source", pa.string()), ("source_url", pa.string()), ("demo_ids", pa.list_(pa.string())),
+    ("rating", pa.float64()), ("round_ratings", pa.list_(pa.int64())),
+    ("revision", pa.struct([("git_commit", pa.string()), ("params_sha256", pa.string())]))])
 VIEWS = {"llava": ["id", "image", "domain", "conversations"], "trl": ["image", "messages"]}
 
 LLAMAFACTORY_DATASET_INFO = {"biomed_vital": {
@@ -202,15 +242,70 @@ def how_to_load(root: str) -> list[str]:
 def write_release(out_dir: Path, records: list[dict], images: ImageStore | Path, card: str,
                   shard_mb: float = 256) -> int:
     """The release folder from LLaVA records and the store holding their images: parquet shards with the
-    images in them, instructions.json, dataset_info.json and the data card under its front matter (not the
-    loose images/: `vital images unpack`). Returns the number of shards."""
+    images in them, instructions.json, dataset_info.json, the image manifest and the data card under its front
+    matter (not the loose images/: `vital images unpack`). Returns the number of shards."""
     out_dir = Path(out_dir)
     rows = [{**{k: r.get(k) for k in RELEASE_SCHEMA.names}, "messages": to_messages(r)} for r in records]
     shards = write_hub_shards(rows, images, out_dir / HUB_DATA, RELEASE_SCHEMA, shard_mb)
     write_json(out_dir / "instructions.json", records)
     write_json(out_dir / "dataset_info.json", LLAMAFACTORY_DATASET_INFO)
+    write_jsonl(out_dir / MANIFEST, manifest(records, out_dir / HUB_DATA))
     write_atomic(out_dir / CARD, front_matter(len(records)) + card)
     return shards
+
+
+# ---------------------------------------------------------------- the image manifest
+
+MANIFEST = "manifest.jsonl"  # one line per image of the release: what `vital validate release` checks
+
+
+def manifest(records: list[dict], images: ImageStore | Path) -> list[dict]:
+    """One row per image the records name (first record wins for the figure's fields), read back from the
+    release's own store: name, sha256 and size of the bytes as stored, width, height, figure id, source, licence."""
+    from PIL import Image
+
+    store, rows, seen = ImageStore.of(images), [], set()
+    for r in records:
+        name = r["image"]
+        if name in seen:
+            continue
+        seen.add(name)
+        data = store.read(name)
+        with Image.open(io.BytesIO(data)) as im:  # the header only: nothing is decoded
+            width, height = im.size
+        rows.append({"image": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "width": width,
+                     "height": height, "figure_id": r.get("figure_id") or r.get("id"), "source": r.get("source"),
+                     "license": r.get("license") or UNKNOWN})
+    return rows
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """The manifest's rows; ValueError naming file:line for a broken one."""
+    rows = []
+    for n, row in enumerate(read_jsonl(path), 1):
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("sha256"), str):
+            raise ValueError(f"{path}: row {n} has no image name and sha256")
+        rows.append(row)
+    return rows
+
+
+def check_manifest(rows: list[dict], images: ImageStore | Path) -> list[tuple[str, str]]:
+    """(figure id, why) for each image of the manifest that the store lacks or holds with other bytes."""
+    from .images import ImageError
+
+    store, problems = ImageStore.of(images), []
+    for row in rows:
+        who, name = str(row.get("figure_id") or row["image"]), row["image"]
+        try:
+            data = store.read(name)
+        except (ImageError, ValueError):
+            problems.append((who, f"image {name!r} is missing from {store.root}"))
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != row["sha256"]:
+            problems.append((who, f"image {name!r} in {store.root} has changed: sha256 {digest[:12]}..., the "
+                                  f"manifest says {row['sha256'][:12]}..."))
+    return problems
 
 
 FORMATS = (f"a dataset folder in the Hugging Face Hub layout: parquet shards with the images embedded "
@@ -244,10 +339,13 @@ DEVIATIONS = (
 
 
 def data_card(release: list[dict], origin: str, selector_info: dict | None, tokenizer_name: str, tokens: list[int],
-              formats: str = FORMATS, selection: dict | None = None, root: str | None = None) -> str:
+              formats: str = FORMATS, selection: dict | None = None, root: str | None = None,
+              licenses: dict | None = None, audit: str | None = None) -> str:
     """A markdown data card: what is in the release and what made it (`origin`: one sentence); with `root`
     (the folder, as users name it), how each trainer loads it; with `selection` (filter's comparison with
-    baselines, metrics/selection.json), that table and the method's deviations."""
+    baselines, metrics/selection.json), that table and the method's deviations; with `licenses` ({"allow": the
+    filter.licenses allow-list or None, "dropped": {licence: candidates dropped}}), what the allow-list did; `audit`
+    (a markdown section: decontaminate.card_section), the decontamination audit."""
     by_domain = Counter(r["domain"] for r in release)
     rounds = [len(r["conversations"]) // 2 for r in release]
     scores = [r["selector_score"] for r in release if r.get("selector_score") is not None]
@@ -264,9 +362,35 @@ def data_card(release: list[dict], origin: str, selector_info: dict | None, toke
     if scores:
         lines += ["## Selector scores of the kept conversations", "", "| from | to | conversations |", "|---|---|---|",
                   *[f"| {edges[i]:.4f} | {edges[i + 1]:.4f} | {int(h)} |" for i, h in enumerate(hist)], ""]
+    by_license = Counter(r.get("license") or UNKNOWN for r in release)
+    lines += ["## Licences", "",
+              "Each figure's licence as its corpus record states it (a `license` column, or the `corpus.licenses` "
+              "side file by PMC id, e.g. NCBI's PMC Open Access file list); `unknown` where nobody stated one. "
+              "The text and conversations were written by the generator; the figures keep their own licence.", "",
+              "| licence | conversations |", "|---|---|",
+              *[f"| {k} | {n} |" for k, n in sorted(by_license.items())], ""]
+    if licenses is not None:
+        allow, dropped = licenses.get("allow"), licenses.get("dropped") or {}
+        if allow is None:
+            lines += ["Allow-list (`filter.licenses`): none, every licence kept.", ""]
+        else:
+            lines += [f"Allow-list (`filter.licenses`): {', '.join(allow)}. Candidates dropped before selection "
+                      f"for their licence: {sum(dropped.values())}"
+                      + (" (" + ", ".join(f"{k}: {n}" for k, n in sorted(dropped.items())) + ")." if dropped else "."),
+                      ""]
+    if audit:
+        lines += [audit]
+    revisions = sorted({json.dumps(r["revision"], sort_keys=True) for r in release if r.get("revision")})
     lines += ["## Provenance", "",
               f"- generator(s): {', '.join(sorted({r['generator'] for r in release}))}",
               f"- selector: {json.dumps(selector_info, sort_keys=True) if selector_info else 'none recorded'}",
+              *[f"- pipeline revision: git `{v['git_commit']}`, params sha256 `{v['params_sha256']}`"
+                for v in map(json.loads, revisions)],
+              "- per record: `figure_id`, `pmid`, `pmcid`, `license`, `source` (file:line of the corpus record), "
+              "`source_url`, `generator`, `demo_ids`, `rating` (mean of the parsed round ratings), "
+              "`round_ratings`, `selector_score`, `revision` (null where the record does not say)"
+              + ("; `manifest.jsonl`: every image with its sha256 (`vital validate release` checks it)"
+                 if root else ""),
               f"- format: {formats}", ""]
     if root:
         lines += how_to_load(root)

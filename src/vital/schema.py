@@ -26,8 +26,12 @@ class CorpusRecord:
     fig_label: str
     inline_mentions: list[str]
     domain: str
-    source: str
+    source: str  # "file:line" of the input record (or "sample:<kind>:<name>")
     pmid: str | None = None
+    # provenance (src/vital/provenance.py); defaults, so that records written before them still load
+    pmcid: str | None = None  # PMC1234567: the record's `pmcid`, or a pair_id that starts with one
+    license: str = "unknown"  # canonical spelling (provenance.normalise_license); "unknown" when nobody said
+    source_url: str | None = None  # the record's `source_url` / `url` / `image_url`, when it has one
 
 
 @dataclass
