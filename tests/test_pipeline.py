@@ -373,12 +373,13 @@ def test_duplicates_and_eval_figures_in_a_user_corpus_cost_nothing_and_never_rea
         add("panel-a", im.convert("RGB").crop((0, 0, w // 2, h)), caption, "3001")
         add("panel-b", im.convert("RGB").crop((w // 2, 0, w, h)), caption, "3001")
     eval_images = sorted((repo / "examples/eval/images").iterdir())[:2]
+    captions = ["Teaching file case: a brain slice reproduced from an atlas, with the ventricles labelled.",
+                "Reader quiz figure, reused without its original legend; identify the sequence and plane."]
     for k, path in enumerate(eval_images):
         with Image.open(path) as im:
             im = im.convert("RGB")
-            add(f"evalcopy-{k}", im.resize((int(im.width * .8), int(im.height * .8))),
-                f"An image reproduced in a teaching file, number {k}, with a new description of its findings.",
-                str(4000 + k), ext="jpg")
+            add(f"evalcopy-{k}", im.resize((int(im.width * .8), int(im.height * .8))), captions[k], str(4000 + k),
+                ext="jpg")
     (corpus / "fig_captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["corpus"].update(source="path", path=str(corpus / "fig_captions.jsonl"), image_dir=str(images))
