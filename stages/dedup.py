@@ -38,7 +38,7 @@ def main():
     write_jsonl("data/corpus/unique.jsonl", [r for r in records if r.id not in dropped])
     write_metrics("dedup", {"figures": len(records), "kept": len(records) - len(dropped), "duplicates": len(dups),
                             "by_reason": dict(sorted(Counter(d.reason for d in dups).items())),
-                            "groups": len({d.duplicate_of for d in dups}), "examples": dups[:3]}, t0)
+                            "groups": len({d.duplicate_of for d in dups})}, t0)
 
 
 if __name__ == "__main__":

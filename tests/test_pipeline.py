@@ -211,7 +211,8 @@ def test_an_openai_compatible_server_drives_generate_and_rate_and_no_key_is_left
         url = fake.base_url
         out = run(f"dvc exp run rate -S generate.backend=openai -S generate.base_url={url} "
                   f"-S rate.backend=openai -S rate.base_url={url}", repo, OPENAI_API_KEY=key).stdout
-        assert sorted(ran(out)) == ["annotation_pool", "corpus", "generate", "rate"] and ran(out)[-1] == "rate"
+        assert sorted(ran(out)) == ["annotation_pool", "corpus", "decontaminate", "decontaminate_qa", "dedup", "generate",
+                                    "rate"] and ran(out)[-1] == "rate"
         assert fake.calls["POST /v1/chat/completions"] > 14
         gen = json.loads((repo / "metrics/generate.json").read_text())
         assert (gen["backend"], gen["model"], gen["requests"], gen["failed"]) == ("openai", "gpt-4o", 14, 0)
