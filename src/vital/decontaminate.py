@@ -7,16 +7,19 @@ The eval sets are folders named in `decontaminate.eval_sets` (inside `eval_root`
 decoded pixels, or a pHash within `phash_distance` bits: re-encoded, resized) or whose caption matches an eval
 caption (MinHash Jaccard >= `caption_jaccard`; chat sets have captions). `decontaminate_qa` (after `generate`)
 removes a generated round that holds an eval item's question and answer: at least `text_containment` of the
-item's word bigrams are in the round (MinHash LSH Ensemble, a containment index), or the MiniLM embeddings of
+item's word bigrams are in the round (exact, through an inverted index of each item's rarest bigrams), or the MiniLM embeddings of
 the two question+answer texts have cosine >= `text_cosine` (a paraphrase). Items of fewer than `min_words`
 words ("Is it normal? no") are too generic to match by text; their images are still matched, and they are
 counted. Every match is a row of the contamination report: our id, eval set, eval id, kind, distance.
 """
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import numpy as np
 
-from .dedup import MIN_CAPTION_WORDS, NUM_PERM, hamming_pairs, lean, minhash_pairs, minhashes, shingles, words
+from .dedup import MIN_CAPTION_WORDS, hamming_pairs, minhash_pairs, minhashes, shingles, words
 from .evalsets import EvalSet, EvalSetError, read_eval_set  # noqa: F401 (the stages' reader)
 
 REPORT_COLUMNS = ["id", "eval_set", "eval_id", "kind", "distance"]
@@ -57,13 +60,30 @@ def qa_text(question: str, answer: str) -> str:
     return f"{question} {answer}".strip()
 
 
+def containment_pairs(texts: list[set], items: list[set], containment: float) -> list[tuple[int, int, float]]:
+    """(k, y, c) for every text k holding at least `containment` of item y's shingles (c = the share held),
+    exactly. Prefix filter: a text missing at most (1 - containment) of an item's shingles holds one of its
+    len - ceil(containment * len) + 1 rarest, so only those are indexed, and each text looks up its own."""
+    freq = Counter(g for q in items for g in q)
+    index: dict[bytes, list[int]] = {}
+    for y, q in enumerate(items):
+        need = math.ceil(containment * len(q) - 1e-9)
+        for g in sorted(q, key=lambda g: (freq[g], g))[:len(q) - need + 1]:
+            index.setdefault(g, []).append(y)
+    out = []
+    for k, t in enumerate(texts):
+        for y in sorted({y for g in t if g in index for y in index[g]}):
+            found = len(items[y] & t) / len(items[y])
+            if found >= containment:
+                out.append((k, y, found))
+    return out
+
+
 def text_matches(rounds: list[tuple[str, str]], sets: list[EvalSet], min_words: int, containment: float,
                  cosine: float | None, embed=None) -> tuple[list[dict], dict[str, int]]:
     """Report rows (id: the round's id) for every generated round that holds an eval item's question and
     answer, and per eval set how many items were too short to match by text. `rounds` is [(round id,
     question + answer text)]; `embed` (texts -> L2-normalised rows) is needed when `cosine` is set."""
-    from datasketch import MinHashLSHEnsemble
-
     rows, short = [], {}
     usable = {s.name: [it for it in s.items if len(words(qa_text(it["question"], it["answer"]))) >= min_words]
               for s in sets}
@@ -72,24 +92,15 @@ def text_matches(rounds: list[tuple[str, str]], sets: list[EvalSet], min_words: 
     if not rounds or not any(usable.values()):
         return rows, short
     texts = [t for _, t in rounds]
-    sig = minhashes(texts, 2)
-    sizes = [max(1, len(shingles(t, 2))) for t in texts]
-    lsh = MinHashLSHEnsemble(threshold=containment, num_perm=NUM_PERM, num_part=8)
-    lsh.index((k, lean(sig[k]), sizes[k]) for k in range(len(texts)))
+    round_shingles = [shingles(t, 2) for t in texts]
     round_vectors = embed(texts) if cosine is not None else None
     for s in sets:
         items = usable[s.name]
         if not items:
             continue
         item_texts = [qa_text(it["question"], it["answer"]) for it in items]
-        item_shingles = [shingles(t, 2) for t in item_texts]
-        item_sig = minhashes(item_texts, 2)
-        for y, it in enumerate(items):
-            q = item_shingles[y]
-            for k in lsh.query(lean(item_sig[y]), len(q)):
-                found = len(q & shingles(texts[k], 2)) / len(q)  # exact containment of the candidate
-                if found >= containment:
-                    rows.append(_row(rounds[k][0], s.name, it["id"], "text_minhash", round(1 - found, 4)))
+        for k, y, found in containment_pairs(round_shingles, [shingles(t, 2) for t in item_texts], containment):
+            rows.append(_row(rounds[k][0], s.name, items[y]["id"], "text_bigrams", round(1 - found, 4)))
         if cosine is not None:
             sims = round_vectors @ embed(item_texts).T
             for k, y in zip(*np.nonzero(sims >= cosine)):
