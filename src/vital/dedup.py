@@ -83,11 +83,13 @@ def lean(signature: np.ndarray):
 
 def minhash_pairs(a: np.ndarray, b: np.ndarray | None, threshold: float) -> Iterator[tuple[int, int, float]]:
     """(i, j, estimated Jaccard >= threshold) for signatures a[i], b[j] (b None: within a, i < j), the
-    candidates from datasketch's LSH index over b (or a), its bands weighted for recall (a false candidate
-    costs one check, a missed one a duplicate left in)."""
+    candidates from datasketch's LSH index over b (or a). Its bands are set for recall: the longest rows
+    (fewest false candidates) with which a pair at the threshold is a candidate with p >= 0.995 (a false
+    candidate costs one check, a missed one a duplicate left in)."""
     from datasketch import MinHashLSH
 
-    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM, weights=(0.1, 0.9))
+    r = max((r for r in range(1, NUM_PERM + 1) if 1 - (1 - threshold ** r) ** (NUM_PERM // r) >= 0.995), default=1)
+    lsh = MinHashLSH(num_perm=NUM_PERM, params=(NUM_PERM // r, r))
     index = a if b is None else b
     for j, row in enumerate(index):
         lsh.insert(j, lean(row), check_duplication=False)
