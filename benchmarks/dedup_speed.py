@@ -587,7 +587,6 @@ def main():
               f"({r['dedup_found']:,} dropped, {r['dedup_planted']:,} planted; per kind {kinds})")
         if "caption_missed" in r:
             m = r["caption_missed"]
-            lsh = datasketch.MinHashLSH(threshold=d["caption_jaccard"], num_perm=dedup.NUM_PERM, weights=(0.1, 0.9))
             print(f"  {'':>7} near_caption missed: {m['n']} (true Jaccard {m['true_min']:.3f}-{m['true_max']:.3f}), "
                   f"{m['estimate_over']} of them with an estimated Jaccard >= {d['caption_jaccard']}: never LSH "
                   "candidates")
@@ -619,7 +618,7 @@ def main():
           + (f"; with text_matches (bigram containment, {at['rounds']:,} rounds) {at['total_s']:.1f} s "
              f"({at['total_s'] / args.target_s:.2f}: {'holds' if at['total_s'] < args.target_s else 'MISSED'})"
              if at["with_text"] else "; text_matches not measured at this size")
-          + "; image hashing not included" + ("" if at["n"] >= 100_000 else f" (the issue's size is 100,000)"))
+          + "; image hashing not included" + ("" if at["n"] >= 100_000 else " (the issue's size is 100,000)"))
     for r in results:
         if "profile" in r:
             print(f"\nprofile, {r['n']:,} figures (cumulative):\n{r['profile']}")

@@ -141,7 +141,7 @@ def eval_sets(tmp_path, figures):
     ct.save(slake / "imgs/xmlab1/source.jpg", quality=95)
     (slake / "test.json").write_text(json.dumps([
         {"qid": 11, "img_name": "xmlab1/source.jpg", "question": "Which window is used to display this head CT?",
-         "answer": "A bone window", "q_lang": "en"}]))
+         "answer": "A bone window", "q_lang": "en", "answer_type": "OPEN", "modality": "CT"}]))
     ours = tmp_path / "ours"
     (ours / "images").mkdir(parents=True)
     ihc.save(ours / "images/e1.png")
@@ -156,7 +156,7 @@ def test_every_layout_is_read_and_a_broken_set_is_named(eval_sets, tmp_path):
     sets = [read_eval_set(p) for p in eval_sets]
     assert [(s.name, s.layout, len(s.items), len(s.images)) for s in sets] == [
         ("vqa_rad", "huggingface", 2, 2), ("slake", "slake", 1, 1), ("ours", "vital", 1, 1)]
-    assert sets[1].items[0]["id"] == "11" and sets[2].items[0]["id"] == "chat/c1"
+    assert sets[1].items[0]["id"] == "slake/11" and sets[2].items[0]["id"] == "chat/c1"
     (eval_sets[1] / "imgs/xmlab1/source.jpg").unlink()
     with pytest.raises(EvalSetError, match=r"test.json: item 1: image .*source.jpg is missing"):
         read_eval_set(eval_sets[1])

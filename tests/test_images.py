@@ -173,7 +173,7 @@ def _official(n_good=6):
     domains = ["CXR", "MRI", "CT", "Histology", "Gross", {"chest_xray": False, "mri": True}]
     good = [{"id": f"PMC{i}_fig1", "image": f"PMC{i}_fig1.jpg", "domain": domains[i % len(domains)],
              "conversations": [
-                 {"from": "human", "value": f"What does this image show?\n<image>" if i % 2 else "<image>\nModality?"},
+                 {"from": "human", "value": "What does this image show?\n<image>" if i % 2 else "<image>\nModality?"},
                  {"from": "gpt", "value": f"Finding number {i}."},
                  {"from": "human", "value": "Anything else?"}, {"from": "gpt", "value": "Clinical correlation."}]}
             for i in range(n_good)]
@@ -270,7 +270,7 @@ def test_release_import_converts_the_official_format_and_feeds_tune(http_server,
     from vital import tune  # feeds tune directly: the tiny LLaVA trains on it from the packed images
     model, processor = tune.load_base(tune.TINY, 0)
     _, history, stats = tune.train(model, processor, imported, out / "data", tune.TuneConfig(max_steps=2))
-    assert len(history) == 2 and stats["examples"] == 6
+    assert len(history) == 2 and stats["train_examples"] == 6
 
 
 def test_a_failed_or_cut_download_leaves_nothing_and_shows_no_token(http_server, tmp_path):

@@ -64,6 +64,14 @@ def test_the_repositorys_params_yaml_passes():
     ("dedup", "phash_distance", 40, "dedup.phash_distance is 40; allowed: an integer >= 0 and <= 32"),
     ("decontaminate", "text_cosine", 1.5, "decontaminate.text_cosine is 1.5; allowed: a number > 0 and <= 1"),
     ("decontaminate", "eval_sets", ["/data/slake"], "decontaminate.eval_sets.0 is '/data/slake'; allowed: a folder name inside eval_root"),
+    ("evaluate", "eval_sets", [{"name": "rad", "format": "huggingface", "path": "/data/vqa-rad"}],
+     "evaluate.eval_sets: eval set 'rad': path /data/vqa-rad is outside eval_root (examples), so DVC would not rerun"),
+    ("evaluate", "eval_sets", [{"name": "rad", "format": "huggingface"}],
+     "evaluate.eval_sets: eval set 'rad' (format huggingface) has no path; allowed: a path inside eval_root (examples)"),
+    ("evaluate", "eval_sets", [{"name": "s", "format": "sample"}, {"name": "s", "format": "vital", "path": "examples/eval"}],
+     "evaluate.eval_sets: eval set name 's' is used twice"),
+    ("evaluate", "eval_sets", [{"name": "rad", "format": "vqa"}], "evaluate.eval_sets.0.format is 'vqa'; allowed: one of sample, huggingface, slake, llava_med, vital"),
+    ("evaluate", "eval_sets", [], "evaluate.eval_sets is []"),
 ])
 def test_a_bad_value_is_one_line_naming_file_line_key_value_and_what_is_allowed(tmp_path, section, key, value, words):
     path = with_value(tmp_path, section, key, value)

@@ -108,7 +108,9 @@ def test_dag_runs_offline_end_to_end_then_experiment_reruns_only_downstream(repo
     assert "Pipeline check only" in card and f"12 conversations (LLaVA format), sha256 `{sha}`" in card
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
     assert "tiny random" in ev["model"] and ev["judge"].startswith("offline:")
-    assert {"closed_accuracy", "open_recall", "relative_score"} <= set(ev)
+    assert ev["closed_accuracy"]["n"] == 21 and ev["open_recall"]["n"] == 14 and "relative_score" in ev["chat"]
+    assert ev["base"]["all"]["closed_accuracy"]["n"] == 21 and "sample" in ev["vqa_win_rate_vs_base"]
+    assert "pipeline only" in ev["judge_kind"]
 
     assert "up to date" in run("dvc status", repo).stdout
     assert ran(run("dvc repro", repo).stdout) == []  # a second repro does nothing
@@ -121,12 +123,16 @@ def test_dag_runs_offline_end_to_end_then_experiment_reruns_only_downstream(repo
     shown = run("dvc exp show --json", repo).stdout
     assert '"ratio": 0.5' in shown and '"kept": 7' in shown
 
-    exp = run("dvc exp run -S evaluate.eval_sets=folder", repo).stdout  # the LLaVA-Med eval files in examples/eval
+    exp = run("dvc exp run -S 'evaluate.eval_sets=[{name: eval, format: vital, path: examples/eval}]' "
+              "-S evaluate.baseline_answers=examples/eval/baseline_answers.jsonl", repo).stdout  # LLaVA-Med's format
     assert ran(exp) == ["evaluate"]
+    assert "group            metric" in exp and "tuned - base [95% CI]" in exp  # the printed table
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert set(ev["by_dataset"]) == {"vqa_rad", "slake", "pathvqa"} and ev["by_dataset"]["slake"]["closed_n"] == 1
-    assert ev["pairs"] == 3 and ev["win_rate_against"] == "examples/eval/baseline_answers.jsonl"
-    assert set(ev["relative_score_by_category"]) == {"conversation", "detailed_description"}
+    assert {"vqa_rad", "slake", "pathvqa"} <= set(ev["tuned"]) and ev["tuned"]["slake"]["closed_accuracy"]["n"] == 1
+    assert ev["sets"]["eval"]["decontaminated"] is True  # decontaminate.eval_sets names it
+    chat = ev["chat"]
+    assert chat["pairs"] == 3 and chat["win_rate_against"] == "examples/eval/baseline_answers.jsonl"
+    assert set(chat["relative_score_by_category"]) == {"conversation", "detailed_description"}
 
 
 def _publish_and_pull_into_a_fresh_clone(repo):
@@ -365,8 +371,9 @@ def test_duplicates_and_eval_figures_in_a_user_corpus_cost_nothing_and_never_rea
     with store.open(cxr.image) as im:
         im = im.convert("RGB")
         im.save(buf := __import__("io").BytesIO(), "PNG", compress_level=1)
-        add("dup-resaved", buf.getvalue(), "Posteroanterior chest film, reposted with a shorter legend.", "2001")
-        add("dup-jpeg", im.resize((int(im.width * .8), int(im.height * .8))),
+        # same pixels, same size: the group keeps the smallest id ("sample-..." < "upload-...")
+        add("upload-resaved", buf.getvalue(), "Posteroanterior chest film, reposted with a shorter legend.", "2001")
+        add("upload-jpeg", im.resize((int(im.width * .8), int(im.height * .8))),
             "A chest film from a review article, shown again at a smaller size.", "2002", ext="jpg")
     with store.open(records[12].image) as im:  # the fundus photograph, as a compound figure's two panels
         w, h = im.size
@@ -391,7 +398,7 @@ def test_duplicates_and_eval_figures_in_a_user_corpus_cost_nothing_and_never_rea
     dedup = json.loads((repo / "metrics/dedup.json").read_text())
     assert (dedup["figures"], dedup["duplicates"], dedup["by_reason"]) == (20, 2, {"exact_pixels": 1, "near_image": 1})
     dups = {d["id"]: d for d in map(json.loads, (repo / "data/corpus/duplicates.jsonl").read_text().splitlines())}
-    assert set(dups) == {"dup-resaved", "dup-jpeg"} and {d["duplicate_of"] for d in dups.values()} == {cxr.id}
+    assert set(dups) == {"upload-resaved", "upload-jpeg"} and {d["duplicate_of"] for d in dups.values()} == {cxr.id}
     decon = json.loads((repo / "metrics/decontaminate.json").read_text())
     assert (decon["figures"], decon["removed"], decon["kept"]) == (18, 2, 16)
     assert decon["by_eval_set"]["eval"]["matched_ids"] == 2
@@ -399,7 +406,7 @@ def test_duplicates_and_eval_figures_in_a_user_corpus_cost_nothing_and_never_rea
     assert set(report["id"]) == {"evalcopy-0", "evalcopy-1"}
     assert set(report["eval_id"]) == {p.name for p in eval_images} and set(report["kind"]) == {"image_phash"}
 
-    gone = {"dup-resaved", "dup-jpeg", "evalcopy-0", "evalcopy-1"}
+    gone = {"upload-resaved", "upload-jpeg", "evalcopy-0", "evalcopy-1"}
     kept = {json.loads(x)["id"] for x in (repo / "data/corpus/records.jsonl").read_text().splitlines()}
     assert len(kept) == 16 and not kept & gone and {"panel-a", "panel-b"} <= kept
     generated = [json.loads(x) for x in (repo / "data/candidates/generated.jsonl").read_text().splitlines()]
@@ -480,7 +487,7 @@ def test_an_imported_release_feeds_the_tune_stage_by_params(repo, tmp_path, samp
     out = "data/external/biomed-vital-instructions-60k"
     exp = run(f"dvc exp run -s tune -S tune.data={out}/instructions.json -S tune.images={out}/images", repo).stdout
     assert ran(exp) == ["tune"]
-    assert json.loads((repo / "metrics/tune.json").read_text())["examples"] == 4
+    assert json.loads((repo / "metrics/tune.json").read_text())["train_examples"] == 4
     card = (repo / "models/vlm/adapter/README.md").read_text()
     assert f"`{out}/instructions.json`: 4 conversations" in card and f"`{out}/README.md`" in card
 
@@ -493,4 +500,4 @@ def test_an_imported_release_feeds_the_tune_stage_by_params(repo, tmp_path, samp
     run(f"{sys.executable} -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 --master_port {port} "
         "stages/tune.py", repo, OMP_NUM_THREADS="1")
     m = json.loads((repo / "metrics/tune.json").read_text())
-    assert m["processes"] == 2 and m["examples"] == 4 and (repo / "models/vlm/adapter/adapter_model.safetensors").exists()
+    assert m["processes"] == 2 and m["train_examples"] == 4 and (repo / "models/vlm/adapter/adapter_model.safetensors").exists()

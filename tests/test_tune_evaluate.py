@@ -32,7 +32,6 @@ def _release(records, n=4):
 def test_loss_is_on_assistant_tokens_only(sample, tiny):
     records, image_dir = sample
     model, processor = tiny
-    from PIL import Image
 
     ex = tune.encode_example(processor, ImageStore(image_dir).open(records[0].image).convert("RGB"),
                              _release(records)[0]["conversations"], max_length=512)
@@ -86,7 +85,7 @@ def test_lora_tuning_saves_an_adapter_that_loads_and_generates(sample, tmp_path)
     tune.save_base(model, processor, tmp_path)
     base_weights = {k: v.clone() for k, v in model.state_dict().items()}
     peft_model, history, stats = tune.train(model, processor, _release(records), image_dir, cfg)
-    assert stats["steps"] == 4 and len(history) == 4 and stats["examples"] == 4
+    assert stats["steps"] == 4 and len(history) == 4 and stats["train_examples"] == 4
     # LoRA only in the language model; the vision tower untouched
     lora = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert lora and all("language_model" in n and "lora_" in n for n in lora)
@@ -307,24 +306,76 @@ def test_base_model_by_path(sample, tmp_path, tiny):
     assert p2.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == m2.config.image_token_index
 
 
-def test_vqa_metrics_per_dataset_and_unknown_answer_types_are_skipped_by_id():
+def test_vqa_scores_per_dataset_with_n_and_intervals_and_unknown_answer_types_are_skipped_by_id():
     items = [{"question_id": "1", "answer_type": "CLOSED", "answer": "Yes.", "dataset": "vqa_rad"},
              {"question_id": "2", "answer_type": "CLOSED", "answer": "no", "dataset": "vqa_rad"},
              {"question_id": "9", "answer_type": "CLOSED", "answer": "CT", "dataset": "vqa_rad"},  # "CT or MRI?"
-             {"question_id": "1", "answer_type": "OPEN", "answer": "left lower lobe", "dataset": "slake"},  # same id
-             {"question_id": "4", "answer_type": "open", "answer": "Axial", "dataset": "slake"},
+             {"question_id": "1", "answer_type": "OPEN", "answer": "left lower lobe", "dataset": "slake",
+              "domain": "ct_scan"},  # the same id in another dataset
+             {"question_id": "4", "answer_type": "open", "answer": "Axial", "dataset": "slake", "domain": "ct_scan"},
              {"question_id": "5", "answer_type": "MAYBE", "answer": "x", "dataset": "slake"}]
     preds = {"vqa_rad/1": "Yes, it is.", "vqa_rad/2": "It is not clear", "vqa_rad/9": "This is a CT scan.",
              "slake/1": "a lesion in the lower lobe", "slake/4": "axial", "slake/5": "x"}
-    m, skipped = evaluate.vqa_metrics(items, preds)
-    assert m["closed_accuracy"] == pytest.approx(66.67, abs=0.01) and m["open_recall"] == pytest.approx(83.33, abs=0.01)
-    rad = m["by_dataset"]["vqa_rad"]
-    assert rad["closed_n"] == 3 and rad["open_n"] == 0 and rad["exact_match"] == 0.0
-    slake = m["by_dataset"]["slake"]
-    assert slake["open_recall"] == pytest.approx(83.33, abs=0.01) and slake["exact_match"] == 50.0
-    f1 = 2 * (2 / 6) * (2 / 3) / (2 / 6 + 2 / 3)  # "lower lobe" shared: precision 2/6, recall 2/3
-    assert slake["token_f1"] == pytest.approx(100 * (f1 + 1) / 2, abs=0.01)
+    rows, skipped = evaluate.vqa_scores(items, preds)
     assert skipped == [{"id": "slake/5", "reason": "unknown answer_type 'MAYBE'; use CLOSED or OPEN"}]
+    t = evaluate.vqa_tables(rows, judged={"slake/1": False, "slake/4": True})
+    assert list(t) == ["all", "slake", "slake/ct_scan", "vqa_rad", "vqa_rad/other"]
+    closed = t["vqa_rad"]["closed_accuracy"]
+    assert (closed["n"], closed["k"], closed["rate"]) == (3, 2, pytest.approx(0.6667, abs=1e-4))
+    assert closed["low"] == pytest.approx(0.2077, abs=1e-3) and closed["high"] == pytest.approx(0.9385, abs=1e-3)
+    recall = t["slake"]["open_recall"]  # "left lower lobe": 2 of 3 words; "axial": 1 of 1
+    assert (recall["n"], recall["mean"]) == (2, pytest.approx(0.8333, abs=1e-4))
+    assert recall["low"] == pytest.approx(2 / 3, abs=1e-4) and recall["high"] == 1.0  # the bootstrap's two values
+    f1 = 2 * (2 / 6) * (2 / 3) / (2 / 6 + 2 / 3)  # "lower lobe" shared: precision 2/6, recall 2/3
+    assert t["slake"]["open_token_f1"]["mean"] == pytest.approx((f1 + 1) / 2, abs=1e-4)
+    assert (t["slake"]["open_exact_match"]["k"], t["slake"]["open_judged_accuracy"]["k"]) == (1, 1)
+    assert t["vqa_rad"]["open_recall"] == {"n": 0, "mean": None, "low": None, "high": None}
+    assert t["all"]["closed_accuracy"]["n"] == 3 and t["all"]["open_recall"]["n"] == 2
+
+    base = {**preds, "vqa_rad/1": "No.", "slake/4": "coronal"}  # the base model gets two more wrong
+    diff = evaluate.differences(rows, evaluate.vqa_scores(items, base)[0], {}, {})
+    assert diff["vqa_rad"]["closed_accuracy"]["diff"] == pytest.approx(1 / 3, abs=1e-4)
+    assert diff["slake"]["open_recall"]["diff"] == pytest.approx(0.5, abs=1e-4)
+    assert diff["slake"]["open_recall"]["low"] == 0.0 and diff["slake"]["open_recall"]["high"] == 1.0
+    assert diff["all"]["open_judged_accuracy"]["n"] == 0  # no verdicts given
+
+
+def test_the_judge_grades_open_answers_and_sees_the_image_in_the_win_rate(tmp_path):
+    """The paper's win rate: open questions only, the image as an image part, both orders; the judged open
+    accuracy: question, ground truth and answer, [[correct]] / [[incorrect]] parsed exactly."""
+    image = (Path(__file__).parents[1] / "examples/eval/images/eval_ct.jpg").read_bytes()
+    items = [{"question_id": "1", "dataset": "slake", "answer_type": "OPEN", "image": "ct.jpg",
+              "text": "Which window is used?", "answer": "bone window"},
+             {"question_id": "2", "dataset": "slake", "answer_type": "CLOSED", "image": "ct.jpg",
+              "text": "Is this a CT?", "answer": "yes"}]
+    tuned, base = {"slake/1": "A bone window.", "slake/2": "yes"}, {"slake/1": "Soft tissue.", "slake/2": "no"}
+    seen = []
+
+    class Judge(OfflineBackend):
+        model = identity = "scripted-judge"
+
+        def complete(self, messages, task):
+            seen.append((task, messages))
+            text = messages[-1]["content"] if isinstance(messages[-1]["content"], str) else \
+                messages[-1]["content"][-1]["text"]
+            if task == "grade":
+                return "Same finding. [[correct]]" if "bone" in text.split("Answer:")[-1] else "[[incorrect]]"
+            a = text.split("Answer A:")[1].split("Answer B:")[0]
+            return "[[A]]" if "bone" in a else "[[B]]"
+
+    client = Client(ClientConfig(), Judge())
+    verdicts, unparsed, stats = evaluate.judge_open(items, tuned, client, AppendLog(tmp_path / "c.jsonl"), "tuned")
+    assert verdicts == {"slake/1": True} and unparsed == [] and stats["requests"] == 1
+    assert evaluate.parse_grade("[[correct]] ... or [[incorrect]]") is None and evaluate.parse_grade("") is None
+    m, stats = evaluate.vqa_win_rate(items, tuned, base, {"ct.jpg": image}.__getitem__, client,
+                                     AppendLog(tmp_path / "c.jsonl"))
+    assert (m["wins"], m["ties"], m["losses"], m["pairs"], m["win_rate"]) == (1, 0, 0, 1, 100.0)
+    pairwise = [msgs for task, msgs in seen if task == "pairwise"]
+    assert len(pairwise) == 2  # the closed question is not compared; the open one in both orders
+    for msgs in pairwise:
+        parts = msgs[-1]["content"]
+        assert parts[0]["type"] == "image_url" and parts[0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+        assert "Ground truth: bone window" in parts[1]["text"]
 
 
 def test_the_example_eval_folder_loads_one_dataset_per_file(tmp_path):
@@ -447,7 +498,7 @@ def test_win_rate_judges_both_orders_so_position_bias_cancels(tmp_path):
 
 def test_the_model_card_says_what_the_adapter_was_tuned_from_and_on(tmp_path):
     cfg = tune.TuneConfig(base_model="/models/llava-med-v1.5-mistral-7b-hf", lora_r=16)
-    stats = {"examples": 60000, "steps": 1875, "final_loss": 0.812345}
+    stats = {"train_examples": 60000, "steps": 1875, "final_loss": 0.812345}
     card = tune.model_card(cfg, stats, Path("data/release/instructions.json"), 60000, "ab" * 32, cfg.base_model)
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["base_model"] == cfg.base_model and meta["library_name"] == "peft" and "biomedical" in meta["tags"]

@@ -39,11 +39,14 @@ def main():
         sys.exit(2)
     sys.exit(status or 0)
 
-STAGES = ["corpus", "annotation_pool", "generate", "rate", "merge_preferences", "train_selector", "filter",
-          "tune", "evaluate"]
+STAGES = ["corpus", "dedup", "decontaminate", "annotation_pool", "generate", "decontaminate_qa", "rate",
+          "merge_preferences", "train_selector", "filter", "tune", "evaluate"]
 # the few numbers per stage a researcher looks at first
 HEADLINE = {
     "corpus": ["source", "records", "rejected"],
+    "dedup": ["figures", "duplicates", "kept"],
+    "decontaminate": ["figures", "removed", "kept"],
+    "decontaminate_qa": ["rounds", "rounds_removed", "kept"],
     "annotation_pool": ["backend", "figures", "questions"],
     "generate": ["backend", "conversations", "rounds", "rejected", "failed", "requests", "cached", "cost_usd"],
     "rate": ["backend", "rounds", "unparsed", "failed", "mean_score", "cost_usd"],
@@ -52,7 +55,8 @@ HEADLINE = {
                        "test.clinician_alignment.rate", "test.clinician_alignment.n", "test.auc"],
     "filter": ["candidates", "skipped", "kept", "ratio"],
     "tune": ["model", "steps", "final_loss"],
-    "evaluate": ["closed_accuracy", "open_recall", "relative_score", "win_rate", "judge"],
+    "evaluate": ["closed_accuracy.rate", "closed_accuracy.n", "open_recall.mean", "open_recall.n",
+                 "chat.relative_score", "chat.win_rate", "judge"],
 }
 
 

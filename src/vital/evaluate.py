@@ -18,18 +18,21 @@ embedded default.
 """
 from __future__ import annotations
 
+import io
 import re
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import torch
+from PIL import Image
 
+from .backends import image_part
 from .client import Requests
 from .evalsets import load_eval_sets, uid  # noqa: F401 (load_eval_sets: the stage's reader)
 from .generate import figure_text
 from .images import ImageStore
 from .offline import qa_from_text
 from .schema import AppendLog, CorpusRecord
+from .stats import mean_interval, paired_difference, rate
 from .tune import prompt
 
 DOMAIN_NAMES = {"chest_xray": "chest X-ray", "mri": "MRI", "ct_scan": "CT", "histology": "histology"}
@@ -55,19 +58,19 @@ def sample_eval_sets(records: list[CorpusRecord]) -> tuple[list[dict], list[dict
     return vqa, chat
 
 
-def answer_questions(model, processor, items: list[dict], images: ImageStore | Path,
-                     max_new_tokens: int) -> tuple[dict[str, str], list[dict]]:
+def answer_questions(model, processor, items: list[dict], images, max_new_tokens: int) -> tuple[dict[str, str], list[dict]]:
     """The model's answer per question id, and the items skipped with why (an image that is missing or that
-    the processor rejects)."""
-    tok, images = processor.tokenizer, ImageStore.of(images)
+    the processor rejects). `images`: an ImageStore, its folder, or a function of an item's `image` to bytes."""
+    tok = processor.tokenizer
+    read = images if callable(images) else ImageStore.of(images).read
     out, skipped = {}, []
     with torch.no_grad():
         for it in items:
             try:
-                with images.open(it["image"]) as im:
+                with Image.open(io.BytesIO(read(it["image"]))) as im:
                     enc = processor(images=[im.convert("RGB")], text=[prompt(processor, it["text"])],
                                     add_special_tokens=False, truncation=False, return_tensors="pt")
-            except (OSError, ValueError) as e:  # PIL and processors raise these for unreadable images
+            except (OSError, KeyError, ValueError) as e:  # missing (OSError, KeyError) or unreadable image
                 skipped.append({"id": uid(it), "image": it["image"], "reason": str(e)})
                 continue
             enc.pop("token_type_ids", None)
@@ -96,14 +99,12 @@ def token_f1(pred: str, ref: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _mean(xs: list) -> float | None:
-    return round(100 * sum(xs) / len(xs), 2) if xs else None
-
-
-def vqa_metrics(items: list[dict], preds: dict[str, str]) -> tuple[dict, list[dict]]:
-    """Metrics overall and per dataset, and the items skipped (unknown answer_type, no answer) with why."""
-    per: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    skipped = []
+def vqa_scores(items: list[dict], preds: dict[str, str]) -> tuple[list[dict], list[dict]]:
+    """One row per answered VQA item: {id, dataset, domain, kind, correct (closed), recall, f1, exact (open)};
+    and the items skipped (unknown answer_type) with why. Closed: yes/no read from the reply (another closed
+    answer, "CT or MRI?": all its words in the reply). Open: recall = share of the reference's words in the reply
+    (LLaVA-Med's open metric), token F1, exact match of the words."""
+    rows, skipped = [], []
     for it in items:
         key, kind = uid(it), str(it.get("answer_type", "")).upper()
         if kind not in ("CLOSED", "OPEN"):
@@ -113,24 +114,97 @@ def vqa_metrics(items: list[dict], preds: dict[str, str]) -> tuple[dict, list[di
             continue
         pred, ref = preds[key], str(it["answer"])
         ref_tokens, pred_tokens = _tokens(ref), _tokens(pred)
-        for group in (per[it["dataset"]], per["all"]):
-            if kind == "CLOSED":  # yes/no read from the reply; other closed answers ("CT or MRI?"): all in the reply
-                group["closed_accuracy"].append(closed_answer(pred) == ref_tokens[0] if ref_tokens in (["yes"], ["no"])
-                                                else bool(ref_tokens) and set(ref_tokens) <= set(pred_tokens))
-            else:
-                group["open_recall"].append(len(set(ref_tokens) & set(pred_tokens)) / len(set(ref_tokens))
-                                            if ref_tokens else 0.0)
-            group["exact_match"].append(pred_tokens == ref_tokens)
-            group["token_f1"].append(token_f1(pred, ref))
-            group["closed_n" if kind == "CLOSED" else "open_n"].append(1)
+        row = {"id": key, "dataset": it["dataset"], "domain": it.get("domain") or "other", "kind": kind.lower()}
+        if kind == "CLOSED":
+            row["correct"] = (closed_answer(pred) == ref_tokens[0] if ref_tokens in (["yes"], ["no"])
+                              else bool(ref_tokens) and set(ref_tokens) <= set(pred_tokens))
+        else:
+            row.update(recall=len(set(ref_tokens) & set(pred_tokens)) / len(set(ref_tokens)) if ref_tokens else 0.0,
+                       f1=token_f1(pred, ref), exact=pred_tokens == ref_tokens)
+        rows.append(row)
+    return rows, skipped
 
-    def summary(g):
-        return {"closed_accuracy": _mean(g["closed_accuracy"]), "open_recall": _mean(g["open_recall"]),
-                "exact_match": _mean(g["exact_match"]), "token_f1": _mean(g["token_f1"]),
-                "closed_n": len(g["closed_n"]), "open_n": len(g["open_n"])}
 
-    overall = summary(per.pop("all", defaultdict(list)))
-    return {**overall, "by_dataset": {d: summary(g) for d, g in sorted(per.items())}}, skipped
+def vqa_summary(rows: list[dict], judged: dict[str, bool] | None = None) -> dict:
+    """The field's numbers for a group of vqa_scores rows, each with its n and 95% interval: closed accuracy
+    (Wilson), open recall and token F1 (bootstrap), open exact match and the judge's open accuracy (Wilson)."""
+    closed = [r for r in rows if r["kind"] == "closed"]
+    open_ = [r for r in rows if r["kind"] == "open"]
+    verdicts = [judged[r["id"]] for r in open_ if judged and judged.get(r["id"]) is not None]
+    return {"closed_accuracy": rate(sum(r["correct"] for r in closed), len(closed)),
+            "open_recall": mean_interval([r["recall"] for r in open_]),
+            "open_token_f1": mean_interval([r["f1"] for r in open_]),
+            "open_exact_match": rate(sum(r["exact"] for r in open_), len(open_)),
+            "open_judged_accuracy": rate(sum(verdicts), len(verdicts))}
+
+
+def vqa_tables(rows: list[dict], judged: dict[str, bool] | None = None) -> dict:
+    """vqa_summary overall ("all"), per dataset, and per dataset and domain ("dataset/domain")."""
+    groups = defaultdict(list)
+    for r in rows:
+        for key in ("all", r["dataset"], f"{r['dataset']}/{r['domain']}"):
+            groups[key].append(r)
+    return {k: vqa_summary(g, judged) for k, g in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0]))}
+
+
+ITEM_VALUE = {  # metric: (the questions it is over, an item's value: 0..1, None to leave it out)
+    "closed_accuracy": ("closed", lambda r, judged: float(r["correct"])),
+    "open_recall": ("open", lambda r, judged: r["recall"]),
+    "open_token_f1": ("open", lambda r, judged: r["f1"]),
+    "open_exact_match": ("open", lambda r, judged: float(r["exact"])),
+    "open_judged_accuracy": ("open", lambda r, judged: None if judged.get(r["id"]) is None else float(judged[r["id"]])),
+}
+
+
+def differences(tuned: list[dict], base: list[dict], tuned_judged: dict | None = None,
+                base_judged: dict | None = None) -> dict:
+    """Tuned minus base, overall ("all") and per dataset, on the items both answered: every metric of
+    vqa_summary as a paired bootstrap interval of the per-item difference."""
+    by_id = {r["id"]: r for r in base}
+    pairs = [(r, by_id[r["id"]]) for r in tuned if r["id"] in by_id]
+    out = {}
+    for group in ["all"] + sorted({a["dataset"] for a, _ in pairs}):
+        out[group] = {}
+        for metric, (kind, value) in ITEM_VALUE.items():
+            values = [(value(a, tuned_judged or {}), value(b, base_judged or {})) for a, b in pairs
+                      if a["kind"] == kind and group in ("all", a["dataset"])]
+            values = [(x, y) for x, y in values if x is not None and y is not None]
+            out[group][metric] = paired_difference([x for x, _ in values], [y for _, y in values])
+    return out
+
+
+GRADER = (
+    "You are a clinician grading an AI assistant's answer to a question about a medical image. You are given the "
+    "question, the ground-truth answer and the assistant's answer. The answer is correct when it states the same "
+    "finding as the ground truth (other words, more detail or a synonym are fine); it is incorrect when it states "
+    "another finding, contradicts the ground truth or does not answer. Explain in one sentence, then end with "
+    "exactly one verdict: [[correct]] or [[incorrect]]."
+)
+_GRADE = re.compile(r"\[\[(correct|incorrect)\]\]", re.I)
+
+
+def parse_grade(reply: str) -> bool | None:
+    """True / False when the reply gives exactly one verdict ([[correct]] / [[incorrect]]); None otherwise."""
+    found = {m.lower() for m in _GRADE.findall(reply or "")}
+    return found.pop() == "correct" if len(found) == 1 else None
+
+
+def grade_messages(question: str, truth: str, answer: str) -> list[dict]:
+    text = f"Question: {question}\nGround truth: {truth}\nAnswer: {answer}"
+    return [{"role": "system", "content": GRADER}, {"role": "user", "content": text}]
+
+
+def judge_open(items: list[dict], preds: dict[str, str], client, log: AppendLog, tag: str,
+               sampling: dict | None = None) -> tuple[dict[str, bool | None], list[str], dict]:
+    """The judge's verdict on each answered open VQA question (question, ground truth and answer: no image, as
+    the field's LLM-judged accuracy): {id: True/False/None (no verdict)}, the ids without a verdict, stats.
+    `tag` keeps the cache keys of two models' answers apart."""
+    asked = [it for it in items if uid(it) in preds and str(it.get("answer_type", "")).upper() == "OPEN"]
+    requests = Requests([(f"{uid(it)}:{tag}", it) for it in asked],
+                        lambda it: grade_messages(it["text"], str(it["answer"]), preds[uid(it)]))
+    replies, stats, _ = client.run(requests, log, "grade", sampling or {}, lambda k, e: e["reply"], "evaluate:grade")
+    verdicts = {uid(it): parse_grade(replies.get(f"{uid(it)}:{tag}", "")) for it in asked}
+    return verdicts, [k for k, v in verdicts.items() if v is None], dict(stats)
 
 
 CHAT_JUDGE = (
@@ -226,24 +300,61 @@ def pairwise_messages(caption: str, mentions: str, question: str, a: str, b: str
 
 def win_rate(items: list[dict], preds: dict[str, str], baseline: dict[str, str], client, log: AppendLog,
              sampling: dict | None = None) -> tuple[dict, dict]:
-    """The model against baseline answers, each pair judged twice (model as A, then as B). A pair is a win or a
-    loss only when both orders agree; otherwise a tie. A pair with an unparsed verdict is left out and listed.
-    win_rate = (wins + ties / 2) / pairs. Returns (metrics, stats)."""
+    """The open-chat comparison: the model against baseline answers, the judge reading the caption and mentions
+    (not the image). See `both_orders`. Returns (metrics, stats)."""
     asked = [it for it in items if uid(it) in preds and it["question_id"] in baseline]
-    requests = []
-    for it in asked:
-        q, mine, theirs = uid(it), preds[uid(it)], baseline[it["question_id"]]
-        requests += [(f"{q}:model-first", (it, mine, theirs)), (f"{q}:baseline-first", (it, theirs, mine))]
 
-    def build(x):
-        it, a, b = x
+    def build(it, a, b):
         return pairwise_messages(it["fig_caption"], it["fig_inline_mention"], it["text"], a, b)
 
-    replies, stats, _ = client.run(Requests(requests, build), log, "pairwise", sampling or {}, lambda k, e: e["reply"],
-                                   "evaluate:pairwise")
+    return both_orders(asked, preds, {uid(it): baseline[it["question_id"]] for it in asked}, build, client, log,
+                       "pairwise", "evaluate:pairwise", sampling)
+
+
+VQA_PAIRWISE = (
+    "Please act as an impartial judge of two AI assistants' answers to a question about the medical image shown. "
+    "You are given the image, the question, the ground-truth answer and the two answers. Compare both answers "
+    "with the ground truth and the image; judge correctness first, then helpfulness. The order of the answers, "
+    "their length and the assistants' names must not influence you. Explain briefly, then end with your verdict "
+    "in exactly this form: [[A]] if answer A is better, [[B]] if answer B is better, [[C]] for a tie."
+)
+
+
+def vqa_pairwise_messages(image: bytes, question: str, truth: str, a: str, b: str, max_side: int = 768) -> list[dict]:
+    """The paper's win-rate request: the image as an image part, then the question, ground truth and answers."""
+    text = f"Question: {question}\nGround truth: {truth}\nAnswer A: {a}\nAnswer B: {b}"
+    return [{"role": "system", "content": VQA_PAIRWISE},
+            {"role": "user", "content": [image_part(image, max_side), {"type": "text", "text": text}]}]
+
+
+def vqa_win_rate(items: list[dict], preds: dict[str, str], other: dict[str, str], read, client, log: AppendLog,
+                 sampling: dict | None = None) -> tuple[dict, dict]:
+    """The paper's win rate, on the open questions of a VQA set: the judge sees the image, the question, the
+    ground truth and both answers (model vs `other`, by id), each pair in both orders (`both_orders`)."""
+    asked = [it for it in items if str(it.get("answer_type", "")).upper() == "OPEN"
+             and uid(it) in preds and uid(it) in other]
+
+    def build(it, a, b):
+        return vqa_pairwise_messages(read(it["image"]), it["text"], str(it["answer"]), a, b)
+
+    return both_orders(asked, preds, other, build, client, log, "pairwise", "evaluate:vqa_pairwise", sampling)
+
+
+def both_orders(asked: list[dict], preds: dict[str, str], other: dict[str, str], build, client, log: AppendLog,
+                task: str, desc: str, sampling: dict | None = None) -> tuple[dict, dict]:
+    """Each pair judged twice (model as A, then as B). A pair is a win or a loss only when both orders agree;
+    otherwise a tie (which cancels position bias). A pair with an unparsed verdict is left out and listed.
+    win_rate = (wins + ties / 2) / pairs, with a bootstrap interval over pairs; wins and losses as shares with
+    Wilson intervals. Returns (metrics, stats)."""
+    requests = []
+    for it in asked:
+        q, mine, theirs = uid(it), preds[uid(it)], other[uid(it)]
+        requests += [(f"{q}:model-first", (it, mine, theirs)), (f"{q}:baseline-first", (it, theirs, mine))]
+    replies, stats, _ = client.run(Requests(requests, lambda x: build(*x)), log, task, sampling or {},
+                                   lambda k, e: e["reply"], desc)
     outcome = {"A": "win", "B": "loss", "C": "tie"}  # of the model, when it is answer A
     flipped = {"A": "loss", "B": "win", "C": "tie"}
-    counts, unparsed, position = Counter(), [], Counter()
+    counts, unparsed, position, points = Counter(), [], Counter(), []
     for it in asked:
         q = uid(it)
         first = parse_verdict(replies.get(f"{q}:model-first", ""))
@@ -253,9 +364,15 @@ def win_rate(items: list[dict], preds: dict[str, str], baseline: dict[str, str],
             continue
         position.update([first, second])  # how often the judge picks A / B / tie, whatever the order
         a, b = outcome[first], flipped[second]
-        counts[a if a == b else "tie"] += 1
-    n = sum(counts.values())
-    return {"win_rate": round(100 * (counts["win"] + counts["tie"] / 2) / n, 2) if n else None,
+        result = a if a == b else "tie"
+        counts[result] += 1
+        points.append({"win": 1.0, "tie": 0.5, "loss": 0.0}[result])
+    n = len(points)
+    interval = mean_interval(points)
+    return {"win_rate": round(100 * interval["mean"], 2) if n else None,
+            "win_rate_low": round(100 * interval["low"], 2) if n else None,
+            "win_rate_high": round(100 * interval["high"], 2) if n else None,
             "wins": counts["win"], "losses": counts["loss"], "ties": counts["tie"], "pairs": n,
+            "win_share": rate(counts["win"], n), "loss_share": rate(counts["loss"], n),
             "pairs_unparsed": len(unparsed), "pairs_unparsed_ids": unparsed,
             "judge_picked_first": position["A"], "judge_picked_second": position["B"]}, dict(stats)

@@ -1,7 +1,8 @@
 """The `offline` backend: deterministic, no model, the embedded default that lets `dvc repro` run anywhere.
 
 It reads the figure text out of the prompt and writes a caption-grounded reply (generate), a heuristic
-rubric score (rate), the two scores of the open-chat judge, a pairwise verdict (the win rate) or a
+rubric score (rate), the two scores of the open-chat judge, a pairwise verdict (the win rates), a
+correct/incorrect grade (judged open VQA accuracy: a word-overlap heuristic, a pipeline check only) or a
 conversation with two candidate answers per question (annotation_pool). Every artifact it touches says
 `backend: offline`, and its "model" name carries a hash of this file, so editing the offline logic never
 reuses a cached reply.
@@ -55,7 +56,7 @@ class OfflineBackend:
     def complete(self, messages: list[dict], task: str) -> str:
         prompt = _last_user_text(messages)
         return {"generate": self._generate, "rate": self._rate, "judge": self._judge, "pairwise": self._pairwise,
-                "pool": self._pool}[task](prompt)
+                "grade": self._grade, "pool": self._pool}[task](prompt)
 
     # -- generate: a caption-grounded multi-turn conversation in the `User:`/`Assistant:` format
     def _generate(self, prompt: str) -> str:
@@ -81,10 +82,17 @@ class OfflineBackend:
 
     # -- pairwise (win rate): the rubric on both answers, the verdict in the [[A]] / [[B]] / [[C]] form
     def _pairwise(self, prompt: str) -> str:
-        context = section(prompt, "Caption") + " " + section(prompt, "In-text mentions")
+        context = " ".join(section(prompt, k) for k in ("Caption", "In-text mentions", "Ground truth"))
         question = section(prompt, "Question")
         a, b = (heuristic_score(context, question, section(prompt, f"Answer {x}"))[0] for x in "AB")
         return f"Answer A scores {a}, answer B scores {b}.\n[[{'A' if a > b else 'B' if b > a else 'C'}]]"
+
+    # -- grade (judged open VQA accuracy): correct when the answer holds half the ground truth's words or more
+    def _grade(self, prompt: str) -> str:
+        truth = set(re.findall(r"[a-z0-9]+", section(prompt, "Ground truth").lower()))
+        answer = set(re.findall(r"[a-z0-9]+", section(prompt, "Answer").lower()))
+        share = len(truth & answer) / len(truth) if truth else 0.0
+        return f"The answer holds {share:.0%} of the ground truth's words.\n[[{'correct' if share >= 0.5 else 'incorrect'}]]"
 
     # -- annotation_pool: a conversation with two candidate answers per question (`User:`, `Answer 1:`, `Answer 2:`)
     def _pool(self, prompt: str) -> str:

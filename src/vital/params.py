@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS = Path("params.yaml")
 
@@ -202,14 +202,53 @@ class Tune(Section):
     seed: int
 
 
+class EvalSpec(Section):
+    name: Annotated[str, Field(pattern=r"^[\w.-]+$", description="a name of letters, digits, _ . -")]
+    format: Literal["sample", "huggingface", "slake", "llava_med", "vital"]
+    path: Optional[Text] = None  # inside eval_root; sample: none
+    domain: Optional[Text] = None  # the domain of items whose files do not say (PathVQA: histology)
+
+
 class Evaluate(Endpoint):
-    eval_sets: Literal["sample", "folder"]
-    eval_dir: Text
+    eval_root: Text  # the folder holding the eval sets: the stage's DVC dependency
+    eval_sets: Annotated[list[EvalSpec], Field(min_length=1)]
+    languages: Optional[list[Text]]  # SLAKE q_lang kept; null: all
+    base_model: bool  # also answer with the untuned base (the adapter off)
+    baseline_answers: Optional[Text]  # {question_id, answer} jsonl: the chat win rate's other side; null: the references
     max_new_tokens: Count
     chat_max_new_tokens: Count
     device: Device
     temperature: Annotated[float, Field(ge=0, le=2)]
     max_tokens: Count
+
+    @field_validator("eval_sets")
+    @classmethod
+    def _sets_inside_the_root(cls, sets, info):
+        root, names = Path(info.data.get("eval_root") or "."), [s.name for s in sets]
+        for s in sets:
+            if names.count(s.name) > 1:
+                raise ValueError(f"eval set name {s.name!r} is used twice; allowed: one name per set")
+            if s.format == "sample" and s.path:
+                raise ValueError(f"eval set {s.name!r} (format sample) is built from the corpus: leave out its path")
+            if s.format != "sample" and not s.path:
+                raise ValueError(f"eval set {s.name!r} (format {s.format}) has no path; allowed: a path inside "
+                                 f"eval_root ({root})")
+            if s.path and not _inside(s.path, root):
+                raise ValueError(f"eval set {s.name!r}: path {s.path} is outside eval_root ({root}), so DVC would "
+                                 "not rerun evaluate when it changes; allowed: set eval_root to a folder holding it")
+        return sets
+
+    @field_validator("baseline_answers")
+    @classmethod
+    def _baseline_inside_the_root(cls, path, info):
+        root = Path(info.data.get("eval_root") or ".")
+        if path and not _inside(path, root):
+            raise ValueError(f"{path} is outside eval_root ({root}); allowed: a file inside it (DVC tracks eval_root)")
+        return path
+
+
+def _inside(path: str, root: Path) -> bool:
+    return Path(path).resolve().is_relative_to(root.resolve())
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -285,8 +324,16 @@ def _problem(name: str, model: type[Section], section: dict, err: dict) -> str:
                 f"{where}: unknown key; allowed: {', '.join(model.model_fields)}")
     if err["type"] == "missing":
         return f"{where} is missing: copy it from the repository's params.yaml (README: params)"
+    if err["type"] == "value_error":  # a field's own check: its message says what is allowed
+        return f"{where}: {err['msg'].removeprefix('Value error, ')}"
     value = section[key] if len(err["loc"]) == 1 else err["input"]
-    return f"{where} is {_show(value)}; allowed: {allowed(model, key, len(err['loc']) - 1)}"
+    loc = list(err["loc"])
+    while len(loc) > 2 and isinstance(loc[1], int):  # into a list of mappings (evaluate.eval_sets.0.format)
+        inner = get_args(model.model_fields[loc[0]].annotation)
+        if not (inner and isinstance(inner[0], type) and issubclass(inner[0], BaseModel)):
+            break
+        model, loc = inner[0], loc[2:]
+    return f"{where} is {_show(value)}; allowed: {allowed(model, loc[0], len(loc) - 1)}"
 
 
 def _show(value) -> str:

@@ -371,7 +371,7 @@ def train(model, processor, release: list[dict], images: ImageStore | Path, cfg:
     if state_file and acc.is_main_process:
         state_file.unlink(missing_ok=True)  # done: a later run starts afresh
     tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum").item())
-    stats = {"examples": len(examples), "skipped_too_long": len(skipped), "skipped_unreadable_image": len(unreadable),
+    stats = {"train_examples": len(examples), "skipped_too_long": len(skipped), "skipped_unreadable_image": len(unreadable),
              "skipped_examples": (unreadable + [{"id": i, "reason": f"the image and first question exceed max_length "
                                                                   f"{cfg.max_length}"} for i in skipped])[:5],
              "steps": step, "resumed_from_step": resumed_from,

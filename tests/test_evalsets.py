@@ -1,0 +1,95 @@
+"""The benchmark files users have, read as `evaluate` answers them: counts, closed/open rule, one-line errors."""
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from vital.evalsets import EvalSetError, load
+
+
+def _jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def bench(tmp_path):
+    """A VQA-RAD-like parquet set (flaviagiammarino/vqa-rad: image {bytes, path}, question, answer, two shards),
+    a SLAKE folder (BoKelvin/SLAKE: test.json, imgs/, English and Chinese), a LLaVA-Med qa50 chat file."""
+    rad = tmp_path / "vqa-rad/data"
+    rad.mkdir(parents=True)
+    rows = [("Is there a pneumothorax?", "yes"), ("Is the heart enlarged?", "No"), ("Where is the mass?", "left lung"),
+            ("What organ is shown?", "liver")]
+    for shard, part in enumerate((rows[:3], rows[3:])):
+        pq.write_table(pa.table({"image": [{"bytes": _jpeg(shard * 10 + k), "path": f"s{k}.jpg"} for k in range(len(part))],
+                                 "question": [q for q, _ in part], "answer": [a for _, a in part]}),
+                       rad / f"test-0000{shard}-of-00002.parquet")
+    pq.write_table(pa.table({"image": [{"bytes": _jpeg(99), "path": "t.jpg"}], "question": ["train?"],
+                             "answer": ["yes"]}), rad / "train-00000-of-00001.parquet")  # not the test split
+    slake = tmp_path / "slake"
+    (slake / "imgs/xmlab1").mkdir(parents=True)
+    (slake / "imgs/xmlab1/source.jpg").write_bytes(_jpeg(5))
+    base = {"img_id": 1, "img_name": "xmlab1/source.jpg", "location": "Lung", "modality": "CT",
+            "content_type": "Organ", "base_type": "vqa"}
+    (slake / "test.json").write_text(json.dumps([
+        {**base, "qid": 1, "question": "Which organ is abnormal?", "answer": "Left Lung", "answer_type": "OPEN",
+         "q_lang": "en"},
+        {**base, "qid": 2, "question": "Is this a CT?", "answer": "Yes", "answer_type": "CLOSED", "q_lang": "en"},
+        {**base, "qid": 3, "question": "哪个器官异常?", "answer": "左肺", "answer_type": "OPEN", "q_lang": "zh"}],
+        ensure_ascii=False))
+    med = tmp_path / "llava-med"
+    (med / "images").mkdir(parents=True)
+    (med / "images/x.jpg").write_bytes(_jpeg(7))
+    (med / "llava_med_eval_qa50_qa.jsonl").write_text(json.dumps({
+        "question_id": 0, "image": "x.jpg", "type": "conversation", "text": "What is seen?", "gpt4_answer": "Nodules.",
+        "fig_caption": "A chest CT.", "in_text_mention": [{"tokens": "Figure 2 shows nodules."}],
+        "domain": {"chest_xray": False, "mri": False, "ct_scan": True, "histology": False, "gross": False}}) + "\n")
+    return tmp_path
+
+
+def test_each_benchmark_layout_is_read_with_its_closed_rule_and_counts(bench):
+    rad = load("vqa_rad", "huggingface", bench / "vqa-rad", domain="chest_xray")
+    assert [(v["question_id"], v["answer_type"]) for v in rad.vqa] == [
+        ("0", "CLOSED"), ("1", "CLOSED"), ("2", "OPEN"), ("3", "OPEN")]  # the train shard is not read
+    assert rad.closed_rule.startswith("closed = the answer is yes or no") and rad.vqa[0]["domain"] == "chest_xray"
+    assert rad.read(rad.vqa[3]["image"]) == _jpeg(10)
+
+    slake = load("slake", "slake", bench / "slake")
+    assert [(v["question_id"], v["answer_type"], v["domain"]) for v in slake.vqa] == [
+        ("1", "OPEN", "ct_scan"), ("2", "CLOSED", "ct_scan")]
+    assert slake.left_out == [{"id": "slake/3", "reason": "q_lang zh (evaluate.languages: en)"}]
+    assert len(load("slake", "slake", bench / "slake", languages=None).vqa) == 3
+    assert slake.read("imgs/xmlab1/source.jpg") == _jpeg(5)
+
+    med = load("qa50", "llava_med", bench / "llava-med/llava_med_eval_qa50_qa.jsonl")
+    assert (med.vqa, len(med.chat), med.chat[0]["domain"], med.chat[0]["dataset"]) == ([], 1, "ct_scan", "qa50")
+    assert med.read("x.jpg") == _jpeg(7)
+
+    ours = load("eval", "vital", Path(__file__).parents[1] / "examples/eval")
+    assert {v["dataset"] for v in ours.vqa} == {"vqa_rad", "slake", "pathvqa"} and len(ours.chat) == 3
+
+
+def test_a_wrong_path_or_layout_is_one_line_naming_what_is_missing(bench):
+    with pytest.raises(EvalSetError, match=r"nowhere: no such file or folder \(eval set 'x', format slake: a folder "
+                                           r"with test.json and imgs/\)"):
+        load("x", "slake", bench / "nowhere")
+    with pytest.raises(EvalSetError, match=r"vqa-rad: not in the slake format .*; it looks like huggingface\)"):
+        load("x", "slake", bench / "vqa-rad")
+    rows = json.loads((bench / "slake/test.json").read_text())
+    (bench / "slake/test.json").write_text(json.dumps(rows + [{**rows[0], "img_name": "xmlab9/source.jpg"}]))
+    with pytest.raises(EvalSetError, match=r"test.json: item 4: image .*xmlab9/source.jpg is missing"):
+        load("slake", "slake", bench / "slake")
+    (bench / "slake/test.json").write_text(json.dumps([{**rows[0], "answer_type": "MAYBE"}]))
+    with pytest.raises(EvalSetError, match=r"test.json: item 1: answer_type 'MAYBE'"):
+        load("slake", "slake", bench / "slake")
+    pq.write_table(pa.table({"img": [b"x"], "question": ["q"]}), bench / "vqa-rad/data/test-00000-of-00002.parquet")
+    with pytest.raises(EvalSetError, match=r"test-00000-of-00002.parquet: no column answer, image; the Hugging Face"):
+        load("vqa_rad", "huggingface", bench / "vqa-rad")
+    with pytest.raises(OSError, match="image 'gone.jpg' is not in .*llava-med/images"):  # evaluate skips it, by id
+        load("qa50", "llava_med", bench / "llava-med/llava_med_eval_qa50_qa.jsonl").read("gone.jpg")
