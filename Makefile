@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps -e .
+	# lmms-eval's own SLAKE scoring code, for the export round trip (its declared deps would pull torchvision)
+	$(BIN)/python -m pip install -q --no-deps lmms-eval==0.7.3
 	touch $@
 
 repro: install

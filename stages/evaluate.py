@@ -195,8 +195,9 @@ def print_table(table: list[dict], wins: dict, metrics: dict) -> None:
                  c["format"] == "sample" else "; NOT in decontaminate.eval_sets: the release was not checked against it"))
     print(f"{'group':<16} {'metric':<21} {'n':>5}  {'tuned % [95% CI]':<22} {'base % [95% CI]':<22} "
           "tuned - base [95% CI]")
+    single = len({r["group"] for r in table if "/" not in r["group"]}) == 2  # "all" is then that one dataset
     for r in table:
-        if "/" not in r["group"]:
+        if "/" not in r["group"] and not (single and r["group"] == "all"):
             print(f"{r['group']:<16} {r['metric']:<21} {r['n']:>5}  "
                   f"{cell(r['tuned'], r['tuned_low'], r['tuned_high']):<22} "
                   f"{cell(r['base'], r['base_low'], r['base_high']):<22} "

@@ -93,3 +93,65 @@ def test_a_wrong_path_or_layout_is_one_line_naming_what_is_missing(bench):
         load("vqa_rad", "huggingface", bench / "vqa-rad")
     with pytest.raises(OSError, match="image 'gone.jpg' is not in .*llava-med/images"):  # evaluate skips it, by id
         load("qa50", "llava_med", bench / "llava-med/llava_med_eval_qa50_qa.jsonl").read("gone.jpg")
+
+
+def _lmms_eval_slake():
+    """lmms-eval's own SLAKE scoring module (lmms_eval/tasks/slake/utils.py), loaded by path: importing the
+    lmms_eval package needs its whole model stack."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lmms_eval")
+    if spec is None:
+        pytest.fail("lmms-eval is not installed: `make install` puts lmms-eval==0.7.3 in .venv (--no-deps)")
+    path = Path(spec.submodule_search_locations[0]) / "tasks/slake/utils.py"
+    module_spec = importlib.util.spec_from_file_location("lmms_eval_slake_utils", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_the_lmms_eval_export_is_scored_by_lmms_evals_own_slake_code(bench, tmp_path):
+    from typer.testing import CliRunner
+
+    from vital.cli import app
+    from vital.evaluate import export, vqa_scores, vqa_tables
+    from vital.schema import write_jsonl
+
+    slake = load("slake", "slake", bench / "slake")
+    rows = json.loads((bench / "slake/test.json").read_text())
+    more = [{**rows[1], "qid": 10 + k, "question": f"Is there a lesion in slice {k}?", "answer": ["Yes", "No"][k % 2],
+             "content_type": "Abnormality"} for k in range(6)]
+    (bench / "slake/test.json").write_text(json.dumps(rows + more, ensure_ascii=False))
+    slake = load("slake", "slake", bench / "slake")
+    answers = {"slake/1": "Left lung.", "slake/2": "yes", **{f"slake/{10 + k}": "Yes." for k in range(6)}}
+    ours = vqa_tables(vqa_scores(slake.vqa, answers)[0])["slake"]
+
+    files = export(slake.vqa, answers, "lmms-eval")
+    assert list(files) == ["slake_samples_slake_en.jsonl"]
+    lmms = _lmms_eval_slake()
+    scored = [lmms.slake_process_results(s["doc"], s["filtered_resps"])["slake_accuracy"] for s in
+              files["slake_samples_slake_en.jsonl"]]
+    assert len(scored) == 8 and {r["language"] for r in scored} == {"en"}
+    closed = lmms.slake_aggregate_closed_accuracy(scored)
+    assert closed * (100 if closed <= 1 else 1) == pytest.approx(100 * ours["closed_accuracy"]["rate"], abs=0.01)
+    assert ours["closed_accuracy"]["n"] == 7 and ours["closed_accuracy"]["k"] == 4  # Is this a CT + 3 of 6
+    open_ = lmms.slake_aggregate_open_accuracy(scored)  # exact match after its normalisation: our open exact match
+    assert open_ * (100 if open_ <= 1 else 1) == pytest.approx(100 * ours["open_exact_match"]["rate"]) == 100
+    assert lmms.slake_aggregate_ct_accuracy(scored) is not None
+
+    # the CLI writes the same from the evaluate stage's files
+    eval_dir = tmp_path / "eval"
+    write_jsonl(eval_dir / "vqa.jsonl", slake.vqa)
+    write_jsonl(eval_dir / "answers.jsonl", [{"id": k, "model": "tuned", "answer": v} for k, v in answers.items()])
+    result = CliRunner().invoke(app, ["eval", "export", "--format", "lmms-eval", "--eval-dir", str(eval_dir),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    written = [json.loads(x) for x in (tmp_path / "out/slake_samples_slake_en.jsonl").read_text().splitlines()]
+    assert written == files["slake_samples_slake_en.jsonl"]
+
+    rad = load("vqa_rad", "huggingface", bench / "vqa-rad")
+    med = export(rad.vqa, {f"vqa_rad/{k}": "yes" for k in range(4)}, "medevalkit")["vqa_rad_results.json"]
+    assert [set(r) for r in med] == [{"id", "question", "answer", "response", "answer_type"}] * 4  # cal_metrics' fields
+    assert export(rad.vqa, {}, "lmms-eval") == {}  # lmms-eval has a SLAKE task only
+    result = CliRunner().invoke(app, ["eval", "export", "--format", "vlmevalkit", "--eval-dir", str(eval_dir)])
+    assert result.exit_code == 2 and "export format 'vlmevalkit'" in result.output

@@ -344,6 +344,39 @@ def annotate_export(db: Path = DB, pool: Path = POOL,
                    "merge_preferences skips them (counted as stale)")
 
 
+eval_cli = typer.Typer(help="The evaluation's answers, for the harnesses researchers score with.", no_args_is_help=True)
+app.add_typer(eval_cli, name="eval")
+
+
+@eval_cli.command("export")
+def eval_export(fmt: str = typer.Option(..., "--format", help="lmms-eval (its SLAKE task) | medevalkit"),
+                out: Path = typer.Option(Path("data/eval/export"), help="folder for the files"),
+                model: str = typer.Option("tuned", help="whose answers: tuned | base"),
+                eval_dir: Path = typer.Option(Path("data/eval"), help="the evaluate stage's output folder")):
+    """Write the last `evaluate` run's predictions and references in a layout the harness scores with its own
+    code (see vital.evaluate.export), one file per dataset."""
+    from .evaluate import export
+    from .schema import read_jsonl, write_atomic
+
+    try:
+        items = list(read_jsonl(eval_dir / "vqa.jsonl"))
+        answers = {a["id"]: a["answer"] for a in read_jsonl(eval_dir / "answers.jsonl") if a["model"] == model}
+        files = export(items, answers, fmt)
+    except (OSError, KeyError, ValueError) as e:
+        typer.echo(f"error: {e} (run `dvc repro evaluate` first)" if isinstance(e, OSError) else f"error: {e}",
+                   err=True)
+        raise typer.Exit(2)
+    if not files:
+        typer.echo(f"error: nothing to export as {fmt} from {eval_dir} (lmms-eval: SLAKE-format sets only)", err=True)
+        raise typer.Exit(2)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in sorted(files.items()):
+        text = ("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) if name.endswith(".jsonl")
+                else json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
+        write_atomic(out / name, text)
+        typer.echo(f"{len(rows)} {model} answers -> {out / name}")
+
+
 cache_cli = typer.Typer(help="The request caches of the model-facing stages (data/cache/<stage>.jsonl).",
                         no_args_is_help=True)
 app.add_typer(cache_cli, name="cache")

@@ -218,6 +218,8 @@ def _load_slake(name: str, folder: Path, languages, domain) -> EvalData:
                                "OPEN")
         vqa.append({"question_id": qid, "dataset": name, "image": image, "text": _text(r["question"]),
                     "answer": _text(r.get("answer")), "answer_type": kind, "lang": lang,
+                    "modality": _text(r.get("modality")), "content_type": _text(r.get("content_type")),
+                    "img_name": r["img_name"],
                     "domain": SLAKE_DOMAINS.get(_text(r.get("modality")).lower(), domain or "other")})
     return EvalData(name, "slake", vqa, [], lambda image: (folder / image).read_bytes(), left_out)
 

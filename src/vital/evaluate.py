@@ -376,3 +376,42 @@ def both_orders(asked: list[dict], preds: dict[str, str], other: dict[str, str],
             "win_share": rate(counts["win"], n), "loss_share": rate(counts["loss"], n),
             "pairs_unparsed": len(unparsed), "pairs_unparsed_ids": unparsed,
             "judge_picked_first": position["A"], "judge_picked_second": position["B"]}, dict(stats)
+
+
+# ------------------------------------------------------------------ exports for the evaluation harnesses
+
+EXPORTS = ("lmms-eval", "medevalkit")
+
+
+def export(items: list[dict], answers: dict[str, str], fmt: str) -> dict[str, list[dict]]:
+    """Predictions and references in a layout a harness scores with its own code, {file name: rows}:
+    - lmms-eval: its SLAKE task's samples (`{doc_id, doc, target, resps, filtered_resps}` per line, `doc` the
+      SLAKE row: qid, question, answer, answer_type, q_lang, modality, content_type, img_name), which
+      `lmms_eval/tasks/slake/utils.py` scores (slake_process_results, slake_aggregate_*); lmms-eval has a SLAKE
+      task only, so only SLAKE-format sets are written;
+    - medevalkit: per dataset the rows its datasets' `cal_metrics` reads (`question`, `answer`, `response`,
+      and `answer_type`, `lang` for SLAKE; closed = a yes/no answer for VQA-RAD and PathVQA).
+    Items without an answer (a skipped image) are left out."""
+    if fmt not in EXPORTS:
+        raise ValueError(f"export format {fmt!r}; choose one of {', '.join(EXPORTS)}")
+    out: dict[str, list[dict]] = defaultdict(list)
+    for it in items:
+        if uid(it) not in answers:
+            continue
+        pred = answers[uid(it)]
+        if fmt == "lmms-eval":
+            if "content_type" not in it:  # not read from a SLAKE test.json
+                continue
+            doc = {"qid": it["question_id"], "img_name": it["img_name"], "question": it["text"],
+                   "answer": it["answer"], "answer_type": it["answer_type"], "q_lang": it["lang"],
+                   "modality": it["modality"], "content_type": it["content_type"]}
+            rows = out[f"{it['dataset']}_samples_slake_en.jsonl"]
+            rows.append({"doc_id": len(rows), "doc": doc, "target": it["answer"], "resps": [[pred]],
+                         "filtered_resps": [pred]})
+        else:
+            row = {"id": it["question_id"], "question": it["text"], "answer": it["answer"], "response": pred,
+                   "answer_type": it["answer_type"]}
+            if "lang" in it:
+                row["lang"] = it["lang"]
+            out[f"{it['dataset']}_results.json"].append(row)
+    return dict(out)

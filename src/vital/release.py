@@ -335,6 +335,9 @@ DEVIATIONS = (
     "The selector has one feature the paper's has not: the share of the Q&A's words found in the caption and "
     "mentions (train_selector.lexical_grounding), so that a frozen embedding sees a contradicted side or "
     "modality; it may also favour answers that repeat the caption.",
+    "Duplicate figures (same pixels, near pHash, near-identical caption) and figures matching an evaluation test "
+    "set are removed before any request, and generated rounds holding an eval item's question and answer before "
+    "rating; the paper's pipeline has no such step (see Decontamination).",
 )
 
 
