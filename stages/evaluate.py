@@ -187,10 +187,11 @@ def print_table(table: list[dict], wins: dict, metrics: dict) -> None:
     def cell(x, low, high, sign=""):
         return "-" if x is None else f"{100 * x:{sign}.1f} [{100 * low:{sign}.1f}, {100 * high:{sign}.1f}]"
 
-    print(f"[evaluate] {metrics['model']}; judge {metrics['judge']} ({metrics['judge_kind']})")
+    print(f"[evaluate] model: {metrics['model']}\n[evaluate] judge: {metrics['judge']}, {metrics['judge_kind']}")
     for name, c in metrics["sets"].items():
-        print(f"[evaluate] set {name} ({c['format']}): {c['items']} items, {c['closed']} closed, {c['open']} open, "
-              f"{c['chat']} chat; {c['closed_rule']}; left out {c['left_out'] or 0}; images skipped {c['skipped_images']}"
+        print(f"[evaluate] set {name} ({c['format']}): {c['items']} items: {c['closed']} closed, {c['open']} open, "
+              f"{c['chat']} chat; left out {c['left_out'] or 0}; images skipped {c['skipped_images']}\n"
+              f"[evaluate]   {c['closed_rule']}"
               + ("" if c["decontaminated"] else "; the training corpus itself: a pipeline check" if
                  c["format"] == "sample" else "; NOT in decontaminate.eval_sets: the release was not checked against it"))
     print(f"{'group':<16} {'metric':<21} {'n':>5}  {'tuned % [95% CI]':<22} {'base % [95% CI]':<22} "
@@ -208,7 +209,8 @@ def print_table(table: list[dict], wins: dict, metrics: dict) -> None:
               f"({w['wins']} won, {w['ties']} tied, {w['losses']} lost)")
     chat = metrics["chat"]
     if chat.get("pairs"):
-        print(f"chat: relative score {chat['relative_score']} (n {chat['judged']}); win rate {chat['win_rate']} "
+        print(f"chat: relative score {chat['relative_score']} [{chat['relative_score_low']}, "
+              f"{chat['relative_score_high']}] (n {chat['judged']}); win rate {chat['win_rate']} "
               f"[{chat['win_rate_low']}, {chat['win_rate_high']}] against {chat['win_rate_against']} over "
               f"{chat['pairs']} pairs")
 

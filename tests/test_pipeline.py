@@ -133,6 +133,11 @@ def test_dag_runs_offline_end_to_end_then_experiment_reruns_only_downstream(repo
     chat = ev["chat"]
     assert chat["pairs"] == 3 and chat["win_rate_against"] == "examples/eval/baseline_answers.jsonl"
     assert set(chat["relative_score_by_category"]) == {"conversation", "detailed_description"}
+    assert ev["vqa_win_rate_vs_base"]["eval"]["pairs"] == 4  # the open questions of the three VQA files
+
+    exp = run("dvc exp run -S evaluate.base_model=false", repo).stdout  # the tuned model alone
+    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert not ev.get("base") and not ev.get("vqa_win_rate_vs_base") and ev["closed_accuracy"]["n"] == 21
 
 
 def _publish_and_pull_into_a_fresh_clone(repo):

@@ -378,6 +378,29 @@ def test_the_judge_grades_open_answers_and_sees_the_image_in_the_win_rate(tmp_pa
         assert "Ground truth: bone window" in parts[1]["text"]
 
 
+def test_over_the_openai_api_the_win_rate_judge_is_sent_the_image_and_grading_is_text_only(tmp_path, monkeypatch):
+    from vital.fakeapi import FakeOpenAI
+
+    monkeypatch.setenv("OPENAI_API_KEY", key := f"sk-test-{uuid.uuid4().hex}")
+    image = (Path(__file__).parents[1] / "examples/eval/images/eval_ct.jpg").read_bytes()
+    items = [{"question_id": str(k), "dataset": "slake", "answer_type": t, "image": "ct.jpg", "text": q, "answer": a}
+             for k, (t, q, a) in enumerate([("OPEN", "Which window is used?", "bone window"),
+                                            ("OPEN", "Which organ is shown?", "the brain"),
+                                            ("CLOSED", "Is this a CT?", "yes")])]
+    tuned = {"slake/0": "A bone window.", "slake/1": "The brain.", "slake/2": "yes"}
+    base = {"slake/0": "Soft tissue.", "slake/1": "Liver.", "slake/2": "no"}
+    with FakeOpenAI(api_key=key) as fake:
+        client = Client(ClientConfig(backend="openai", model="gpt-4o", base_url=fake.base_url, backoff_s=0.01))
+        m, stats = evaluate.vqa_win_rate(items, tuned, base, {"ct.jpg": image}.__getitem__, client,
+                                         AppendLog(tmp_path / "cache.jsonl"))
+        verdicts, unparsed, _ = evaluate.judge_open(items, tuned, client, AppendLog(tmp_path / "cache.jsonl"), "t")
+    assert stats["requests"] == 4 and m["pairs"] == 2 and m["pairs_unparsed"] == 0  # 2 open questions x 2 orders
+    assert (m["wins"], m["losses"]) == (2, 0)  # the offline rubric behind the fake: the answers the truth supports
+    assert verdicts == {"slake/0": True, "slake/1": True} and unparsed == []
+    sent = [(r["task"], r["image_parts"]) for r in fake.log]
+    assert sorted(sent) == [("grade", 0)] * 2 + [("pairwise", 1)] * 4  # the image goes with every comparison
+
+
 def test_the_example_eval_folder_loads_one_dataset_per_file(tmp_path):
     vqa, chat = evaluate.load_eval_sets(Path(__file__).parents[1] / "examples/eval")
     assert {v["dataset"] for v in vqa} == {"vqa_rad", "slake", "pathvqa"} and len(chat) == 3
@@ -433,6 +456,7 @@ def test_judge_relative_score_per_domain_and_type_cached_and_unparsed_listed(sam
                                Client(ClientConfig(), Scripted()), AppendLog(tmp_path / "scripted.jsonl"))
     # the mean of per-question ratios (0.5 and 1.0), as LLaVA-Med reports it; not the ratio of sums (7/12)
     assert (m["relative_score"], m["reference_score"], m["model_score"]) == (75.0, 6.0, 3.5)
+    assert (m["relative_score_low"], m["relative_score_high"]) == (50.0, 100.0)  # a bootstrap over the 2 questions
     assert m["relative_score_by_domain"] == {"ct_scan": 50.0, "mri": 100.0}
     assert m["judged"] == 2 and m["judge_unparsed_ids"] == ["chat/c"]  # "9.5": one score, not two
 

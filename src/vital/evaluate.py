@@ -185,8 +185,14 @@ _GRADE = re.compile(r"\[\[(correct|incorrect)\]\]", re.I)
 
 def parse_grade(reply: str) -> bool | None:
     """True / False when the reply gives exactly one verdict ([[correct]] / [[incorrect]]); None otherwise."""
-    found = {m.lower() for m in _GRADE.findall(reply or "")}
-    return found.pop() == "correct" if len(found) == 1 else None
+    verdict = only_tag(_GRADE, reply)
+    return None if verdict is None else verdict.lower() == "correct"
+
+
+def only_tag(pattern: re.Pattern, reply: str) -> str | None:
+    """The one verdict tag the reply gives (repeating it is fine, two different ones are not); else None."""
+    found = {m.lower() for m in pattern.findall(reply or "")}
+    return next(m for m in pattern.findall(reply)) if len(found) == 1 else None
 
 
 def grade_messages(question: str, truth: str, answer: str) -> list[dict]:
@@ -267,7 +273,12 @@ def judge_chat(items: list[dict], preds: dict[str, str], client, log: AppendLog,
                 "reference_score": round(sum(r for r, _ in pairs) / len(pairs), 2),
                 "model_score": round(sum(m for _, m in pairs) / len(pairs), 2)}
 
-    overall = summary("all") if groups else dict.fromkeys(("relative_score", "reference_score", "model_score"))
+    keys = ("relative_score", "relative_score_low", "relative_score_high", "reference_score", "model_score")
+    overall = dict.fromkeys(keys)
+    if groups:
+        ratios = mean_interval([m / r for r, m in groups["all"]])  # the interval: a bootstrap over questions
+        overall = {**summary("all"), "relative_score_low": round(100 * ratios["low"], 2),
+                   "relative_score_high": round(100 * ratios["high"], 2)}
     return {**overall,
             "relative_score_by_domain": {k[7:]: summary(k)["relative_score"] for k in sorted(groups)
                                          if k.startswith("domain:")},
@@ -289,8 +300,7 @@ _VERDICT = re.compile(r"\[\[([ABC])\]\]")
 
 def parse_verdict(reply: str) -> str | None:
     """'A', 'B' or 'C' when the reply gives exactly one verdict ([[A]] / [[B]] / [[C]]); None otherwise."""
-    found = set(_VERDICT.findall(reply or ""))
-    return found.pop() if len(found) == 1 else None
+    return only_tag(_VERDICT, reply)
 
 
 def pairwise_messages(caption: str, mentions: str, question: str, a: str, b: str) -> list[dict]:

@@ -34,7 +34,7 @@ class FakeOpenAI:
         self.latency, self.fault_rate, self.faults, self.slow_s = latency, fault_rate, tuple(faults), slow_s
         self.retry_after_ms, self.batch_polls, self.api_key, self.port = retry_after_ms, batch_polls, api_key, port
         self.calls: Counter = Counter()  # "POST /v1/chat/completions" -> count
-        self.log: list[dict] = []  # one row per chat request: time, request key, fault
+        self.log: list[dict] = []  # one row per chat request: time, request key, fault, task, image parts
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
         self._rng, self._lock, self._drawn = random.Random(seed), threading.Lock(), 0
@@ -82,13 +82,9 @@ class FakeOpenAI:
     def chat(self, body: dict, fault: str | None) -> dict:
         """A chat.completion object for a request body."""
         from .offline import OfflineBackend
-        from .pool import POOL_PROMPT
-        from .rate import RUBRIC
 
         messages = body["messages"]
-        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-        pool = system.startswith(POOL_PROMPT.split("{")[0])
-        task = "rate" if system == RUBRIC else "pool" if pool else "generate"
+        task = task_of(messages)
         text = OfflineBackend().complete(messages, task)
         if fault == "nonsense":
             text = "Lorem ipsum dolor sit amet."
@@ -123,6 +119,19 @@ class FakeOpenAI:
                 batch[name] = fid
         batch.update(status="completed", request_counts={"total": len(out) + len(err), "completed": len(out),
                                                           "failed": len(err)})
+
+
+def task_of(messages: list[dict]) -> str:
+    """Which of the project's requests this is, from its system prompt (the offline backend answers it)."""
+    from . import evaluate
+    from .pool import POOL_PROMPT
+    from .rate import RUBRIC
+
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    if system.startswith(POOL_PROMPT.split("{")[0]):
+        return "pool"
+    return {RUBRIC: "rate", evaluate.CHAT_JUDGE: "judge", evaluate.PAIRWISE: "pairwise",
+            evaluate.VQA_PAIRWISE: "pairwise", evaluate.GRADER: "grade"}.get(system, "generate")
 
 
 def _key(body: dict) -> str:
@@ -184,7 +193,10 @@ class _Handler(BaseHTTPRequestHandler):
             req = json.loads(body)
             fault = fake.draw_fault()
             with fake._lock:
-                fake.log.append({"t": time.monotonic(), "key": _key(req), "fault": fault})
+                fake.log.append({"t": time.monotonic(), "key": _key(req), "fault": fault,
+                                 "task": task_of(req.get("messages") or []),
+                                 "image_parts": sum(p.get("type") == "image_url" for m in req.get("messages") or []
+                                                    if isinstance(m.get("content"), list) for p in m["content"])})
             time.sleep(fake.slow_s if fault == "slow" else fake.latency)
             if fault == "429":
                 return self._send(429, {"error": {"message": "Rate limit reached", "type": "requests"}},

@@ -51,8 +51,8 @@ def _bootstrap(x, seed: int) -> dict:
 
 
 def mean_interval(values: list[float], seed: int = 0) -> dict:
-    """{n, mean, low, high}: the mean of values in [0, 1] with a 95% percentile-bootstrap interval (a share that
-    is not a count of successes: token recall, F1); all null when there are none."""
+    """{n, mean, low, high}: the mean of per-item values with a 95% percentile-bootstrap interval (a share that
+    is not a count of successes: token recall, F1; a ratio of scores); all null when there are none."""
     import numpy as np
 
     if not len(values):
