@@ -97,44 +97,49 @@ def main():
     write_jsonl("data/eval/answers.jsonl", answers)
 
     rows, vqa_skipped = evaluate.vqa_scores(vqa, preds)
-    base_rows, _ = evaluate.vqa_scores(vqa, base_preds)
     write_jsonl("data/eval/skipped.jsonl", unanswered + vqa_skipped)
     sampling = {"temperature": p["temperature"], "max_tokens": p["max_tokens"]}
-    if p["baseline_answers"]:
-        baseline = {b["question_id"]: b["answer"] for b in read_jsonl(p["baseline_answers"])}
+    chat_baseline, against = {c["question_id"]: c["gpt4_answer"] for c in chat}, "the reference (gpt4_answer) answers"
+    others = {"base": base_preds} if base_preds else {}  # what the tuned model is compared with, by item id
+    if p["baseline_answers"]:  # {question_id, answer}: chat; {dataset, question_id, answer}: any item
+        given = list(read_jsonl(p["baseline_answers"]))
+        chat_baseline = {b["question_id"]: b["answer"] for b in given if "dataset" not in b}
         against = p["baseline_answers"]
-    else:
-        baseline, against = {c["question_id"]: c["gpt4_answer"] for c in chat}, "the reference (gpt4_answer) answers"
+        others["baseline"] = {evaluate.uid(b): b["answer"] for b in given if "dataset" in b}
     with model_client("evaluate", p, batch=False) as (judge, _):
         log = lambda: AppendLog(CACHE)  # noqa: E731 - each client.run closes the log it is given
-        graded, ungraded, grade_stats = evaluate.judge_open(vqa, preds, judge, log(), "tuned", sampling)
-        base_graded, base_ungraded, base_grade_stats = (evaluate.judge_open(vqa, base_preds, judge, log(), "base",
-                                                                            sampling) if base_preds else ({}, [], {}))
-        vqa_wins, vqa_win_stats = {}, []
-        for s in sets:
-            if base_preds and any(v["answer_type"].upper() == "OPEN" for v in s.vqa):
-                m, st = evaluate.vqa_win_rate(s.vqa, preds, base_preds, s.read, judge, log(), sampling)
-                vqa_wins[s.name] = m
-                vqa_win_stats.append(st)
-        chat_m, chat_stats = evaluate.judge_chat(chat, preds, judge, log(), sampling)
-        win_m, win_stats = evaluate.win_rate(chat, preds, baseline, judge, log(), sampling)
+        graded, ungraded, st = evaluate.judge_open(vqa, preds, judge, log(), "tuned", sampling)
+        problems = [{"id": i, "model": "tuned", "problem": "no [[correct]]/[[incorrect]] verdict"} for i in ungraded]
+        stats, compared = [st], {}
+        for who, answers in others.items():
+            if not answers:
+                continue
+            their_rows, _ = evaluate.vqa_scores(vqa, answers)
+            their_graded, ungraded, st = evaluate.judge_open(vqa, answers, judge, log(), who, sampling)
+            stats.append(st)
+            problems += [{"id": i, "model": who, "problem": "no [[correct]]/[[incorrect]] verdict"} for i in ungraded]
+            wins = {}
+            for s in sets:
+                if any(v["answer_type"].upper() == "OPEN" and evaluate.uid(v) in answers for v in s.vqa):
+                    wins[s.name], st = evaluate.vqa_win_rate(s.vqa, preds, answers, s.read, judge, log(), sampling)
+                    stats.append(st)
+                    problems += [{"id": i, "model": who, "problem": "no [[A]]/[[B]]/[[C]] verdict in both orders "
+                                  "(open VQA)"} for i in wins[s.name].pop("pairs_unparsed_ids")]
+            compared[who] = {"table": evaluate.vqa_tables(their_rows, their_graded),
+                             "diff": evaluate.differences(rows, their_rows, graded, their_graded), "wins": wins}
+        chat_m, st = evaluate.judge_chat(chat, preds, judge, log(), sampling)
+        win_m, win_st = evaluate.win_rate(chat, preds, chat_baseline, judge, log(), sampling)
+        stats += [st, win_st]
 
-    problems = [{"id": i, "problem": "judge reply without two scores on its first line"}
-                for i in chat_m.pop("judge_unparsed_ids")]
+    problems += [{"id": i, "problem": "judge reply without two scores on its first line"}
+                 for i in chat_m.pop("judge_unparsed_ids")]
     problems += [{"id": i, "problem": "judge request failed"} for i in chat_m.pop("judge_failed_ids")]
     problems += [{"id": i, "problem": "no [[A]]/[[B]]/[[C]] verdict in both orders (chat)"}
                  for i in win_m.pop("pairs_unparsed_ids")]
-    for name, m in vqa_wins.items():
-        problems += [{"id": i, "problem": "no [[A]]/[[B]]/[[C]] verdict in both orders (open VQA, tuned vs base)"}
-                     for i in m.pop("pairs_unparsed_ids")]
-    problems += [{"id": i, "model": who, "problem": "no [[correct]]/[[incorrect]] verdict"}
-                 for who, ids in (("tuned", ungraded), ("base", base_ungraded)) for i in ids]
     write_jsonl("data/eval/judge_problems.jsonl", problems)  # every id; the metrics hold the counts
 
     info = json.loads(Path("models/vlm/model_info.json").read_text())
     tuned_t = evaluate.vqa_tables(rows, graded)
-    base_t = evaluate.vqa_tables(base_rows, base_graded) if base_preds else {}
-    stats = [grade_stats, base_grade_stats, *vqa_win_stats, chat_stats, win_stats]
     heuristic = judge.name == "offline"
     metrics = {"model": info["label"], "judge": f"{judge.name}:{judge.model}",
                "judge_kind": ("offline heuristic (word overlap and a rubric): checks the pipeline only, not a "
@@ -142,22 +147,22 @@ def main():
                "sets": {s.name: set_counts(s, spec.get("path"), skipped_by_set[s.name], checked)
                         for s, spec in zip(sets, p["eval_sets"])},
                **{k: tuned_t.get("all", {}).get(k) for k in ("closed_accuracy", "open_recall")},
-               "tuned": tuned_t, "base": base_t,
-               "tuned_minus_base": (evaluate.differences(rows, base_rows, graded, base_graded) if base_preds
-                                    else {}),
-               "vqa_win_rate_vs_base": vqa_wins,
+               "tuned": tuned_t,
+               **{k: v for who, c in compared.items() for k, v in ((who, c["table"]), (f"tuned_minus_{who}", c["diff"]),
+                                                                  (f"vqa_win_rate_vs_{who}", c["wins"]))},
                "skipped": len(unanswered) + len(vqa_skipped), "skipped_examples": (unanswered + vqa_skipped)[:5],
                "chat": {**chat_m, **win_m, "win_rate_against": against},
                "judge_requests": sum(s.get("requests", 0) for s in stats),
                "judge_cached": sum(s.get("cached", 0) for s in stats),
                "judge_failed": sum(s.get("failed", 0) for s in stats)}
-    table = table_rows(tuned_t, base_t, metrics["tuned_minus_base"])
+    table = table_rows(tuned_t, compared)
     pd.DataFrame(table).to_csv("metrics/evaluate_table.csv", index=False, float_format=CSV_FLOAT)
-    by_domain = [{"group": g, **{f"{who}_{k}": (t.get(g, {}).get(k) or {}).get(v) for who, t in (("tuned", tuned_t),
-                 ("base", base_t)) for k, v in (("closed_accuracy", "rate"), ("open_recall", "mean"))}}
+    tables = {"tuned": tuned_t, **{who: c["table"] for who, c in compared.items()}}
+    by_domain = [{"group": g, **{f"{who}_{k}": (t.get(g, {}).get(k) or {}).get(v) for who, t in tables.items()
+                                 for k, v in (("closed_accuracy", "rate"), ("open_recall", "mean"))}}
                  for g in tuned_t if "/" in g]  # dataset/domain: the plot
     pd.DataFrame(by_domain).to_csv("metrics/evaluate_by_domain.csv", index=False, float_format=CSV_FLOAT)
-    print_table(table, vqa_wins, metrics)
+    print_table(table, compared, metrics)
     write_metrics("evaluate", metrics, t0)
 
 
@@ -165,25 +170,28 @@ METRICS = [("closed_accuracy", "rate"), ("open_recall", "mean"), ("open_token_f1
            ("open_exact_match", "rate"), ("open_judged_accuracy", "rate")]
 
 
-def table_rows(tuned: dict, base: dict, diff: dict) -> list[dict]:
-    """One row per group (all, dataset, dataset/domain) and metric: n, tuned and base with 95% intervals, and
-    tuned - base with its paired interval (all and datasets); shares in [0, 1]."""
+def table_rows(tuned: dict, compared: dict) -> list[dict]:
+    """One row per group (all, dataset, dataset/domain), metric and comparison (base, baseline): n, tuned and the
+    other with 95% intervals, and tuned - other with its paired interval (all and datasets); shares in [0, 1]."""
     out = []
-    for group in tuned:
-        for metric, key in METRICS:
-            t = tuned[group][metric]
-            if not t["n"]:
-                continue
-            b, d = base.get(group, {}).get(metric, {}), diff.get(group, {}).get(metric, {})
-            out.append({"group": group, "metric": metric, "n": t["n"],
-                        "tuned": t[key], "tuned_low": t["low"], "tuned_high": t["high"],
-                        "base": b.get(key), "base_low": b.get("low"), "base_high": b.get("high"),
-                        "diff": d.get("diff"), "diff_low": d.get("low"), "diff_high": d.get("high")})
+    for who, c in compared.items() or [("none", {"table": {}, "diff": {}})]:
+        for group in tuned:
+            for metric, key in METRICS:
+                t = tuned[group][metric]
+                if not t["n"]:
+                    continue
+                o, d = c["table"].get(group, {}).get(metric, {}), c["diff"].get(group, {}).get(metric, {})
+                out.append({"group": group, "metric": metric, "n": t["n"],
+                            "tuned": t[key], "tuned_low": t["low"], "tuned_high": t["high"], "other": who,
+                            "other_n": o.get("n"), "other_value": o.get(key), "other_low": o.get("low"),
+                            "other_high": o.get("high"), "diff_n": d.get("n"), "diff": d.get("diff"),
+                            "diff_low": d.get("low"), "diff_high": d.get("high")})
     return out
 
 
-def print_table(table: list[dict], wins: dict, metrics: dict) -> None:
-    """The sets, then overall and per dataset (the per-domain rows are in metrics/evaluate_table.csv)."""
+def print_table(table: list[dict], compared: dict, metrics: dict) -> None:
+    """The sets, then per comparison (tuned vs base, vs the baseline answers) overall and per dataset (the
+    per-domain rows are in metrics/evaluate_table.csv)."""
     def cell(x, low, high, sign=""):
         return "-" if x is None else f"{100 * x:{sign}.1f} [{100 * low:{sign}.1f}, {100 * high:{sign}.1f}]"
 
@@ -194,19 +202,21 @@ def print_table(table: list[dict], wins: dict, metrics: dict) -> None:
               f"[evaluate]   {c['closed_rule']}"
               + ("" if c["decontaminated"] else "; the training corpus itself: a pipeline check" if
                  c["format"] == "sample" else "; NOT in decontaminate.eval_sets: the release was not checked against it"))
-    print(f"{'group':<16} {'metric':<21} {'n':>5}  {'tuned % [95% CI]':<22} {'base % [95% CI]':<22} "
-          "tuned - base [95% CI]")
     single = len({r["group"] for r in table if "/" not in r["group"]}) == 2  # "all" is then that one dataset
-    for r in table:
-        if "/" not in r["group"] and not (single and r["group"] == "all"):
-            print(f"{r['group']:<16} {r['metric']:<21} {r['n']:>5}  "
-                  f"{cell(r['tuned'], r['tuned_low'], r['tuned_high']):<22} "
-                  f"{cell(r['base'], r['base_low'], r['base_high']):<22} "
-                  f"{cell(r['diff'], r['diff_low'], r['diff_high'], '+')}")
-    for name, w in wins.items():
-        print(f"win rate {name} (open questions, tuned vs base, the judge sees the image): {w['win_rate']} "
-              f"[{w['win_rate_low']}, {w['win_rate_high']}] over {w['pairs']} pairs "
-              f"({w['wins']} won, {w['ties']} tied, {w['losses']} lost)")
+    for who in dict.fromkeys(r["other"] for r in table):
+        alone = who == "none"  # evaluate.base_model false and no baseline answers
+        print(f"{'group':<16} {'metric':<21} {'n':>5}  {'tuned % [95% CI]':<22}"
+              + ("" if alone else f" {who + ' % [95% CI]':<22} tuned - {who} [95% CI] (n)"))
+        for r in table:
+            if r["other"] == who and "/" not in r["group"] and not (single and r["group"] == "all"):
+                print(f"{r['group']:<16} {r['metric']:<21} {r['n']:>5}  "
+                      f"{cell(r['tuned'], r['tuned_low'], r['tuned_high']):<22}"
+                      + ("" if alone else f" {cell(r['other_value'], r['other_low'], r['other_high']):<22} "
+                         f"{cell(r['diff'], r['diff_low'], r['diff_high'], '+')} ({r['diff_n'] or 0})"))
+        for name, w in compared.get(who, {}).get("wins", {}).items():
+            print(f"win rate {name} (open questions, tuned vs {who}, the judge sees the image): {w['win_rate']} "
+                  f"[{w['win_rate_low']}, {w['win_rate_high']}] over {w['pairs']} pairs "
+                  f"({w['wins']} won, {w['ties']} tied, {w['losses']} lost)")
     chat = metrics["chat"]
     if chat.get("pairs"):
         print(f"chat: relative score {chat['relative_score']} [{chat['relative_score_low']}, "

@@ -134,6 +134,8 @@ def test_dag_runs_offline_end_to_end_then_experiment_reruns_only_downstream(repo
     assert chat["pairs"] == 3 and chat["win_rate_against"] == "examples/eval/baseline_answers.jsonl"
     assert set(chat["relative_score_by_category"]) == {"conversation", "detailed_description"}
     assert ev["vqa_win_rate_vs_base"]["eval"]["pairs"] == 4  # the open questions of the three VQA files
+    assert "tuned - baseline [95% CI]" in exp and ev["baseline"]["all"]["closed_accuracy"]["n"] == 4  # the file's
+    assert ev["tuned_minus_baseline"]["all"]["open_recall"]["n"] == 4 and ev["vqa_win_rate_vs_baseline"]["eval"]["pairs"] == 4
 
     exp = run("dvc exp run -S evaluate.base_model=false", repo).stdout  # the tuned model alone
     ev = json.loads((repo / "metrics/evaluate.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from vital import evaluate, tune
+from vital import evalsets, evaluate, tune
 from vital.client import Client, ClientConfig
 from vital.images import ImageStore
 from vital.offline import OfflineBackend
@@ -402,24 +402,24 @@ def test_over_the_openai_api_the_win_rate_judge_is_sent_the_image_and_grading_is
 
 
 def test_the_example_eval_folder_loads_one_dataset_per_file(tmp_path):
-    vqa, chat = evaluate.load_eval_sets(Path(__file__).parents[1] / "examples/eval")
+    vqa, chat = evalsets.load_eval_sets(Path(__file__).parents[1] / "examples/eval")
     assert {v["dataset"] for v in vqa} == {"vqa_rad", "slake", "pathvqa"} and len(chat) == 3
     with pytest.raises(FileNotFoundError, match="no vqa.jsonl"):
-        evaluate.load_eval_sets(Path(__file__).parent)
+        evalsets.load_eval_sets(Path(__file__).parent)
     qa50 = {"question_id": 0, "image": "x.jpg", "type": "conversation", "text": "What is seen?", "fig_label": "Fig 2",
             "gpt4_answer": "Nodules.", "fig_caption": "A chest CT.", "in_text_mention": [{"tokens": "Figure 2 shows"},
                                                                                        {"tokens": "nodules."}],
             "domain": {"chest_xray": False, "mri": False, "ct_scan": True, "histology": False, "gross": False}}
     (tmp_path / "chat.jsonl").write_text(json.dumps(qa50) + "\n")  # LLaVA-Med's own llava_med_eval_qa50 form
-    _, chat = evaluate.load_eval_sets(tmp_path)
+    _, chat = evalsets.load_eval_sets(tmp_path)
     assert chat[0]["domain"] == "ct_scan" and chat[0]["category"] == "conversation"
     assert chat[0]["fig_inline_mention"] == "Figure 2 shows nodules." and evaluate.uid(chat[0]) == "chat/0"
     (tmp_path / "chat.jsonl").write_text(json.dumps(qa50) + "\n" + json.dumps({**qa50, "text": ""}) + "\n")
     with pytest.raises(ValueError, match=r"chat.jsonl:2: no 'text'"):
-        evaluate.load_eval_sets(tmp_path)
+        evalsets.load_eval_sets(tmp_path)
     (tmp_path / "chat.jsonl").write_text(json.dumps(qa50) + "\n" + json.dumps(qa50) + "\n")
     with pytest.raises(ValueError, match=r"chat.jsonl:2: question_id 0 repeats in dataset 'chat'"):
-        evaluate.load_eval_sets(tmp_path)
+        evalsets.load_eval_sets(tmp_path)
 
 
 def test_judge_relative_score_per_domain_and_type_cached_and_unparsed_listed(sample, tmp_path):

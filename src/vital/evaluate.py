@@ -1,20 +1,20 @@
-"""Stage `evaluate`: the paper's three evaluations, in the LLaVA-Med formats.
+"""Stage `evaluate`: the tuned model (and its untuned base, or another model's answers) on the eval sets.
 
-- VQA (VQA-RAD, SLAKE, PathVQA): items {question_id, image, text, answer, answer_type: CLOSED|OPEN}, one
-  file per dataset. Closed accuracy (yes/no extracted from the reply), open recall (share of the reference
-  answer's tokens found in the reply), exact match and token F1, per dataset. An item with another
-  answer_type, or whose image cannot be read, is skipped and counted with its id.
-- Open visual chat: items {question_id, image, category, text, gpt4_answer, fig_caption, fig_inline_mention,
-  domain}. As LLaVA-Med does, a judge reads the caption and mentions, the question, the reference answer and
-  the model's, and scores both 1-10 in one reply; the relative score is 100 * the mean over questions of
-  model / reference, overall, per domain and per question type.
-- Win rate against a baseline answers file ({question_id, answer}): the judge compares the two answers and
-  ends with [[A]], [[B]] or [[C]] (tie), parsed exactly; each pair is judged in both orders and counts as a
-  win or a loss only when both orders agree (otherwise a tie), which cancels position bias.
+- VQA (VQA-RAD, SLAKE, PathVQA; vital.evalsets reads their files): closed accuracy (yes/no extracted from the
+  reply), open recall (the share of the reference answer's words in the reply), token F1, exact match, and
+  the judge's open accuracy (question, ground truth, answer: [[correct]] / [[incorrect]]), per dataset and
+  domain, each with its n and a 95% interval (vital.stats); tuned minus the other side as a paired bootstrap.
+- The paper's win rate, on the open questions: the judge sees the image, the question, the ground truth and
+  two answers and ends with [[A]], [[B]] or [[C]] (tie), parsed exactly; each pair is judged in both orders
+  and counts as a win or a loss only when both orders agree (otherwise a tie), which cancels position bias.
+- Open visual chat (LLaVA-Med's): a judge reads the caption and mentions, the question, the reference answer
+  and the model's, and scores both 1-10 in one reply; the relative score is 100 * the mean over questions of
+  model / reference, overall, per domain and per question type; and a chat win rate against baseline answers.
+- `export`: the answers in the layouts lmms-eval and MedEvalKit score.
 
 Judge requests go through the shared client and its request cache (data/cache/evaluate.jsonl): a rerun
 pays for nothing twice. `sample_eval_sets` writes a small VQA and chat set from the corpus for the
-embedded default.
+embedded default (a pipeline check: it is the training corpus).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from PIL import Image
 
 from .backends import image_part
 from .client import Requests
-from .evalsets import load_eval_sets, uid  # noqa: F401 (load_eval_sets: the stage's reader)
+from .evalsets import uid
 from .generate import figure_text
 from .images import ImageStore
 from .offline import qa_from_text

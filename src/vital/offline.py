@@ -81,17 +81,17 @@ class OfflineBackend:
         return f"{s1} {s2}\nThe rubric gives Assistant 1 {s1} and Assistant 2 {s2}."
 
     # -- pairwise (win rate): the rubric on both answers, the verdict in the [[A]] / [[B]] / [[C]] form
+    #    (with a ground truth, the VQA win rate: the share of the ground truth's words each answer holds)
     def _pairwise(self, prompt: str) -> str:
-        context = " ".join(section(prompt, k) for k in ("Caption", "In-text mentions", "Ground truth"))
-        question = section(prompt, "Question")
-        a, b = (heuristic_score(context, question, section(prompt, f"Answer {x}"))[0] for x in "AB")
-        return f"Answer A scores {a}, answer B scores {b}.\n[[{'A' if a > b else 'B' if b > a else 'C'}]]"
+        truth, question = section(prompt, "Ground truth"), section(prompt, "Question")
+        context = section(prompt, "Caption") + " " + section(prompt, "In-text mentions")
+        a, b = (_truth_share(truth, section(prompt, f"Answer {x}")) if truth else
+                heuristic_score(context, question, section(prompt, f"Answer {x}"))[0] for x in "AB")
+        return f"Answer A scores {a:g}, answer B scores {b:g}.\n[[{'A' if a > b else 'B' if b > a else 'C'}]]"
 
     # -- grade (judged open VQA accuracy): correct when the answer holds half the ground truth's words or more
     def _grade(self, prompt: str) -> str:
-        truth = set(re.findall(r"[a-z0-9]+", section(prompt, "Ground truth").lower()))
-        answer = set(re.findall(r"[a-z0-9]+", section(prompt, "Answer").lower()))
-        share = len(truth & answer) / len(truth) if truth else 0.0
+        share = _truth_share(section(prompt, "Ground truth"), section(prompt, "Answer"))
         return f"The answer holds {share:.0%} of the ground truth's words.\n[[{'correct' if share >= 0.5 else 'incorrect'}]]"
 
     # -- annotation_pool: a conversation with two candidate answers per question (`User:`, `Answer 1:`, `Answer 2:`)
@@ -107,6 +107,12 @@ class OfflineBackend:
 
 FLIPS = {"left": "right", "right": "left", "CT": "MRI", "MRI": "CT", "MR": "CT", "radiograph": "ultrasound image",
          "ultrasound": "radiograph", "axial": "sagittal", "coronal": "axial"}
+
+
+def _truth_share(truth: str, answer: str) -> float:
+    """The share of the ground truth's words found in the answer (0 without a ground truth)."""
+    words, found = (set(re.findall(r"[a-z0-9]+", t.lower())) for t in (truth, answer))
+    return len(words & found) / len(words) if words else 0.0
 
 
 def _weaker_answer(caption: str, question: str, grounded: str) -> str:
