@@ -1,56 +1,13 @@
 """The benchmark files users have, read as `evaluate` answers them: counts, closed/open rule, one-line errors."""
-import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from conftest import bench_jpeg as _jpeg
 
 from vital.evalsets import EvalSetError, load
-
-
-def _jpeg(seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-@pytest.fixture
-def bench(tmp_path):
-    """A VQA-RAD-like parquet set (flaviagiammarino/vqa-rad: image {bytes, path}, question, answer, two shards),
-    a SLAKE folder (BoKelvin/SLAKE: test.json, imgs/, English and Chinese), a LLaVA-Med qa50 chat file."""
-    rad = tmp_path / "vqa-rad/data"
-    rad.mkdir(parents=True)
-    rows = [("Is there a pneumothorax?", "yes"), ("Is the heart enlarged?", "No"), ("Where is the mass?", "left lung"),
-            ("What organ is shown?", "liver")]
-    for shard, part in enumerate((rows[:3], rows[3:])):
-        pq.write_table(pa.table({"image": [{"bytes": _jpeg(shard * 10 + k), "path": f"s{k}.jpg"} for k in range(len(part))],
-                                 "question": [q for q, _ in part], "answer": [a for _, a in part]}),
-                       rad / f"test-0000{shard}-of-00002.parquet")
-    pq.write_table(pa.table({"image": [{"bytes": _jpeg(99), "path": "t.jpg"}], "question": ["train?"],
-                             "answer": ["yes"]}), rad / "train-00000-of-00001.parquet")  # not the test split
-    slake = tmp_path / "slake"
-    (slake / "imgs/xmlab1").mkdir(parents=True)
-    (slake / "imgs/xmlab1/source.jpg").write_bytes(_jpeg(5))
-    base = {"img_id": 1, "img_name": "xmlab1/source.jpg", "location": "Lung", "modality": "CT",
-            "content_type": "Organ", "base_type": "vqa"}
-    (slake / "test.json").write_text(json.dumps([
-        {**base, "qid": 1, "question": "Which organ is abnormal?", "answer": "Left Lung", "answer_type": "OPEN",
-         "q_lang": "en"},
-        {**base, "qid": 2, "question": "Is this a CT?", "answer": "Yes", "answer_type": "CLOSED", "q_lang": "en"},
-        {**base, "qid": 3, "question": "哪个器官异常?", "answer": "左肺", "answer_type": "OPEN", "q_lang": "zh"}],
-        ensure_ascii=False))
-    med = tmp_path / "llava-med"
-    (med / "images").mkdir(parents=True)
-    (med / "images/x.jpg").write_bytes(_jpeg(7))
-    (med / "llava_med_eval_qa50_qa.jsonl").write_text(json.dumps({
-        "question_id": 0, "image": "x.jpg", "type": "conversation", "text": "What is seen?", "gpt4_answer": "Nodules.",
-        "fig_caption": "A chest CT.", "in_text_mention": [{"tokens": "Figure 2 shows nodules."}],
-        "domain": {"chest_xray": False, "mri": False, "ct_scan": True, "histology": False, "gross": False}}) + "\n")
-    return tmp_path
 
 
 def test_each_benchmark_layout_is_read_with_its_closed_rule_and_counts(bench):

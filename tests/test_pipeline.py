@@ -137,7 +137,22 @@ def test_dag_runs_offline_end_to_end_then_experiment_reruns_only_downstream(repo
     assert "tuned - baseline [95% CI]" in exp and ev["baseline"]["all"]["closed_accuracy"]["n"] == 4  # the file's
     assert ev["tuned_minus_baseline"]["all"]["open_recall"]["n"] == 4 and ev["vqa_win_rate_vs_baseline"]["eval"]["pairs"] == 4
 
-    exp = run("dvc exp run -S evaluate.base_model=false", repo).stdout  # the tuned model alone
+    from conftest import write_bench  # VQA-RAD as on the Hub (parquet) and SLAKE, as users have them
+    write_bench(repo / "examples/bench")
+    exp = run("dvc exp run -S 'evaluate.eval_sets=[{name: vqa_rad, format: huggingface, path: examples/bench/vqa-rad, "
+              "domain: chest_xray}, {name: slake, format: slake, path: examples/bench/slake}]' "
+              "-S evaluate.baseline_answers=null", repo).stdout  # an exp's params stay in params.yaml: say each
+    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    rad, slake = ev["sets"]["vqa_rad"], ev["sets"]["slake"]
+    assert (rad["closed"], rad["open"], slake["closed"], slake["open"]) == (2, 2, 1, 1)
+    assert slake["left_out"] == {"q_lang zh (evaluate.languages: en)": 1} and not rad["decontaminated"]
+    assert "NOT in decontaminate.eval_sets" in exp and "closed = the answer is yes or no" in exp
+    assert ev["tuned"]["vqa_rad/chest_xray"]["closed_accuracy"]["n"] == 2 and ev["tuned"]["slake/ct_scan"]
+    assert set(ev["vqa_win_rate_vs_base"]) == {"vqa_rad", "slake"}
+    shutil.rmtree(repo / "examples/bench")
+
+    exp = run("dvc exp run -S evaluate.base_model=false -S 'evaluate.eval_sets=[{name: sample, format: sample}]'",
+              repo).stdout  # the tuned model alone
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
     assert not ev.get("base") and not ev.get("vqa_win_rate_vs_base") and ev["closed_accuracy"]["n"] == 21
 
