@@ -24,8 +24,8 @@ from pathlib import Path
 
 import openai  # noqa: F401  (imported before any timing)
 
-from vital.backends import Reply
-from vital.client import Client, ClientConfig, Requests
+from vital.llm.backends import Reply
+from vital.llm.client import Client, ClientConfig, Requests
 from vital.schema import AppendLog
 
 
@@ -110,7 +110,7 @@ def main():
     ap.add_argument("--records", type=int, default=60_000)
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
-    server = subprocess.Popen([sys.executable, "-m", "vital.fakeapi", "--port", "0", "--latency", str(args.latency)],
+    server = subprocess.Popen([sys.executable, "-m", "vital.llm.fakeapi", "--port", "0", "--latency", str(args.latency)],
                               stdout=subprocess.PIPE, text=True)
     base_url = server.stdout.readline().strip()
     try:

@@ -18,7 +18,7 @@ What it builds (seeded; the same command prints the same figures):
 - a clinician pool over `--pool-share` of the figures, `--questions` questions each, one grounded and one
   corrupted answer (corruption types cycling, A/B order random), and ILLUSTRATIVE RULE CLINICIANS: one vote per
   question marking the grounded answer acceptable and the other not, with `--noise` of the votes flipped.
-- the model rater: the OFFLINE HEURISTIC rubric (vital.offline.heuristic_score, what the offline `rate` backend
+- the model rater: the OFFLINE HEURISTIC rubric (vital.llm.offline.heuristic_score, what the offline `rate` backend
   returns) on every candidate round and every pool answer.
 Then it runs the project's own path, as the stages call it: preferences.clinician_pairs / unit_scores /
 model_pairs (merge_preferences), selector.build_units / fit / save, the w = 0 fit (model_only=True)
@@ -62,7 +62,7 @@ from vital import baselines, preferences, release, selector
 from vital.corpus import build_sample
 from vital.encoders import count_tokens
 from vital.images import ImageStore
-from vital.offline import heuristic_score
+from vital.llm.offline import heuristic_score
 from vital.schema import Conversation, CorpusRecord, PoolItem, PreferencePair, Rating, Vote, round_id
 from vital.stats import auc_interval, rate
 
@@ -569,7 +569,7 @@ def main():
 
     n_good = sum(v == "good" for v in truth.values())
     by_source = pairs.groupby(["source", "split"]).size()
-    print("SELECTION QUALITY on a SYNTHETIC corpus: offline heuristic rater (vital.offline.heuristic_score), "
+    print("SELECTION QUALITY on a SYNTHETIC corpus: offline heuristic rater (vital.llm.offline.heuristic_score), "
           "illustrative rule clinicians.")
     print("These figures check the method's mechanics (merge -> train -> filter), not the quality of any model.")
     print("command: python benchmarks/selection_quality.py " + " ".join(sys.argv[1:]))

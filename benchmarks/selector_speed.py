@@ -29,7 +29,7 @@ from vital.encoders import EmbeddingCache
 from vital.schema import Conversation
 from vital.encoders import encode_texts
 from vital.images import ImageStore
-from vital.offline import qa_from_text
+from vital.llm.offline import qa_from_text
 
 
 def units_and_pairs(n_pairs: int, image_dir: Path):

@@ -25,8 +25,6 @@ for var, value in (("OMP_NUM_THREADS", "2"), ("MKL_NUM_THREADS", "2"), ("ATEN_CP
                    ("MKL_CBWR", "AVX2")):
     os.environ.setdefault(var, value)
 
-from vital.backends import Fatal  # noqa: E402
-from vital.client import Client, ClientConfig  # noqa: E402
 from vital.images import ImageStore, StoreError  # noqa: E402
 from vital.schema import AppendLog, meaningful, read_jsonl, write_json  # noqa: E402
 
@@ -72,6 +70,9 @@ def write_metrics(stage: str, metrics: dict, started: float) -> None:
 def model_client(stage: str, section: dict, batch: bool = True):
     """(client, batch state log) from the shared `llm` params and the stage's own endpoint params; an error no
     request can get past (no key, refused key, unknown model, batches still running) ends the stage cleanly."""
+    from vital.llm.backends import Fatal
+    from vital.llm.client import Client, ClientConfig
+
     try:
         client = Client(ClientConfig.from_params(params("llm"), section))
         batch_state = AppendLog(f"data/cache/{stage}_batches.jsonl") if batch else None

@@ -22,7 +22,7 @@ from vital.annotate import AnnotationError, App, add_user, agreement, connect, e
     make_app_server
 from vital.cli import app as cli
 from vital.images import ImageStore
-from vital.offline import OfflineBackend
+from vital.llm.offline import OfflineBackend
 from vital.schema import PoolItem, Vote, read_jsonl, write_jsonl
 
 

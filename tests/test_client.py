@@ -1,4 +1,4 @@
-"""The model client against a local OpenAI-compatible server (vital.fakeapi on 127.0.0.1): concurrency,
+"""The model client against a local OpenAI-compatible server (vital.llm.fakeapi on 127.0.0.1): concurrency,
 faults, retries, rate limits, kill -9, batch mode, secrets; and the transformers backend on a tiny LLaVA."""
 import copy
 import json
@@ -13,13 +13,13 @@ from dataclasses import asdict
 
 import pytest
 
-from vital.backends import Fatal
-from vital.batch import BatchesInFlight
-from vital.client import Client, ClientConfig
-from vital.fakeapi import FAULTS, FakeOpenAI
+from vital.llm.backends import Fatal
+from vital.llm.batch import BatchesInFlight
+from vital.llm.client import Client, ClientConfig
+from vital.llm.fakeapi import FAULTS, FakeOpenAI
 from vital.generate import GenerateConfig, generate
 from vital.images import ImageStore
-from vital.offline import OfflineBackend
+from vital.llm.offline import OfflineBackend
 from vital.rate import rate
 from vital.schema import AppendLog, CorpusRecord, read_jsonl
 
@@ -149,9 +149,9 @@ def test_a_refused_key_stops_the_run_clearly_and_is_never_written(sample, tmp_pa
 DRIVER = """
 import sys
 from pathlib import Path
-from vital.client import Client, ClientConfig
+from vital.llm.client import Client, ClientConfig
 from vital.generate import GenerateConfig, generate
-from vital.offline import OfflineBackend
+from vital.llm.offline import OfflineBackend
 from vital.schema import AppendLog, CorpusRecord, read_jsonl
 records = [CorpusRecord(**r) for r in read_jsonl(sys.argv[1])]
 client = Client(ClientConfig(backend="openai", model="gpt-4o", base_url=sys.argv[3], concurrency=4))

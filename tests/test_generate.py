@@ -1,11 +1,11 @@
 import copy
 import json
 
-from vital.backends import Fatal, image_part
-from vital.client import Client, ClientConfig
+from vital.llm.backends import Fatal, image_part
+from vital.llm.client import Client, ClientConfig
 from vital.generate import (LEAK_PHRASES, REFUSAL_PHRASES, SYSTEM_PROMPT, GenerateConfig, build_messages, clean_rounds,
                             generate, parse_reply, pick_demos)
-from vital.offline import OfflineBackend
+from vital.llm.offline import OfflineBackend
 from vital.schema import AppendLog, Demo
 
 import pytest
@@ -148,7 +148,7 @@ def test_images_are_shrunk_to_max_image_side(tmp_path):
 @pytest.mark.parametrize("tail", ["\nUser: Q4?\nAssistant: It is",  # cut inside an answer: that round goes
                                   "\nUser: Q4 is"])  # cut inside a question: every complete round stays
 def test_a_reply_cut_at_max_tokens_loses_only_its_unfinished_round(sample, tmp_path, tail):
-    from vital.backends import Reply
+    from vital.llm.backends import Reply
 
     class Cut(OfflineBackend):
         async def acomplete(self, messages, task, sampling):

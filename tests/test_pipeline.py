@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from vital.fakeapi import FakeOpenAI
+from vital.llm.fakeapi import FakeOpenAI
 from vital.images import ImageStore, pack, unpack
 from vital.schema import IMAGE_TOKEN
 

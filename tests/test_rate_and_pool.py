@@ -1,6 +1,6 @@
-from vital.client import Client, ClientConfig
+from vital.llm.client import Client, ClientConfig
 from vital.generate import GenerateConfig, generate
-from vital.offline import OfflineBackend
+from vital.llm.offline import OfflineBackend
 from vital.pool import build_pool, select_diverse
 from vital.rate import parse_score, rate
 from vital.schema import AppendLog
@@ -64,7 +64,7 @@ def test_pool_is_diverse_and_has_two_answers_per_question(sample, tmp_path):
 
 
 def test_pool_questions_come_from_the_models_conversation_not_a_template(sample, tmp_path):
-    from vital.backends import Reply
+    from vital.llm.backends import Reply
     from vital.pool import POOL_PROMPT
 
     seen = []
@@ -90,7 +90,7 @@ def test_pool_questions_come_from_the_models_conversation_not_a_template(sample,
 
 
 def test_a_pool_reply_cut_inside_an_answer_loses_that_round_and_a_repeated_question_keeps_its_place(sample, tmp_path):
-    from vital.backends import Reply
+    from vital.llm.backends import Reply
 
     class Cut(OfflineBackend):
         async def acomplete(self, messages, task, sampling):

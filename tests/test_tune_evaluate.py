@@ -7,9 +7,9 @@ import torch
 import yaml
 
 from vital import evalsets, evaluate, tune
-from vital.client import Client, ClientConfig
+from vital.llm.client import Client, ClientConfig
 from vital.images import ImageStore
-from vital.offline import OfflineBackend
+from vital.llm.offline import OfflineBackend
 from vital.schema import IMAGE_TOKEN, AppendLog
 
 
@@ -379,7 +379,7 @@ def test_the_judge_grades_open_answers_and_sees_the_image_in_the_win_rate(tmp_pa
 
 
 def test_over_the_openai_api_the_win_rate_judge_is_sent_the_image_and_grading_is_text_only(tmp_path, monkeypatch):
-    from vital.fakeapi import FakeOpenAI
+    from vital.llm.fakeapi import FakeOpenAI
 
     monkeypatch.setenv("OPENAI_API_KEY", key := f"sk-test-{uuid.uuid4().hex}")
     image = (Path(__file__).parents[1] / "examples/eval/images/eval_ct.jpg").read_bytes()

@@ -25,12 +25,12 @@ from collections import Counter, defaultdict
 import torch
 from PIL import Image
 
-from .backends import image_part
-from .client import Requests
+from .llm.backends import image_part
+from .llm.client import Requests
 from .evalsets import uid
 from .generate import figure_text
 from .images import ImageStore
-from .offline import qa_from_text
+from .llm.offline import qa_from_text
 from .schema import AppendLog, CorpusRecord
 from .stats import mean_interval, paired_difference, rate
 from .tune import prompt

@@ -19,9 +19,9 @@ from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .backends import image_part
+from .llm.backends import image_part
 from .images import ImageStore
-from .client import Requests
+from .llm.client import Requests
 from .replies import entry_rejected
 from .schema import DOMAINS, IMAGE_TOKEN, AppendLog, Conversation, CorpusRecord, Demo
 

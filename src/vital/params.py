@@ -78,7 +78,7 @@ class Llm(Section):
 
 
 class Endpoint(Section):
-    """The model a stage calls (src/vital/client.py); the keys after `concurrency` may be left out."""
+    """The model a stage calls (src/vital/llm/client.py); the keys after `concurrency` may be left out."""
     backend: Backend
     model: Text
     base_url: Optional[Text]

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.cluster import KMeans
 
-from .backends import image_part
+from .llm.backends import image_part
 from .images import ImageStore
-from .client import Requests
+from .llm.client import Requests
 from .encoders import encode_images, encode_texts
 from .generate import figure_text
 from .replies import REASONS, entry_rejected

@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .backends import image_part
+from .llm.backends import image_part
 from .images import ImageStore
-from .client import Requests
+from .llm.client import Requests
 from .generate import figure_text
 from .replies import REASONS, entry_rejected
 from .schema import AppendLog, Conversation, CorpusRecord, PoolItem, Rating, round_id, rounds

@@ -1,6 +1,6 @@
 """A local OpenAI-compatible server for tests, benchmarks and dry runs. It listens on 127.0.0.1 only.
 
-    python -m vital.fakeapi --port 8011 --latency 0.1 --fault-rate 0.2
+    python -m vital.llm.fakeapi --port 8011 --latency 0.1 --fault-rate 0.2
     dvc exp run -S generate.backend=openai -S generate.base_url=http://127.0.0.1:8011/v1
 
 It serves chat completions (text and image parts, optional JSON mode), files and batches. Replies come
@@ -89,7 +89,7 @@ class FakeOpenAI:
         if fault == "nonsense":
             text = "Lorem ipsum dolor sit amet."
         elif task == "generate" and (body.get("response_format") or {}).get("type") == "json_object":
-            from .generate import parse_reply
+            from ..generate import parse_reply
             turns = parse_reply(text)
             text = json.dumps({"conversations": [{"question": turns[i]["value"], "answer": turns[i + 1]["value"]}
                                                  for i in range(0, len(turns), 2)]})
@@ -123,9 +123,9 @@ class FakeOpenAI:
 
 def task_of(messages: list[dict]) -> str:
     """Which of the project's requests this is, from its system prompt (the offline backend answers it)."""
-    from . import evaluate
-    from .pool import POOL_PROMPT
-    from .rate import RUBRIC
+    from .. import evaluate
+    from ..pool import POOL_PROMPT
+    from ..rate import RUBRIC
 
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
     if system.startswith(POOL_PROMPT.split("{")[0]):

@@ -29,7 +29,6 @@ failures, cost ledger.
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 import sys
 import time
@@ -39,8 +38,10 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from .backends import Fatal, RequestFailed, Retryable, make_backend, parts, redact
-from .schema import AppendLog, Failure, request_hash
+from ..schema import AppendLog, Failure, request_hash
+from .backends import (Fatal, OpenAIBackend, RequestFailed, Retryable, TransformersBackend, backoff, parts,
+                       redact)
+from .offline import OfflineBackend
 
 
 @dataclass
@@ -104,13 +105,6 @@ class RateLimiter:
             await asyncio.sleep(start - now)
 
 
-def backoff(cfg: ClientConfig, attempt: int, retry_after: float | None) -> float:
-    """Seconds before retry `attempt + 1`: exponential with jitter (half fixed, half random), capped at
-    `max_backoff_s`, and never sooner than the server's Retry-After."""
-    cap = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1))
-    return max(retry_after or 0.0, cap / 2 + random.uniform(0, cap / 2))
-
-
 def estimate_tokens(messages: list[dict], sampling: dict) -> int:
     """Rough prompt size (4 characters a token, 765 an image, as a high-detail 512 px tile) plus max_tokens."""
     chars = images = 0
@@ -121,6 +115,17 @@ def estimate_tokens(messages: list[dict], sampling: dict) -> int:
             else:
                 images += 1
     return chars // 4 + 765 * images + int(sampling.get("max_tokens", 0) or 0)
+
+
+def make_backend(cfg):
+    """The backend named by `cfg.backend` (a ClientConfig)."""
+    if cfg.backend == "offline":
+        return OfflineBackend()
+    if cfg.backend == "openai":
+        return OpenAIBackend(cfg.model, cfg.base_url, cfg.api_version, cfg.timeout_s, cfg.api_key_env)
+    if cfg.backend == "transformers":
+        return TransformersBackend(cfg.model, cfg.batch_size, cfg.device)
+    raise Fatal(f"unknown backend {cfg.backend!r}; choose offline, openai or transformers")
 
 
 class Requests:

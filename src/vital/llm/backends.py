@@ -19,6 +19,7 @@ import base64
 import hashlib
 import io
 import os
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -54,16 +55,11 @@ class Fatal(BackendError):
     pass
 
 
-def make_backend(cfg):
-    """The backend named by `cfg.backend` (a ClientConfig)."""
-    if cfg.backend == "offline":
-        from .offline import OfflineBackend
-        return OfflineBackend()
-    if cfg.backend == "openai":
-        return OpenAIBackend(cfg.model, cfg.base_url, cfg.api_version, cfg.timeout_s, cfg.api_key_env)
-    if cfg.backend == "transformers":
-        return TransformersBackend(cfg.model, cfg.batch_size, cfg.device)
-    raise Fatal(f"unknown backend {cfg.backend!r}; choose offline, openai or transformers")
+def backoff(cfg, attempt: int, retry_after: float | None) -> float:
+    """Seconds before retry `attempt + 1`: exponential with jitter (half fixed, half random), capped at
+    `max_backoff_s`, and never sooner than the server's Retry-After."""
+    cap = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1))
+    return max(retry_after or 0.0, cap / 2 + random.uniform(0, cap / 2))
 
 
 # ---------------------------------------------------------------- images in requests

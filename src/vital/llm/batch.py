@@ -22,9 +22,8 @@ import time
 import uuid
 from pathlib import Path
 
-from .backends import Fatal, Retryable, reply_from_body
-from .client import backoff
-from .schema import AppendLog
+from ..schema import AppendLog
+from .backends import Fatal, Retryable, backoff, reply_from_body
 
 ENDED = ("completed", "failed", "expired", "cancelled")
 
