@@ -72,9 +72,10 @@ def model_client(stage: str, section: dict, batch: bool = True):
     request can get past (no key, refused key, unknown model, batches still running) ends the stage cleanly."""
     from vital.llm.backends import Fatal
     from vital.llm.client import Client, ClientConfig
+    from vital.llm.ray_engine import Engine
 
     try:
-        client = Client(ClientConfig.from_params(params("llm"), section))
+        client = Client(ClientConfig.from_params(params("llm"), section), engine=Engine(**params("engine")))
         batch_state = AppendLog(f"data/cache/{stage}_batches.jsonl") if batch else None
         if batch_state:
             batch_state.path.touch()  # a DVC output even when mode is online

@@ -27,7 +27,8 @@ import pandas as pd  # after common: a bad params.yaml stops before the heavy im
 
 from vital import baselines, release, selector
 from vital.decontaminate import card_section
-from vital.encoders import count_tokens
+from vital.encoders import EmbeddingCache, count_tokens
+from vital.llm.ray_engine import Engine
 from vital.preferences import unit_scores
 from vital.provenance import UNKNOWN, allowed, normalise_license, revision
 from vital.schema import (CSV_FLOAT, Conversation, CorpusRecord, PoolItem, PreferencePair, Rating, meaningful,
@@ -36,6 +37,7 @@ from vital.schema import (CSV_FLOAT, Conversation, CorpusRecord, PoolItem, Prefe
 
 RELEASE = Path("data/release")  # the Hub layout, images inside its parquet shards: the release stands alone
 SELECTOR = Path("models/selector")
+ENGINE = Engine(**params("engine"))  # where the selector's features are encoded
 
 
 def main():
@@ -57,7 +59,7 @@ def main():
                          f"{dict(sorted(Counter(license_of.values()).items()))}); widen it or set it to null")
     try:
         conv_scores, selector_info = selector.score_conversations(candidates, records, corpus_images, EMBEDDINGS,
-                                                                  SELECTOR)
+                                                                  SELECTOR, engine=ENGINE)
     except ValueError as e:
         raise SystemExit(f"filter: {e}") from None
     domains = {c.id: c.domain for c in candidates} if p["balance_domains"] else None
@@ -91,7 +93,7 @@ def main():
                              "kept_by_license": dict(sorted(Counter(r["license"] for r in out).items())),
                              "generators": sorted({r["generator"] for r in out}),
                              "min_kept_score": round(min(conv_scores[i] for i in keep), 5),
-                             "shards": shards}, t0)
+                             "shards": shards, "features": dict(EmbeddingCache.counts)}, t0)
 
 
 def compare_with_baselines(candidates, conv_scores, keep, records, corpus_images, select):
@@ -105,13 +107,14 @@ def compare_with_baselines(candidates, conv_scores, keep, records, corpus_images
     rater_units = {r.candidate_id: r.score for r in load("data/candidates/pool_ratings.jsonl", Rating)}
     ratings = load("data/candidates/ratings.jsonl", Rating)
     rater = unit_scores(ratings, candidates, "conversation", "mean")
-    methods = {"selector": (conv_scores, selector.score_pool_answers(pool, corpus_images, EMBEDDINGS, SELECTOR)),
+    methods = {"selector": (conv_scores, selector.score_pool_answers(pool, corpus_images, EMBEDDINGS, SELECTOR,
+                                                                          engine=ENGINE)),
                "rater_threshold": (rater, rater_units)}
     if (SELECTOR / "model_only").exists():
         model_only = selector.score_conversations(candidates, records, corpus_images, EMBEDDINGS,
-                                                  SELECTOR / "model_only")[0]
+                                                  SELECTOR / "model_only", engine=ENGINE)[0]
         methods["selector_model_only"] = (model_only, selector.score_pool_answers(pool, corpus_images, EMBEDDINGS,
-                                                                                  SELECTOR / "model_only"))
+                                                                                  SELECTOR / "model_only", engine=ENGINE))
     comparison = baselines.compare(keep, methods, test, select)
     made_by = sorted({f"{c.backend}:{c.model}" for c in candidates} | {f"{r.backend}:{r.judge}" for r in ratings})
     offline = any(m.startswith("offline:") for m in made_by)

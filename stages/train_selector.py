@@ -16,6 +16,8 @@ from common import CORPUS_IMAGES, EMBEDDINGS, image_store, load, params, write_m
 import pandas as pd  # after common: a bad params.yaml stops before the heavy imports
 
 from vital import release, selector
+from vital.encoders import EmbeddingCache
+from vital.llm.ray_engine import Engine
 from vital.schema import CSV_FLOAT, Conversation, CorpusRecord, PoolItem
 
 
@@ -34,13 +36,15 @@ def main():
         raise SystemExit(f"train_selector: no unit has its image in {CORPUS_IMAGES} ({len(missing)} missing); "
                          "rerun the corpus stage (dvc repro -f corpus)")
     pairs = pd.read_parquet("data/preferences/pairs.parquet")
+    engine = Engine(**params("engine"))
     try:
-        head, backbone, history, stats = selector.fit(units, pairs, cfg, images, EMBEDDINGS)
+        head, backbone, history, stats = selector.fit(units, pairs, cfg, images, EMBEDDINGS, engine=engine)
         meta = selector.save(head, backbone, Path("models/selector"), cfg, stats["best_epoch"])
         baseline = {}
         if cfg.baseline_model_only:  # the w = 0 selector, for filter's comparison
             try:
-                head0, backbone0, _, stats0 = selector.fit(units, pairs, cfg, images, EMBEDDINGS, model_only=True)
+                head0, backbone0, _, stats0 = selector.fit(units, pairs, cfg, images, EMBEDDINGS, model_only=True,
+                                                            engine=engine)
             except ValueError as e:
                 raise ValueError(f"the w = 0 baseline (train_selector.baseline_model_only): {e}") from None
             selector.save(head0, backbone0, Path("models/selector/model_only"), cfg, stats0["best_epoch"],
@@ -55,7 +59,8 @@ def main():
     write_metrics("train_selector", {
         "backbone": meta["backbone_identity"], "finetune_backbone": cfg.finetune_backbone, "unit": cfg.unit,
         "aggregate": cfg.aggregate, "loss": cfg.loss, "candidates_skipped": len(skipped),
-        "units_missing_image": len(missing), **stats, **baseline}, t0)
+        "units_missing_image": len(missing), **stats, **baseline,
+        "features": dict(EmbeddingCache.counts)}, t0)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,7 @@ def test_kill_9_mid_run_loses_no_finished_reply_and_duplicates_nothing(sample, t
 
 def test_batch_mode_shards_resumes_polling_and_merges_into_the_same_cache(sample, tmp_path, key):
     records, image_dir = sample
+    records = copy.deepcopy(records)  # edited below; the fixture is shared
     cache, state = tmp_path / "c.jsonl", tmp_path / "batches.jsonl"
     with FakeOpenAI(batch_polls=3, fault_rate=0.25, faults=("500",), seed=3) as fake:
         def batch_client(wait):

@@ -33,6 +33,7 @@ class CountingBackend(OfflineBackend):
 
 def test_offline_generation_is_grounded_cached_and_labelled(sample, tmp_path):
     records, image_dir = sample
+    records = copy.deepcopy(records)  # edited below; the fixture is shared
     backend = CountingBackend()
     log = AppendLog(tmp_path / "cache.jsonl")
     convs, rejected, failures, stats = generate(records, image_dir, _demos(), offline(backend), log, CFG)

@@ -31,7 +31,7 @@ def with_value(tmp_path, section, key, value, text=TEXT) -> Path:
 
 def test_the_repositorys_params_yaml_passes():
     assert set(check(ROOT / "params.yaml")) == {"corpus", "dedup", "decontaminate", "llm", "annotation_pool",
-                                                "generate", "rate", "merge_preferences", "train_selector", "filter",
+                                                "engine", "generate", "rate", "merge_preferences", "train_selector", "filter",
                                                 "tune", "evaluate"}
 
 
@@ -116,7 +116,7 @@ def test_a_stage_stops_on_a_bad_value_before_its_heavy_imports(tmp_path):
 def test_vital_validate_params(tmp_path):
     runner = typer.testing.CliRunner()
     ok = runner.invoke(cli.app, ["validate", "params", str(ROOT / "params.yaml")])
-    assert ok.exit_code == 0 and "ok (12 sections" in ok.output
+    assert ok.exit_code == 0 and "ok (13 sections" in ok.output
     bad = runner.invoke(cli.app, ["validate", "params", str(with_value(tmp_path, "annotation_pool", "per_cluster", 0))])
     assert bad.exit_code == 2 and "annotation_pool.per_cluster is 0; allowed: an integer >= 1" in bad.output
 

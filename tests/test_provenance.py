@@ -220,7 +220,7 @@ def filter_stage(tmp_path, sample, monkeypatch):
         stage = importlib.import_module("filter")
         scored = []
 
-        def score(candidates, *_):
+        def score(candidates, *_, **__):
             scored.extend(c.id for c in candidates)
             return {c.id: 1.0 - i / 100 for i, c in enumerate(candidates)}, {"backbone": "fixed"}
 

@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import uuid
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
@@ -112,7 +113,9 @@ class EmbeddingCache:
     """Vectors keyed by a hash of (encoder, content), in parquet parts under `root` named by kind and encoder
     (only that encoder's parts are read), shared by stages and experiments: each unique text and image is
     encoded once. A run adds one part with what it encoded (written atomically), so an interrupted run loses
-    nothing earlier runs stored."""
+    nothing earlier runs stored. `counts` adds up, for the stage's metrics, the unique contents this process
+    encoded (`computed`) and found cached (`from_cache`)."""
+    counts: Counter = Counter(computed=0, from_cache=0)
 
     def __init__(self, root: Path | str, kind: str, encoder: str):
         self.root, self.kind, self.encoder = Path(root), kind, encoder
@@ -142,5 +145,6 @@ class EmbeddingCache:
             vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
             pq.write_table(pa.table({"key": list(rows), "vector": vectors}), tmp)
             os.replace(tmp, part)
-        self.hits, self.encoded = len(keys) - len(missing), len(missing)
+        self.hits, self.encoded = len(set(keys)) - len(missing), len(missing)
+        EmbeddingCache.counts.update(computed=self.encoded, from_cache=self.hits)
         return np.stack([np.asarray(self.vectors[k], dtype=np.float32) for k in keys]) if keys else None

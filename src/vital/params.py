@@ -77,6 +77,16 @@ class Llm(Section):
     batch_wait_s: Positive
 
 
+class Engine(Section):
+    """Where local-model work runs (src/vital/llm/ray_engine.py)."""
+    kind: Literal["local", "ray"]
+    address: str
+    workers: Count
+    cpus_per_worker: Positive
+    gpus_per_worker: NonNegative
+    batch_size: Count
+
+
 class Endpoint(Section):
     """The model a stage calls (src/vital/llm/client.py); the keys after `concurrency` may be left out."""
     backend: Backend
@@ -252,7 +262,7 @@ def _inside(path: str, root: Path) -> bool:
 
 
 SECTIONS: dict[str, type[Section]] = {
-    "corpus": Corpus, "dedup": Dedup, "decontaminate": Decontaminate, "llm": Llm, "annotation_pool": AnnotationPool,
+    "corpus": Corpus, "dedup": Dedup, "decontaminate": Decontaminate, "llm": Llm, "engine": Engine, "annotation_pool": AnnotationPool,
     "generate": Generate, "rate": Rate, "merge_preferences": MergePreferences, "train_selector": TrainSelector, "filter": Filter, "tune": Tune,
     "evaluate": Evaluate}
 

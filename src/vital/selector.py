@@ -56,6 +56,7 @@ from scipy.stats import rankdata
 from .encoders import (IMAGE_DIM, IMAGE_FEATURES, TEXT_DIM, TEXT_FEATURES, TEXT_MAX_TOKENS, EmbeddingCache, _minilm,
                        count_windows, embed_windows, encode_images, minilm_embed)
 from .images import ImageStore
+from .llm.ray_engine import Engine, map_rows
 from .schema import AGGREGATES, SPLITS, UNITS, Conversation, CorpusRecord, PoolItem, round_id, rounds
 from .stats import auc_interval, rate, ties_half
 
@@ -306,13 +307,29 @@ def _batched(fn: Callable, items: list, batch_size: int = 32) -> np.ndarray:
 
 class Featurizer:
     """Frozen features of units through one backbone: each unique text and image is encoded once across epochs,
-    stages and experiments (EmbeddingCache, keyed by the backbone's identity and the content)."""
+    stages and experiments (EmbeddingCache, keyed by the backbone's identity and the content). With a Ray
+    `engine`, what the cache lacks is encoded by `engine.workers` actors, each building the backbone that
+    `spec` = (selector config, model folder or None) names (`build_backbone`)."""
 
-    def __init__(self, backbone: nn.Module, images: ImageStore | Path, cache_dir: Path, lexical: bool = True):
+    def __init__(self, backbone: nn.Module, images: ImageStore | Path, cache_dir: Path, lexical: bool = True,
+                 engine: Engine | None = None, spec: tuple[dict, Path | None] | None = None):
         self.backbone, self.store, identity = backbone, ImageStore.of(images), backbone.identity
         self.lexical, self.dim = lexical, backbone.dim + int(lexical)
         self.texts = EmbeddingCache(cache_dir, "text", f"{identity}:text")
         self.images = EmbeddingCache(cache_dir, "image", f"{identity}:image")
+        self.remote = (engine, spec) if engine is not None and engine.ray else None
+
+    def encode(self, kind: str, items: list) -> np.ndarray:
+        if self.remote is None:
+            return _batched(self.backbone.text_features if kind == "text" else self.backbone.image_features, items)
+        (engine, (cfg, model_dir)), out = self.remote, np.zeros((len(items), 0), np.float32)
+        rows = [{"i": i, "kind": kind, "item": x} for i, x in enumerate(items)]
+        for batch in map_rows(engine, rows, RayEncoder, cfg=cfg, model_dir=model_dir,
+                              identity=self.backbone.identity):
+            if out.shape[1] == 0:
+                out = np.zeros((len(items), batch["vector"].shape[1]), np.float32)
+            out[batch["i"]] = batch["vector"]  # batches come back in any order
+        return out
 
     def __call__(self, units: pd.DataFrame) -> np.ndarray:
         if units.empty:
@@ -321,13 +338,30 @@ class Featurizer:
         names = list(dict.fromkeys(units["image"]))  # each image read and hashed once
         data = [self.store.read(n) for n in names]
         text = self.texts.get_or_encode([t.encode() for t in texts],
-                                        lambda idx: _batched(self.backbone.text_features, [texts[i] for i in idx]))
-        image = self.images.get_or_encode(data, lambda idx: _batched(self.backbone.image_features,
-                                                                     [data[i] for i in idx]))
+                                        lambda idx: self.encode("text", [texts[i] for i in idx]))
+        image = self.images.get_or_encode(data, lambda idx: self.encode("image", [data[i] for i in idx]))
         row, image_row = {t: i for i, t in enumerate(texts)}, {n: i for i, n in enumerate(names)}
         return combine(text[[row[t] for t in units["context"]]], text[[row[t] for t in units["qa"]]],
                        image[[image_row[u] for u in units["image"]]], grounding(units) if self.lexical else None,
                        np.hstack).astype(np.float32)
+
+
+class RayEncoder:
+    """A Ray actor (engine.kind: ray): the backbone a selector config names, encoding batches of texts or images;
+    it refuses to start if its weights are not the stage's (`identity`)."""
+
+    def __init__(self, cfg: dict, model_dir: Path | None, identity: str, threads: int):
+        torch.set_num_threads(threads)
+        self.backbone = build_backbone(cfg, model_dir).eval()
+        if self.backbone.identity != identity:
+            raise ValueError(f"a Ray worker's backbone is {self.backbone.identity}, the stage's {identity}: install "
+                             "the same backbone weights on every node")
+
+    def __call__(self, batch: dict) -> dict:
+        items = list(batch["item"])
+        fn = self.backbone.text_features if batch["kind"][0] == "text" else self.backbone.image_features
+        with torch.inference_mode():
+            return {"i": batch["i"], "vector": fn(items).float().numpy()}
 
 
 def missing_images(units: pd.DataFrame, images: ImageStore | Path) -> list[str]:
@@ -492,7 +526,7 @@ def _or(x: float | None) -> float:
 
 
 def fit(units: pd.DataFrame, pairs: pd.DataFrame, cfg: TrainConfig, images: ImageStore | Path, cache_dir: Path,
-        model_only: bool = False):
+        model_only: bool = False, engine: Engine | None = None):
     """Train a selector on the units that some pair names: frozen (features from the embedding cache) or with
     the backbone fine-tuned end to end. `model_only`: the w = 0 baseline, trained on model pairs alone and its
     epoch chosen on validation model pairs (no clinician judgement is used; its clinician figures are still
@@ -506,7 +540,8 @@ def fit(units: pd.DataFrame, pairs: pd.DataFrame, cfg: TrainConfig, images: Imag
         def features(rows):
             return encode(backbone, units.iloc[rows.tolist()], images, cfg.lexical_grounding)
     else:  # every unique text and image encoded once
-        x = torch.from_numpy(Featurizer(backbone, images, cache_dir, cfg.lexical_grounding)(units))
+        x = torch.from_numpy(Featurizer(backbone, images, cache_dir, cfg.lexical_grounding, engine,
+                                        (asdict(cfg), None))(units))
 
         def features(rows):
             return x[rows]
@@ -562,11 +597,12 @@ def _unit_scores(head: Selector, featurize: Featurizer, units: pd.DataFrame, mod
 
 
 def score_conversations(conversations: list[Conversation], records: dict[str, CorpusRecord], images: ImageStore | Path,
-                        cache_dir: Path, model_dir: Path, chunk: int = 4096) -> tuple[dict[str, float], dict]:
+                        cache_dir: Path, model_dir: Path, chunk: int = 4096,
+                        engine: Engine | None = None) -> tuple[dict[str, float], dict]:
     """{conversation id: score} with the trained selector, streaming `chunk` conversations at a time (features
     are never all in memory). A non-finite score is an error naming the unit."""
     head, backbone, meta = load(model_dir)
-    featurize = Featurizer(backbone, images, cache_dir, meta["lexical_grounding"])
+    featurize = Featurizer(backbone, images, cache_dir, meta["lexical_grounding"], engine, (meta, model_dir))
     first = meta["unit"] == "round" and meta["aggregate"] == "first"  # the other rounds would not count
     out = {}
     for i in range(0, len(conversations), chunk):
@@ -578,8 +614,9 @@ def score_conversations(conversations: list[Conversation], records: dict[str, Co
 
 
 def score_pool_answers(pool: list[PoolItem], images: ImageStore | Path, cache_dir: Path,
-                       model_dir: Path) -> dict[str, float]:
+                       model_dir: Path, engine: Engine | None = None) -> dict[str, float]:
     """{`<question_id>:A|B`: score} of clinician-judged pool answers with the trained selector."""
     head, backbone, meta = load(model_dir)
-    return _unit_scores(head, Featurizer(backbone, images, cache_dir, meta["lexical_grounding"]),
+    return _unit_scores(head, Featurizer(backbone, images, cache_dir, meta["lexical_grounding"], engine,
+                                         (meta, model_dir)),
                         build_units({}, [], pool, meta["unit"]), model_dir)

@@ -234,6 +234,11 @@ def _fingerprint(model: str) -> str:
     return hashlib.sha256(repr(stats).encode()).hexdigest()[:12]
 
 
+def transformers_identity(model: str) -> str:
+    """What a local model's cache keys name: its path and a fingerprint of its files (retrained: new replies)."""
+    return f"transformers:{model}@{_fingerprint(model)}"
+
+
 class TransformersBackend:
     """A local vision-language model. Requests that arrive together are generated as one padded batch."""
     name = "transformers"
@@ -243,7 +248,7 @@ class TransformersBackend:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.model = model
-        self.identity = f"transformers:{model}@{_fingerprint(model)}"  # retrained weights: new replies
+        self.identity = transformers_identity(model)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(self.device).eval()

@@ -42,6 +42,7 @@ from ..schema import AppendLog, Failure, request_hash
 from .backends import (Fatal, OpenAIBackend, RequestFailed, Retryable, TransformersBackend, backoff, parts,
                        redact)
 from .offline import OfflineBackend
+from .ray_engine import Engine, RayTransformers, run_requests
 
 
 @dataclass
@@ -117,8 +118,10 @@ def estimate_tokens(messages: list[dict], sampling: dict) -> int:
     return chars // 4 + 765 * images + int(sampling.get("max_tokens", 0) or 0)
 
 
-def make_backend(cfg):
-    """The backend named by `cfg.backend` (a ClientConfig)."""
+def make_backend(cfg, engine: Engine | None = None):
+    """The backend named by `cfg.backend` (a ClientConfig); a transformers model on Ray when `engine` says ray."""
+    if cfg.backend == "transformers" and engine and engine.ray:
+        return RayTransformers(cfg.model, cfg.device, engine)
     if cfg.backend == "offline":
         return OfflineBackend()
     if cfg.backend == "openai":
@@ -139,9 +142,9 @@ class Requests:
 
 
 class Client:
-    def __init__(self, cfg: ClientConfig, backend=None):
+    def __init__(self, cfg: ClientConfig, backend=None, engine: Engine | None = None):
         self.cfg = cfg
-        self.backend = backend or make_backend(cfg)
+        self.backend = backend or make_backend(cfg, engine)
         self.name, self.model = self.backend.name, self.backend.model
         self.limits = RateLimiter(cfg.requests_per_minute), RateLimiter(cfg.tokens_per_minute)
         if cfg.mode == "batch" and self.name != "openai":
@@ -260,6 +263,8 @@ class Client:
                 if self.cfg.mode == "batch":
                     from .batch import run_batches
                     await run_batches(self, pending(), sampling, batch_state, on_reply, on_failure)
+                elif isinstance(self.backend, RayTransformers):
+                    run_requests(self.backend, pending(), sampling, on_reply, on_failure, log.sync)
                 else:
                     await self._online(pending(), task, sampling, on_reply, on_failure, stats, log.sync)
             finally:

@@ -1,0 +1,159 @@
+"""Ray: local-model work as a Ray Data `map_batches`, one model per actor (`engine.kind: ray`).
+
+    engine = Engine(kind="ray", workers=2, gpus_per_worker=1)
+    client = Client(ClientConfig(backend="transformers", model="path/to/llava"), engine=engine)
+
+With `kind: ray` the transformers backend does not load its model in the stage's process. The client works out,
+as always, which requests its cache lacks; `run_requests` streams those to `workers` actors, each holding one
+model (`num_gpus = gpus_per_worker`, `cpus_per_worker` threads), `batch_size` requests generated together. Each
+reply is appended to the request cache as it comes back, under the key the local path uses, so the two paths
+share one cache, a killed job resumes where it stopped, and nothing is computed twice. The OpenAI-compatible
+path stays the async client: it is bound by the provider, not by this machine. `encode` does the same for the
+selector's text and image features.
+
+`address` empty (and no `RAY_ADDRESS` in the environment): a local Ray is started for the stage, with this
+machine's CPUs. Otherwise the address of a running cluster (`host:6379`, `ray://host:10001`) whose nodes have
+this project installed (`pip install -e .`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from itertools import islice
+from typing import Callable, Iterable
+
+
+from .backends import Fatal, Reply
+
+class EngineError(Fatal, ValueError):
+    """The engine cannot run (bad address or kind): stops a model stage (Fatal) and a feature stage (ValueError)."""
+
+
+CHUNK = 2048  # requests handed to Ray at a time: a million pending requests are never all in memory
+
+
+@dataclass
+class Engine:
+    kind: str = "local"  # local: this process | ray
+    address: str = ""  # empty: RAY_ADDRESS, else a local Ray started for the stage
+    workers: int = 1  # actors, one model each
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    batch_size: int = 4  # requests (or texts, images) a worker takes at once
+
+    def __post_init__(self):
+        if self.kind not in ("local", "ray"):
+            raise EngineError(f"engine.kind {self.kind!r}: choose local or ray")
+
+    @property
+    def ray(self) -> bool:
+        return self.kind == "ray"
+
+
+def connect(engine: Engine) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), or start a local Ray; an address nobody answers on is one
+    line, at once (Ray itself would retry for a minute)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = engine.address or os.environ.get("RAY_ADDRESS", "")
+    if address and address != "auto":
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+        except (OSError, ValueError) as e:
+            raise EngineError(f"engine.address {address!r}: no Ray cluster answers there ({e}); give host:port of a running "
+                        "cluster (ray start --head prints it), or '' for a local Ray") from None
+    try:
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 **({} if address else {"num_cpus": max(os.cpu_count() or 1, int(engine.workers * engine.cpus_per_worker))}))
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise EngineError(f"engine.address {address!r}: {str(e).splitlines()[0]}") from None
+    context = ray.data.DataContext.get_current()  # the stage prints its own summary line
+    context.enable_progress_bars = context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _chunks(items: Iterable, n: int):
+    it = iter(items)
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+def map_rows(engine: Engine, rows: list[dict], actor: type, **kwargs):
+    """`rows` through `engine.workers` instances of the Ray actor class `actor` (built with `kwargs` and
+    `threads`), `engine.batch_size` rows a call; yields the output batches (numpy) as they come back, in any order."""
+    import ray
+
+    connect(engine)
+    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), engine.workers * 4))
+    out = ds.map_batches(actor, fn_constructor_kwargs={**kwargs, "threads": max(1, int(engine.cpus_per_worker))},
+                         batch_size=engine.batch_size, concurrency=engine.workers,
+                         num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker or None, batch_format="numpy")
+    yield from out.iter_batches(batch_size=None, batch_format="numpy")
+
+
+# ---------------------------------------------------------------- requests
+
+class RayTransformers:
+    """What the client knows of a transformers model that runs on Ray: its name and identity (so the cache keys
+    are the local path's), not its weights."""
+    name = "transformers"
+
+    def __init__(self, model: str, device: str, engine: Engine):
+        from .backends import transformers_identity
+
+        self.model, self.device, self.engine = model, device, engine
+        self.identity = transformers_identity(model)
+        self.batch_size = engine.batch_size
+
+    async def acomplete(self, messages, task, sampling):
+        raise Fatal("engine.kind ray runs whole request lists (Client.run); set engine.kind: local for single calls")
+
+    async def aclose(self):
+        pass
+
+
+class _Generator:
+    """A Ray actor: one TransformersBackend; a batch it cannot generate fails those requests, not the run."""
+
+    def __init__(self, model: str, device: str, batch_size: int, threads: int):
+        import torch
+
+        from .backends import TransformersBackend
+
+        torch.set_num_threads(threads)
+        self.backend = TransformersBackend(model, batch_size, device)
+
+    def __call__(self, batch: dict) -> dict:
+        requests = [json.loads(m) for m in batch["messages"]]
+        n = len(requests)
+        try:
+            replies, errors = self.backend._generate(requests, json.loads(batch["sampling"][0])), [""] * n
+        except Exception as e:  # noqa: BLE001 - the processor or model refused these inputs
+            replies, errors = [Reply("", 0, 0, "error")] * n, [f"{type(e).__name__}: {e}"] * n
+        return {"h": batch["h"], "text": [r.text for r in replies], "finish_reason": [r.finish_reason for r in replies],
+                "prompt_tokens": [r.prompt_tokens for r in replies],
+                "completion_tokens": [r.completion_tokens for r in replies], "error": errors}
+
+
+def run_requests(backend: RayTransformers, pending: Iterable[tuple[str, list[dict]]], sampling: dict,
+                 on_reply: Callable, on_failure: Callable, sync: Callable[[], None]) -> None:
+    """Send the pending (hash, messages) to the actors, CHUNK at a time; each reply goes to `on_reply` (the cache)
+    as soon as its batch is back, and is fsynced with its batch."""
+    for chunk in _chunks(pending, CHUNK):
+        rows = [{"h": h, "messages": json.dumps(m), "sampling": json.dumps(sampling)} for h, m in chunk]
+        for out in map_rows(backend.engine, rows, _Generator, model=backend.model, device=backend.device,
+                        batch_size=backend.batch_size):
+            for i, h in enumerate(out["h"]):
+                if out["error"][i]:
+                    on_failure(str(h), str(out["error"][i]), 1)
+                else:
+                    on_reply(str(h), Reply(str(out["text"][i]), int(out["prompt_tokens"][i]),
+                                           int(out["completion_tokens"][i]), str(out["finish_reason"][i])),
+                             "online", sync=False)
+            sync()
