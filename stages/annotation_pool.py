@@ -5,8 +5,9 @@
 """
 import time
 
-from common import image_store, load, model_client, params, write_metrics
+from common import EMBEDDINGS, image_store, load, model_client, params, write_metrics
 
+from vital.encoders import EmbeddingCache
 from vital.pool import build_pool
 from vital.schema import AppendLog, CorpusRecord, write_jsonl
 from vital.replies import rejected_note
@@ -18,10 +19,11 @@ def main():
     with model_client("annotation_pool", p, batch=False) as (client, _):
         items, failures, stats = build_pool(records, image_store(), client, AppendLog("data/cache/annotation_pool.jsonl"),
                                             p["clusters"], p["per_cluster"], p["questions_per_figure"],
-                                            p["image_weight"], p["seed"], p["max_image_side"])
+                                            p["image_weight"], p["seed"], p["max_image_side"], EMBEDDINGS)
     write_jsonl("data/annotation/pool.jsonl", items)
     write_jsonl("data/annotation/pool_failures.jsonl", failures)
-    write_metrics("annotation_pool", {"backend": client.name, "model": client.model, **stats}, t0)
+    write_metrics("annotation_pool", {"backend": client.name, "model": client.model, **stats,
+                                      "features": dict(EmbeddingCache.counts)}, t0)
     if note := rejected_note("annotation_pool", stats["unparsed_by_reason"], "figures left out of the pool, "
                              "listed in metrics/annotation_pool.json (unparsed_figures)"):
         print(note)

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from dataclasses import replace
 
-from common import load, params, write_metrics
+from common import EMBEDDINGS, load, params, write_metrics
 import pandas as pd  # after common: a bad params.yaml stops before the heavy imports
 
 from vital.decontaminate import REPORT_COLUMNS, EvalSetError, counts, qa_text, read_eval_set, text_matches
-from vital.encoders import encode_texts
+from vital.encoders import EmbeddingCache, cached_text_encoder
 from vital.schema import CSV_FLOAT, Conversation, write_jsonl
 
 
@@ -30,7 +30,8 @@ def main():
         raise SystemExit(f"decontaminate_qa: {e}") from None
     rounds = [(f"{c.id}#{k // 2}", qa_text(c.conversations[k]["value"], c.conversations[k + 1]["value"]))
               for c in conversations for k in range(0, len(c.conversations) - 1, 2)]
-    rows, short = text_matches(rounds, sets, p["min_words"], p["text_containment"], p["text_cosine"], encode_texts)
+    rows, short = text_matches(rounds, sets, p["min_words"], p["text_containment"], p["text_cosine"],
+                               cached_text_encoder(EMBEDDINGS))
     matched = {r["id"] for r in rows}
     clean = []
     for c in conversations:
@@ -50,7 +51,7 @@ def main():
                                        "conversations_removed": len(conversations) - len(clean),
                                        "kept": len(clean),
                                        "thresholds": {k: p[k] for k in ("min_words", "text_containment", "text_cosine")},
-                                       "by_eval_set": by_set}, t0)
+                                       "by_eval_set": by_set, "features": dict(EmbeddingCache.counts)}, t0)
 
 
 if __name__ == "__main__":

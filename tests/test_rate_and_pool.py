@@ -161,3 +161,34 @@ def test_an_unparseable_pool_reply_is_asked_again_once(sample, tmp_path):
     assert clean[0].figure_id not in {i.figure_id for i in items} and stats["reasked"] == 1
     assert stats["unparsed_figures"] == [clean[0].figure_id]
     assert stats["unparsed_by_reason"] == {"unparseable": 1, "refused": 0}
+
+
+def test_a_grown_corpus_embeds_only_its_new_figures(sample, tmp_path):
+    """The pool's figure embeddings and decontaminate_qa's round embeddings go through the embedding cache."""
+    from vital.decontaminate import text_matches
+    from vital.evalsets import EvalSet
+    from vital.encoders import EmbeddingCache, cached_text_encoder
+    from vital.pool import figure_embeddings
+
+    records, image_dir = sample
+
+    def counted(fn):
+        before = dict(EmbeddingCache.counts)
+        out = fn()
+        return out, {k: EmbeddingCache.counts[k] - before[k] for k in before}
+
+    plain = figure_embeddings(records, image_dir, 1.0)
+    cached, counts = counted(lambda: figure_embeddings(records[:10], image_dir, 1.0, tmp_path))
+    assert counts == {"computed": 20, "from_cache": 0}  # 10 texts, 10 images
+    grown, counts = counted(lambda: figure_embeddings(records, image_dir, 1.0, tmp_path))
+    assert counts == {"computed": 2 * (len(records) - 10), "from_cache": 20}
+    np.testing.assert_allclose(grown, plain, atol=1e-5)
+
+    item = {"id": "q1", "question": "Is there a pneumothorax on the left side of this chest film?", "answer": "no"}
+    rounds = [("r1", "Is there a pneumothorax on the left side of this chest film? no"), ("r2", "Which organ is it?")]
+    sets = [EvalSet(name="vqa", layout="vital", items=[item], images={})]
+    rows, counts = counted(lambda: text_matches(rounds, sets, 3, 0.8, 0.9, cached_text_encoder(tmp_path))[0])
+    again, counts2 = counted(lambda: text_matches(rounds, sets, 3, 0.8, 0.9, cached_text_encoder(tmp_path))[0])
+    assert {r["kind"] for r in rows} == {"text_bigrams", "text_embedding"} and again == rows
+    # the item's text is round r1's: embedded once, then found
+    assert counts == {"computed": 2, "from_cache": 1} and counts2 == {"computed": 0, "from_cache": 3}

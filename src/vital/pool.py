@@ -20,7 +20,7 @@ from sklearn.cluster import KMeans
 from .llm.backends import image_part
 from .images import ImageStore
 from .llm.client import Requests
-from .encoders import encode_images, encode_texts
+from .encoders import IMAGE_FEATURES, EmbeddingCache, cached_text_encoder, encode_images, encode_texts
 from .generate import figure_text
 from .replies import REASONS, entry_rejected
 from .schema import AppendLog, CorpusRecord, PoolItem
@@ -38,10 +38,19 @@ _LINE = re.compile(r"^\s*(?:\d+[.)]\s*)?[*_#\s]*(user|human|question|q|answer\s*
                    r"[*_\s]*(.*)$", re.I)
 
 
-def figure_embeddings(records: list[CorpusRecord], images: ImageStore | Path, image_weight: float) -> np.ndarray:
-    text = encode_texts([r.caption + " " + " ".join(r.inline_mentions) for r in records])
+def figure_embeddings(records: list[CorpusRecord], images: ImageStore | Path, image_weight: float,
+                      cache_dir: Path | None = None) -> np.ndarray:
+    """Caption + mentions (MiniLM) and image descriptors; with `cache_dir`, through the embedding cache (a grown
+    corpus encodes only its new figures)."""
+    texts = [r.caption + " " + " ".join(r.inline_mentions) for r in records]
     images = ImageStore.of(images)
-    img = encode_images([images.read(r.image) for r in records])
+    data = [images.read(r.image) for r in records]
+    if cache_dir is None:
+        text, img = encode_texts(texts), encode_images(data)
+    else:
+        text = cached_text_encoder(cache_dir)(texts)
+        img = EmbeddingCache(cache_dir, "image", IMAGE_FEATURES).get_or_encode(
+            data, lambda idx: encode_images([data[i] for i in idx]))
     img = (img - img.mean(0)) / (img.std(0) + 1e-6) / np.sqrt(img.shape[1])  # unit-scale, like the text part
     return np.hstack([text, image_weight * img])
 
@@ -83,10 +92,11 @@ def parse_pool_reply(reply: str) -> list[tuple[str, str, str]]:
 
 
 def build_pool(records: list[CorpusRecord], images: ImageStore | Path, client, log: AppendLog, clusters: int,
-               per_cluster: int, questions_per_figure: int, image_weight: float, seed: int, max_image_side: int = 0):
+               per_cluster: int, questions_per_figure: int, image_weight: float, seed: int, max_image_side: int = 0,
+               cache_dir: Path | None = None):
     """(pool items, failures, stats): one request per pooled figure, its first `questions_per_figure` questions."""
     images = ImageStore.of(images)
-    emb = figure_embeddings(records, images, image_weight)
+    emb = figure_embeddings(records, images, image_weight, cache_dir)
     picked = select_diverse(emb, clusters, per_cluster, seed)
     system = POOL_PROMPT.format(rounds=questions_per_figure)
 

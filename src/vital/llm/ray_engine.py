@@ -57,6 +57,7 @@ def connect(engine: Engine) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), or start a local Ray; an address nobody answers on is one
     line, at once (Ray itself would retry for a minute)."""
     import ray
+    import ray.data
 
     if ray.is_initialized():
         return
@@ -66,11 +67,11 @@ def connect(engine: Engine) -> None:
         try:
             socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
         except (OSError, ValueError) as e:
-            raise EngineError(f"engine.address {address!r}: no Ray cluster answers there ({e}); give host:port of a running "
-                        "cluster (ray start --head prints it), or '' for a local Ray") from None
+            raise EngineError(f"engine.address {address!r}: no Ray cluster answers there ({e}); give host:port of a "
+                              "running cluster (ray start --head prints it), or '' for a local Ray") from None
     try:
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 **({} if address else {"num_cpus": max(os.cpu_count() or 1, int(engine.workers * engine.cpus_per_worker))}))
+        local = {} if address else {"num_cpus": max(os.cpu_count() or 1, int(engine.workers * engine.cpus_per_worker))}
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False, logging_level="ERROR", **local)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise EngineError(f"engine.address {address!r}: {str(e).splitlines()[0]}") from None
     context = ray.data.DataContext.get_current()  # the stage prints its own summary line
@@ -92,7 +93,7 @@ def map_rows(engine: Engine, rows: list[dict], actor: type, **kwargs):
     connect(engine)
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), engine.workers * 4))
     out = ds.map_batches(actor, fn_constructor_kwargs={**kwargs, "threads": max(1, int(engine.cpus_per_worker))},
-                         batch_size=engine.batch_size, concurrency=engine.workers,
+                         batch_size=engine.batch_size, compute=ray.data.ActorPoolStrategy(size=engine.workers),
                          num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker or None, batch_format="numpy")
     yield from out.iter_batches(batch_size=None, batch_format="numpy")
 
