@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Optional, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,7 +26,7 @@ Text = Annotated[str, Field(min_length=1)]
 Fraction = Annotated[float, Field(gt=0, le=1)]  # in (0, 1]
 Bits = Annotated[int, Field(ge=0, le=32)]  # a Hamming distance between 64-bit image hashes
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")]
-Backend = Literal["offline", "openai", "transformers"]
+Backend = Literal["offline", "openai", "transformers", "vllm"]
 Mode = Literal["online", "batch"]
 
 
@@ -75,6 +75,7 @@ class Llm(Section):
     batch_max_mb: Annotated[float, Field(gt=0, le=200)]
     batch_poll_s: Positive
     batch_wait_s: Positive
+    vllm: dict[str, Any]  # backend vllm: vllm.LLM engine arguments, passed as they are
 
 
 class Engine(Section):

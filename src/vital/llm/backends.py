@@ -7,6 +7,8 @@
   (`OPENAI_API_KEY`, or `AZURE_OPENAI_API_KEY` for Azure) and is never written anywhere.
 - `transformers`: a local image-text-to-text model (AutoProcessor + AutoModelForImageTextToText) by path
   or hub name, batched, on the GPU when there is one.
+- `vllm`: an open-weight VLM in vLLM's offline engine (`vllm.LLM.chat`) on this machine's GPUs, `batch_size`
+  requests handed to it at once (`pip install -e '.[vllm]'`; README: Past one machine).
 
 A backend raises one of three errors, which tell the client (client.py) what to do: `Retryable` (429,
 5xx, timeout, malformed response: back off and try again), `RequestFailed` (this request can never
@@ -234,35 +236,19 @@ def _fingerprint(model: str) -> str:
     return hashlib.sha256(repr(stats).encode()).hexdigest()[:12]
 
 
-def transformers_identity(model: str) -> str:
-    """What a local model's cache keys name: its path and a fingerprint of its files (retrained: new replies)."""
-    return f"transformers:{model}@{_fingerprint(model)}"
+def local_identity(backend: str, model: str) -> str:
+    """What a local model's cache keys name: the engine, its path and a fingerprint of its files (retrained:
+    new replies). vLLM and transformers replies to one request differ, so each engine has its own keys."""
+    return f"{backend}:{model}@{_fingerprint(model)}"
 
 
-class TransformersBackend:
-    """A local vision-language model. Requests that arrive together are generated as one padded batch."""
-    name = "transformers"
-
-    def __init__(self, model: str, batch_size: int, device: str = "auto"):
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        self.model = model
-        self.identity = transformers_identity(model)
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self.net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(model)
-        tok = self.processor.tokenizer
-        tok.padding_side = "left"  # generation continues from the right edge
-        if tok.pad_token is None:  # many causal LMs have none; padding with EOS is the usual choice
-            tok.pad_token = tok.eos_token
-        self.batch_size = batch_size
-        self.batch_sizes: list[int] = []  # what was generated together, for metrics and tests
-        self._queue = self._server = None
+class BatchedBackend:
+    """A model on this machine: requests that arrive together (up to `batch_size`, within 20 ms) go to
+    `_generate` as one list, in a thread, so the event loop keeps the cache writes going."""
+    batch_size = 1
 
     async def acomplete(self, messages: list[dict], task: str, sampling: dict) -> Reply:
-        if self._queue is None:
+        if getattr(self, "_queue", None) is None:
             self._queue = asyncio.Queue()
             self._server = asyncio.create_task(self._serve())
         done = asyncio.get_running_loop().create_future()
@@ -287,6 +273,36 @@ class TransformersBackend:
                 continue
             for (*_, done), reply in zip(batch, replies):
                 done.set_result(reply)
+
+    def _generate(self, requests: list[list[dict]], sampling: dict) -> list[Reply]:
+        raise NotImplementedError
+
+    async def aclose(self):
+        if getattr(self, "_server", None):
+            self._server.cancel()
+            self._queue = self._server = None
+
+
+class TransformersBackend(BatchedBackend):
+    """A local vision-language model. Requests that arrive together are generated as one padded batch."""
+    name = "transformers"
+
+    def __init__(self, model: str, batch_size: int, device: str = "auto"):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.model = model
+        self.identity = local_identity("transformers", model)
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(self.device).eval()
+        self.processor = AutoProcessor.from_pretrained(model)
+        tok = self.processor.tokenizer
+        tok.padding_side = "left"  # generation continues from the right edge
+        if tok.pad_token is None:  # many causal LMs have none; padding with EOS is the usual choice
+            tok.pad_token = tok.eos_token
+        self.batch_size = batch_size
+        self.batch_sizes: list[int] = []  # what was generated together, for metrics and tests
 
     def _generate(self, requests: list[list[dict]], sampling: dict) -> list[Reply]:
         import torch
@@ -326,7 +342,63 @@ class TransformersBackend:
                                  "length" if n >= max_new else "stop"))
         return replies
 
-    async def aclose(self):
-        if self._server:
-            self._server.cancel()
-            self._queue = self._server = None
+
+# ---------------------------------------------------------------- vllm
+
+def vllm_engine_args(model: str, args: dict) -> dict:
+    """`vllm.LLM` keyword arguments: the model, one image per prompt, and the `llm.vllm` params on top (any vLLM
+    engine argument: max_model_len, gpu_memory_utilization, tensor_parallel_size, dtype, ...)."""
+    return {"model": model, "limit_mm_per_prompt": {"image": 1}, **args}
+
+
+def vllm_sampling(sampling: dict) -> dict:
+    """`vllm.SamplingParams` keyword arguments for the OpenAI-style sampling a stage sends; `response_format`
+    json_object becomes vLLM's JSON structured output. A key vLLM has no meaning for stops the run."""
+    known = {"temperature", "max_tokens", "top_p", "seed", "stop", "response_format"}
+    if set(sampling) - known:
+        raise Fatal(f"backend vllm: sampling keys {sorted(set(sampling) - known)} have no vLLM meaning here")
+    out = {"temperature": float(sampling.get("temperature", 0) or 0),
+           "max_tokens": int(sampling.get("max_tokens", 512))}
+    out.update({k: sampling[k] for k in ("top_p", "seed", "stop") if k in sampling})
+    fmt = (sampling.get("response_format") or {}).get("type")
+    if fmt not in (None, "text", "json_object"):
+        raise Fatal(f"backend vllm: response_format {fmt!r}: only json_object is mapped")
+    if fmt == "json_object":
+        out["json_object"] = True
+    return out
+
+
+class VLLMBackend(BatchedBackend):
+    """An open-weight VLM in vLLM's offline engine: the OpenAI-format messages every backend gets go to
+    `LLM.chat` as they are (images as data URLs; the model's own chat template places them), `batch_size` at a
+    time (vLLM schedules them on the GPU together: give it 64 or more)."""
+    name = "vllm"
+
+    def __init__(self, model: str, batch_size: int, args: dict | None = None):
+        try:
+            import vllm
+        except ImportError:
+            raise Fatal("backend vllm: vLLM is not installed; on a GPU machine run pip install -e '.[vllm]' "
+                        "(README: Past one machine)") from None
+        self.model, self.batch_size = model, batch_size
+        self.identity = local_identity("vllm", model)
+        try:
+            self.llm = vllm.LLM(**vllm_engine_args(model, args or {}))
+        except Exception as e:  # noqa: BLE001 - no GPU, not enough memory, a model vLLM does not know
+            raise Fatal(f"backend vllm: cannot load {model!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        ) from None
+
+    def _generate(self, requests: list[list[dict]], sampling: dict) -> list[Reply]:
+        import vllm
+
+        kwargs = vllm_sampling(sampling)
+        if kwargs.pop("json_object", False):
+            from vllm.sampling_params import StructuredOutputsParams
+            kwargs["structured_outputs"] = StructuredOutputsParams(json_object=True)
+        outputs = self.llm.chat(requests, vllm.SamplingParams(**kwargs), use_tqdm=False)
+        replies = []
+        for out in outputs:
+            best = out.outputs[0]
+            replies.append(Reply(best.text.strip(), len(out.prompt_token_ids or []), len(best.token_ids or []),
+                                 "length" if best.finish_reason == "length" else "stop"))
+        return replies

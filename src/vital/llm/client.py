@@ -39,16 +39,16 @@ from typing import Callable
 from tqdm import tqdm
 
 from ..schema import AppendLog, Failure, request_hash
-from .backends import (Fatal, OpenAIBackend, RequestFailed, Retryable, TransformersBackend, backoff, parts,
-                       redact)
+from .backends import (Fatal, OpenAIBackend, RequestFailed, Retryable, TransformersBackend, VLLMBackend, backoff,
+                       parts, redact)
 from .offline import OfflineBackend
-from .ray_engine import Engine, RayTransformers, run_requests
+from .ray_engine import Engine, RayModel, run_requests
 
 
 @dataclass
 class ClientConfig:
-    backend: str = "offline"  # offline | openai | transformers
-    model: str = "gpt-4o"  # API model name, or a local path / hub name for transformers
+    backend: str = "offline"  # offline | openai | transformers | vllm
+    model: str = "gpt-4o"  # API model name, or a local path / hub name for transformers and vllm
     base_url: str | None = None  # any OpenAI-compatible server; the Azure resource endpoint for Azure
     api_version: str | None = None  # set for Azure OpenAI
     api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (AZURE_OPENAI_API_KEY for Azure)
@@ -60,8 +60,9 @@ class ClientConfig:
     timeout_s: float = 120
     backoff_s: float = 1.0  # first retry waits about this long, doubling up to max_backoff_s
     max_backoff_s: float = 60
-    batch_size: int = 4  # transformers: requests generated together
+    batch_size: int = 4  # transformers, vllm: requests generated together
     device: str = "auto"  # transformers: auto | cpu | cuda[:n]
+    vllm: dict = field(default_factory=dict)  # vllm: engine arguments for vllm.LLM (max_model_len, ...)
     prices: dict = field(default_factory=dict)  # model -> [input, output] USD per million tokens
     batch_discount: float = 0.5  # price factor of Batch API requests
     batch_max_requests: int = 50_000  # per shard (the Batch API limit)
@@ -119,16 +120,18 @@ def estimate_tokens(messages: list[dict], sampling: dict) -> int:
 
 
 def make_backend(cfg, engine: Engine | None = None):
-    """The backend named by `cfg.backend` (a ClientConfig); a transformers model on Ray when `engine` says ray."""
-    if cfg.backend == "transformers" and engine and engine.ray:
-        return RayTransformers(cfg.model, cfg.device, engine)
+    """The backend named by `cfg.backend` (a ClientConfig); a local model on Ray when `engine` says ray."""
+    if cfg.backend in ("transformers", "vllm") and engine and engine.ray:
+        return RayModel(cfg.backend, cfg.model, cfg.device, cfg.vllm, engine)
     if cfg.backend == "offline":
         return OfflineBackend()
     if cfg.backend == "openai":
         return OpenAIBackend(cfg.model, cfg.base_url, cfg.api_version, cfg.timeout_s, cfg.api_key_env)
     if cfg.backend == "transformers":
         return TransformersBackend(cfg.model, cfg.batch_size, cfg.device)
-    raise Fatal(f"unknown backend {cfg.backend!r}; choose offline, openai or transformers")
+    if cfg.backend == "vllm":
+        return VLLMBackend(cfg.model, cfg.batch_size, cfg.vllm)
+    raise Fatal(f"unknown backend {cfg.backend!r}; choose offline, openai, transformers or vllm")
 
 
 class Requests:
@@ -263,7 +266,7 @@ class Client:
                 if self.cfg.mode == "batch":
                     from .batch import run_batches
                     await run_batches(self, pending(), sampling, batch_state, on_reply, on_failure)
-                elif isinstance(self.backend, RayTransformers):
+                elif isinstance(self.backend, RayModel):
                     run_requests(self.backend, pending(), sampling, on_reply, on_failure, log.sync)
                 else:
                     await self._online(pending(), task, sampling, on_reply, on_failure, stats, log.sync)

@@ -3,7 +3,7 @@
     engine = Engine(kind="ray", workers=2, gpus_per_worker=1)
     client = Client(ClientConfig(backend="transformers", model="path/to/llava"), engine=engine)
 
-With `kind: ray` the transformers backend does not load its model in the stage's process. The client works out,
+With `kind: ray` the transformers (and vllm) backend does not load its model in the stage's process. The client works out,
 as always, which requests its cache lacks; `run_requests` streams those to `workers` actors, each holding one
 model (`num_gpus = gpus_per_worker`, `cpus_per_worker` threads), `batch_size` requests generated together. Each
 reply is appended to the request cache as it comes back, under the key the local path uses, so the two paths
@@ -100,16 +100,18 @@ def map_rows(engine: Engine, rows: list[dict], actor: type, **kwargs):
 
 # ---------------------------------------------------------------- requests
 
-class RayTransformers:
-    """What the client knows of a transformers model that runs on Ray: its name and identity (so the cache keys
-    are the local path's), not its weights."""
-    name = "transformers"
+class RayModel:
+    """What the client knows of a local model (transformers or vllm) that runs on Ray: its name and identity (so
+    the cache keys are the local path's), not its weights."""
 
-    def __init__(self, model: str, device: str, engine: Engine):
-        from .backends import transformers_identity
+    def __init__(self, name: str, model: str, device: str, vllm_args: dict, engine: Engine):
+        from .backends import local_identity
 
-        self.model, self.device, self.engine = model, device, engine
-        self.identity = transformers_identity(model)
+        if name == "vllm" and int(vllm_args.get("tensor_parallel_size", 1)) > 1:
+            raise EngineError("backend vllm on engine.kind ray: one engine per worker on gpus_per_worker GPUs; a "
+                              "model split over GPUs (llm.vllm.tensor_parallel_size > 1) runs with engine.kind local")
+        self.name, self.model, self.device, self.vllm_args, self.engine = name, model, device, vllm_args, engine
+        self.identity = local_identity(name, model)
         self.batch_size = engine.batch_size
 
     async def acomplete(self, messages, task, sampling):
@@ -120,15 +122,17 @@ class RayTransformers:
 
 
 class _Generator:
-    """A Ray actor: one TransformersBackend; a batch it cannot generate fails those requests, not the run."""
+    """A Ray actor: one local backend (transformers or vllm); a batch it cannot generate fails those requests,
+    not the run."""
 
-    def __init__(self, model: str, device: str, batch_size: int, threads: int):
+    def __init__(self, name: str, model: str, device: str, vllm_args: dict, batch_size: int, threads: int):
         import torch
 
-        from .backends import TransformersBackend
+        from .backends import TransformersBackend, VLLMBackend
 
         torch.set_num_threads(threads)
-        self.backend = TransformersBackend(model, batch_size, device)
+        self.backend = (VLLMBackend(model, batch_size, vllm_args) if name == "vllm"
+                        else TransformersBackend(model, batch_size, device))
 
     def __call__(self, batch: dict) -> dict:
         requests = [json.loads(m) for m in batch["messages"]]
@@ -142,14 +146,14 @@ class _Generator:
                 "completion_tokens": [r.completion_tokens for r in replies], "error": errors}
 
 
-def run_requests(backend: RayTransformers, pending: Iterable[tuple[str, list[dict]]], sampling: dict,
+def run_requests(backend: RayModel, pending: Iterable[tuple[str, list[dict]]], sampling: dict,
                  on_reply: Callable, on_failure: Callable, sync: Callable[[], None]) -> None:
     """Send the pending (hash, messages) to the actors, CHUNK at a time; each reply goes to `on_reply` (the cache)
     as soon as its batch is back, and is fsynced with its batch."""
     for chunk in _chunks(pending, CHUNK):
         rows = [{"h": h, "messages": json.dumps(m), "sampling": json.dumps(sampling)} for h, m in chunk]
-        for out in map_rows(backend.engine, rows, _Generator, model=backend.model, device=backend.device,
-                        batch_size=backend.batch_size):
+        for out in map_rows(backend.engine, rows, _Generator, name=backend.name, model=backend.model,
+                            device=backend.device, vllm_args=backend.vllm_args, batch_size=backend.batch_size):
             for i, h in enumerate(out["h"]):
                 if out["error"][i]:
                     on_failure(str(h), str(out["error"][i]), 1)
