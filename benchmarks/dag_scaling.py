@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/dag_scaling.py --figures 1000 10000      # ~33 min on 2 cores
     .venv/bin/python benchmarks/dag_scaling.py --figures 10000 100000 --no-ray-check   # the issue's memory target
     .venv/bin/python benchmarks/dag_scaling.py --figures 100 300 --no-ray-check --keep # smoke run; keep the repos
+    .venv/bin/python benchmarks/dag_scaling.py --ray-only --ray-figures 2048   # only the Ray check (~8 min)
 
 Measured, side by side in one run, each size in a fresh copy of this working tree (tracked and untracked files,
 not data/; `--head` clones HEAD instead) under a temp dir, with every backend offline (params.yaml as it is, but
@@ -18,7 +19,8 @@ not data/; `--head` clones HEAD instead) under a temp dir, with every backend of
   computed work and seconds as a share of the full run's;
 - the transformers backend of `generate` (tiny random LLaVA, vital.tune.build_tiny_llava) on a local Ray with
   1 and 2 workers (1 CPU, 1 thread each; vital.llm.ray_engine.Engine), every request computed (fresh cache):
-  requests/s and the ratio; and, for reference, the same requests through TransformersBackend in 1 and 2 plain
+  requests/s and the ratio (each pass of a stage starts its actors once: a few seconds here, amortized over more
+  requests as --ray-figures grows); and, for reference, the same requests through TransformersBackend in 1 and 2 plain
   processes (model loaded before timing): what this machine allows without Ray's actor start and scheduling.
 Targets (issue): total cost per figure at the largest size <= 1.3x the smallest; the +10% rerun <= 15% of the full
 run; peak RSS at 100K <= 1.5x 10K (printed: largest / second largest size); 2 Ray workers >= 1.7x one.
@@ -255,12 +257,13 @@ def ray_check(tmp: Path, n_records: int, max_tokens: int) -> list[str]:
     cfg = GenerateConfig(max_tokens=max_tokens)
     rows = []
     try:
-        for label, workers in (("warm-up (not timed)", 1), ("1 worker", 1), ("2 workers", 2)):
+        for label, workers, part in (("warm-up (not timed)", 1, records[:32]), ("1 worker", 1, records),
+                                     ("2 workers", 2, records)):
             engine = Engine(kind="ray", address="", workers=workers, cpus_per_worker=1, gpus_per_worker=0,
                             batch_size=4)
             client = Client(ClientConfig(backend="transformers", model=str(tmp / "tiny"), batch_size=4), engine=engine)
             t = time.perf_counter()
-            _, _, failures, stats = generate(records, tmp / "sample", [], client,
+            _, _, failures, stats = generate(part, tmp / "sample", [], client,
                                              AppendLog(tmp / f"cache-{len(rows)}.jsonl"), cfg)
             rows.append((label, stats["requests"], len(failures), stats["requests"] / (time.perf_counter() - t)))
     except Exception as e:  # noqa: BLE001 - report, do not lose the DAG table printed above
@@ -303,11 +306,20 @@ def main():
     ap.add_argument("--figures", type=int, nargs="+", default=[1000, 3000])
     ap.add_argument("--rerun-share", type=float, default=0.1, help="new figures added for the rerun (largest size)")
     ap.add_argument("--ray-check", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--ray-only", action="store_true", help="only the Ray check (no DAG runs)")
     ap.add_argument("--ray-figures", type=int, default=256)
     ap.add_argument("--ray-max-tokens", type=int, default=16)
     ap.add_argument("--head", action="store_true", help="clone HEAD instead of copying the working tree")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (printed)")
     args = ap.parse_args()
+    if args.ray_only:
+        tmp = Path(tempfile.mkdtemp(prefix="dag_scaling_"))
+        print(f"# Ray check, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\nmachine: {machine()}\n")
+        try:
+            print("\n".join(ray_check(tmp, args.ray_figures, args.ray_max_tokens)))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     sizes = sorted(set(args.figures))
     started = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="dag_scaling_"))

@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 
 from vital.llm.backends import Fatal  # noqa: E402
 from vital.llm.client import Client, ClientConfig  # noqa: E402
-from vital.llm.ray_engine import Engine  # noqa: E402
+from vital.llm.ray_engine import Engine, map_rows  # noqa: E402
 from vital.generate import GenerateConfig, generate  # noqa: E402
 from vital.schema import AppendLog, read_jsonl  # noqa: E402
 
@@ -141,6 +141,26 @@ def test_a_worker_killed_mid_run_loses_nothing(local_ray, tiny, sample, tmp_path
     assert on_ray[:3] == full[:3]  # Ray restarted the actor and retried its batch
     hashes = [row["request_hash"] for row in read_jsonl(cache)]
     assert len(hashes) == len(set(hashes)) == full[3]["requests"] == on_ray[3]["requests"]
+
+
+class Pid:
+    """A Ray Data actor that says which process served each row."""
+
+    def __init__(self, threads):
+        self.pid = os.getpid()
+
+    def __call__(self, batch):
+        return {"i": batch["i"], "pid": [self.pid] * len(batch["i"])}
+
+
+def test_one_pool_of_actors_serves_a_long_stream_of_rows_each_row_once(local_ray):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    rows = ({"i": i} for i in range(4500))  # a generator, as the client hands its pending requests: never a list
+    out = list(map_rows(Engine(kind="ray", workers=2, batch_size=4), rows, Pid, 4))
+    served = sorted(int(i) for batch in out for i in batch["i"])
+    assert served == list(range(4500))
+    # two actors (each would load its model once) for all 1,125 blocks, not a new pool every few thousand rows
+    assert len({int(p) for batch in out for p in batch["pid"]}) == 2
 
 
 def test_selector_features_on_ray_are_the_local_ones_and_are_counted(local_ray, sample, tmp_path):

@@ -324,7 +324,8 @@ class Featurizer:
             return _batched(self.backbone.text_features if kind == "text" else self.backbone.image_features, items)
         (engine, (cfg, model_dir)), out = self.remote, np.zeros((len(items), 0), np.float32)
         rows = [{"i": i, "kind": kind, "item": x} for i, x in enumerate(items)]
-        for batch in map_rows(engine, rows, RayEncoder, cfg=cfg, model_dir=model_dir,
+        block = max(engine.batch_size, min(1024, -(-len(rows) // (engine.workers * 4))))  # every worker gets some
+        for batch in map_rows(engine, rows, RayEncoder, block, cfg=cfg, model_dir=model_dir,
                               identity=self.backbone.identity):
             if out.shape[1] == 0:
                 out = np.zeros((len(items), batch["vector"].shape[1]), np.float32)

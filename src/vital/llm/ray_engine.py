@@ -32,9 +32,6 @@ class EngineError(Fatal, ValueError):
     """The engine cannot run (bad address or kind): stops a model stage (Fatal) and a feature stage (ValueError)."""
 
 
-CHUNK = 2048  # requests handed to Ray at a time: a million pending requests are never all in memory
-
-
 @dataclass
 class Engine:
     kind: str = "local"  # local: this process | ray
@@ -85,13 +82,21 @@ def _chunks(items: Iterable, n: int):
         yield chunk
 
 
-def map_rows(engine: Engine, rows: list[dict], actor: type, **kwargs):
+def map_rows(engine: Engine, rows: Iterable[dict], actor: type, block_rows: int, **kwargs):
     """`rows` through `engine.workers` instances of the Ray actor class `actor` (built with `kwargs` and
-    `threads`), `engine.batch_size` rows a call; yields the output batches (numpy) as they come back, in any order."""
+    `threads`), `engine.batch_size` rows a call; yields the output batches (numpy) as they come back, in any order.
+
+    One Dataset, so one pool of actors (one model load each) for all the rows. The rows are put into Ray's object
+    store `block_rows` at a time as they are made (Ray spills the store to disk when it fills), so this process
+    never holds more than one block of them, however many there are."""
+    import pyarrow as pa
     import ray
 
     connect(engine)
-    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), engine.workers * 4))
+    refs = [ray.put(pa.Table.from_pylist(block)) for block in _chunks(rows, block_rows)]
+    if not refs:
+        return
+    ds = ray.data.from_arrow_refs(refs)
     out = ds.map_batches(actor, fn_constructor_kwargs={**kwargs, "threads": max(1, int(engine.cpus_per_worker))},
                          batch_size=engine.batch_size, compute=ray.data.ActorPoolStrategy(size=engine.workers),
                          num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker or None, batch_format="numpy")
@@ -125,7 +130,8 @@ class _Generator:
     """A Ray actor: one local backend (transformers or vllm); a batch it cannot generate fails those requests,
     not the run."""
 
-    def __init__(self, name: str, model: str, device: str, vllm_args: dict, batch_size: int, threads: int):
+    def __init__(self, name: str, model: str, device: str, vllm_args: dict, batch_size: int, sampling: dict,
+                 threads: int):
         import torch
 
         from .backends import TransformersBackend, VLLMBackend
@@ -133,12 +139,13 @@ class _Generator:
         torch.set_num_threads(threads)
         self.backend = (VLLMBackend(model, batch_size, vllm_args) if name == "vllm"
                         else TransformersBackend(model, batch_size, device))
+        self.sampling = sampling
 
     def __call__(self, batch: dict) -> dict:
         requests = [json.loads(m) for m in batch["messages"]]
         n = len(requests)
         try:
-            replies, errors = self.backend._generate(requests, json.loads(batch["sampling"][0])), [""] * n
+            replies, errors = self.backend._generate(requests, self.sampling), [""] * n
         except Exception as e:  # noqa: BLE001 - the processor or model refused these inputs
             replies, errors = [Reply("", 0, 0, "error")] * n, [f"{type(e).__name__}: {e}"] * n
         return {"h": batch["h"], "text": [r.text for r in replies], "finish_reason": [r.finish_reason for r in replies],
@@ -148,17 +155,17 @@ class _Generator:
 
 def run_requests(backend: RayModel, pending: Iterable[tuple[str, list[dict]]], sampling: dict,
                  on_reply: Callable, on_failure: Callable, sync: Callable[[], None]) -> None:
-    """Send the pending (hash, messages) to the actors, CHUNK at a time; each reply goes to `on_reply` (the cache)
-    as soon as its batch is back, and is fsynced with its batch."""
-    for chunk in _chunks(pending, CHUNK):
-        rows = [{"h": h, "messages": json.dumps(m), "sampling": json.dumps(sampling)} for h, m in chunk]
-        for out in map_rows(backend.engine, rows, _Generator, name=backend.name, model=backend.model,
-                            device=backend.device, vllm_args=backend.vllm_args, batch_size=backend.batch_size):
-            for i, h in enumerate(out["h"]):
-                if out["error"][i]:
-                    on_failure(str(h), str(out["error"][i]), 1)
-                else:
-                    on_reply(str(h), Reply(str(out["text"][i]), int(out["prompt_tokens"][i]),
-                                           int(out["completion_tokens"][i]), str(out["finish_reason"][i])),
-                             "online", sync=False)
-            sync()
+    """Send the pending (hash, messages) to the actors, one block per batch; each reply goes to `on_reply` (the cache)
+    as soon as its batch is back, and is fsynced with its batch (a killed job loses at most the batches in flight)."""
+    rows = ({"h": h, "messages": json.dumps(m)} for h, m in pending)
+    for out in map_rows(backend.engine, rows, _Generator, backend.batch_size, name=backend.name, model=backend.model,
+                        device=backend.device, vllm_args=backend.vllm_args, batch_size=backend.batch_size,
+                        sampling=sampling):
+        for i, h in enumerate(out["h"]):
+            if out["error"][i]:
+                on_failure(str(h), str(out["error"][i]), 1)
+            else:
+                on_reply(str(h), Reply(str(out["text"][i]), int(out["prompt_tokens"][i]),
+                                       int(out["completion_tokens"][i]), str(out["finish_reason"][i])),
+                         "online", sync=False)
+        sync()
