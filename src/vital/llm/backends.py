@@ -385,8 +385,8 @@ class VLLMBackend(BatchedBackend):
         try:
             self.llm = vllm.LLM(**vllm_engine_args(model, args or {}))
         except Exception as e:  # noqa: BLE001 - no GPU, not enough memory, a model vLLM does not know
-            raise Fatal(f"backend vllm: cannot load {model!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                        ) from None
+            first = (str(e).splitlines() or [""])[0]
+            raise Fatal(f"backend vllm: cannot load {model!r}: {type(e).__name__}: {first}") from None
 
     def _generate(self, requests: list[list[dict]], sampling: dict) -> list[Reply]:
         import vllm

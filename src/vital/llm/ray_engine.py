@@ -3,9 +3,10 @@
     engine = Engine(kind="ray", workers=2, gpus_per_worker=1)
     client = Client(ClientConfig(backend="transformers", model="path/to/llava"), engine=engine)
 
-With `kind: ray` the transformers (and vllm) backend does not load its model in the stage's process. The client works out,
-as always, which requests its cache lacks; `run_requests` streams those to `workers` actors, each holding one
-model (`num_gpus = gpus_per_worker`, `cpus_per_worker` threads), `batch_size` requests generated together. Each
+With `kind: ray` the transformers (or vllm) backend does not load its model in the stage's process. The client
+works out, as always, which requests its cache lacks; `run_requests` streams those to `workers` actors, each
+holding one model (`num_gpus = gpus_per_worker`, `cpus_per_worker` threads), `batch_size` requests generated
+together: one Dataset, so one model load per actor, for a whole pass. Each
 reply is appended to the request cache as it comes back, under the key the local path uses, so the two paths
 share one cache, a killed job resumes where it stopped, and nothing is computed twice. The OpenAI-compatible
 path stays the async client: it is bound by the provider, not by this machine. `encode` does the same for the
