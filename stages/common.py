@@ -16,7 +16,9 @@ except ParamsError as e:
 
 import os  # noqa: E402  (after the check, on purpose)
 import time  # noqa: E402
+from collections.abc import Iterable, Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
+from itertools import islice  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 # The same float sums on any x86 machine, so a fresh clone's `dvc repro` rewrites the same models and metrics:
@@ -45,16 +47,26 @@ def params(section: str) -> dict:
     return dict(PARAMS[section])
 
 
-def load(path, cls) -> list:
-    """Records of a JSONL file as dataclass instances; a row with wrong keys names file:line."""
-    rows = []
+def stream(path, cls) -> Iterator:
+    """Records of a JSONL file as dataclass instances, one at a time; a row with wrong keys names file:line."""
     for n, row in enumerate(read_jsonl(path), 1):
         try:
-            rows.append(cls(**row))
+            yield cls(**row)
         except TypeError as e:
             raise SystemExit(f"{path}: record {n}: {e}; was it written by an older version? Rerun the stage that "
                              "writes it (dvc repro -f <stage>)") from None
-    return rows
+
+
+def load(path, cls) -> list:
+    """All records of a JSONL file (see `stream`)."""
+    return list(stream(path, cls))
+
+
+def chunks(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` items (the last one shorter) from any iterable, read as they are needed."""
+    it = iter(items)
+    while part := list(islice(it, size)):
+        yield part
 
 
 def write_metrics(stage: str, metrics: dict, started: float) -> None:

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -180,14 +181,16 @@ def dumps(row: Any) -> str:
     return json.dumps(row, ensure_ascii=False, sort_keys=False)
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write text so that readers see the old file or the new one, never half of it."""
+@contextmanager
+def atomic_file(path: str | Path):
+    """A text file opened for writing that readers see whole or not at all: it is written to a temp file beside
+    `path` and moved over it (fsynced) only when the block ends without an error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -196,10 +199,19 @@ def write_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write text so that readers see the old file or the new one, never half of it."""
+    with atomic_file(path) as f:
+        f.write(text)
+
+
 def write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
-    lines = [dumps(r) for r in rows]
-    write_atomic(path, "".join(line + "\n" for line in lines))
-    return len(lines)
+    """One JSON line per row, written as the rows come (a generator is never held whole), atomically."""
+    n = 0
+    with atomic_file(path) as f:
+        for n, row in enumerate(rows, 1):
+            f.write(dumps(row) + "\n")
+    return n
 
 
 DIGITS = 4  # significant digits of a metric: float noise across CPUs stays below them (README: Reproducing a run)
@@ -217,8 +229,32 @@ def meaningful(obj: Any, digits: int = DIGITS) -> Any:
     return obj
 
 
+class Replay:
+    """An iterable that can be gone through more than once, each time afresh from `make()` (e.g. records read
+    back from a file), of `length` items: what a stage passes where a list of everything would not fit in memory."""
+
+    def __init__(self, make, length: int):
+        self.make, self.length = make, length
+
+    def __iter__(self):
+        return iter(self.make())
+
+    def __len__(self):
+        return self.length
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+    """`obj` as indented JSON, atomically. A list (or a Replay) is written one element at a time (the same bytes
+    as one json.dumps of the list), so a release of any size never becomes one string in memory."""
+    if not isinstance(obj, (list, Replay)):
+        write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+        return
+    with atomic_file(path) as f:
+        k = -1
+        for k, item in enumerate(obj):
+            text = json.dumps(item, ensure_ascii=False, indent=2).replace("\n", "\n  ")
+            f.write(("[\n  " if k == 0 else ",\n  ") + text)
+        f.write("[]\n" if k < 0 else "\n]\n")
 
 
 class AppendLog:
