@@ -238,6 +238,41 @@ def test_embedding_cache_encodes_each_text_and_image_once_across_runs(sample, tm
     assert len(list((tmp_path / "emb").glob("text-*.parquet"))) == 2 and not list((tmp_path / "emb").glob("*.tmp"))
 
 
+def test_embedding_cache_keeps_keys_in_memory_and_reads_only_the_row_groups_a_lookup_needs(tmp_path, monkeypatch):
+    """A stage that streams its units asks the cache chunk by chunk: each answer is the vectors of those contents
+    (any order, repeats), read from the parts of earlier calls and processes, old parts of one row group too."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    truth = {i: rng.normal(size=4).astype(np.float32) for i in range(60)}
+    asked = []
+
+    def ask(cache, ids):
+        return cache.get_or_encode([str(i).encode() for i in ids],
+                                   lambda idx: asked.append(len(idx)) or np.stack([truth[ids[k]] for k in idx]))
+
+    cache = encoders.EmbeddingCache(tmp_path, "text", "enc")
+    old_keys = [cache.key(str(i).encode()) for i in range(50, 60)]  # a part as the cache wrote it before: one group
+    pq.write_table(pa.table({"key": old_keys, "vector": pa.FixedSizeListArray.from_arrays(
+        pa.array(np.stack([truth[i] for i in range(50, 60)]).ravel()), 4)}), tmp_path / f"{cache.prefix}-old.parquet")
+    monkeypatch.setattr(encoders.EmbeddingCache, "ROW_GROUP", 3)
+    cache = encoders.EmbeddingCache(tmp_path, "text", "enc")
+    first = [5, 1, 1, 20, 7, 55]
+    assert np.array_equal(ask(cache, first), np.stack([truth[i] for i in first])) and asked == [4]
+    assert (cache.hits, cache.encoded) == (1, 4)
+    later = encoders.EmbeddingCache(tmp_path, "text", "enc")  # another process: only keys are read at start
+    assert all(keys.dtype == np.dtype("S16") for _, keys, _ in later.parts)
+    ids = [int(i) for i in rng.permutation(60)] + [20, 20]
+    assert np.array_equal(ask(later, ids), np.stack([truth[i] for i in ids]))
+    assert asked == [4, 46] and (later.hits, later.encoded) == (14, 46)  # 10 old + 4 first cached
+    reads, read = [], pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", lambda self, groups, **kw: reads.append(groups) or
+                        read(self, groups, **kw))
+    again = encoders.EmbeddingCache(tmp_path, "text", "enc")
+    assert np.array_equal(ask(again, [7]), truth[7][None]) and reads == [[1]]  # row 3 of its part: group 1 alone
+
+
 def _fit_and_save(recs, convs, image_dir, tmp_path, **cfg):
     """What the train_selector stage does, on a few conversations: returns the saved selector folder."""
     cfg = selector.TrainConfig(**{"epochs": 2, "batch_size": 8, **cfg})

@@ -126,39 +126,84 @@ def encode_images(images: list[bytes]) -> np.ndarray:
 class EmbeddingCache:
     """Vectors keyed by a hash of (encoder, content), in parquet parts under `root` named by kind and encoder
     (only that encoder's parts are read), shared by stages and experiments: each unique text and image is
-    encoded once. A run adds one part with what it encoded (written atomically), so an interrupted run loses
-    nothing earlier runs stored. `counts` adds up, for the stage's metrics, the unique contents this process
-    encoded (`computed`) and found cached (`from_cache`)."""
+    encoded once. A call that encodes something adds one part with it (written atomically), so an interrupted
+    run loses nothing earlier calls stored. Only the keys are held in memory (16 bytes each, sorted per part);
+    a call reads the row groups of the vectors it needs, so memory does not grow with the cache. `counts` adds
+    up, over this process's calls, the unique contents of each call encoded (`computed`) and found cached
+    (`from_cache`), for the stage's metrics."""
     counts: Counter = Counter(computed=0, from_cache=0)
+    ROW_GROUP = 2048  # vectors per parquet row group: the unit a lookup reads
 
     def __init__(self, root: Path | str, kind: str, encoder: str):
         self.root, self.kind, self.encoder = Path(root), kind, encoder
         self.prefix = f"{kind}-{hashlib.sha256(encoder.encode()).hexdigest()[:12]}"  # one encoder's parts
-        self.vectors: dict[str, np.ndarray] = {}
+        self.parts: list[tuple[Path, np.ndarray, np.ndarray]] = []  # (file, sorted keys, their rows in it)
         for part in sorted(self.root.glob(f"{self.prefix}-*.parquet")):
-            table = pq.read_table(part)
-            keys = table["key"].to_pylist()
-            matrix = table["vector"].combine_chunks().flatten().to_numpy().reshape(len(keys), -1)
-            self.vectors.update(zip(keys, matrix))  # rows of one array per part, not one object per vector
+            self._index(part, pq.read_table(part, columns=["key"])["key"].to_pylist())
+
+    def _index(self, part: Path, keys: list[str]) -> None:
+        raw = np.array([bytes.fromhex(k) for k in keys], dtype="S16")
+        order = np.argsort(raw, kind="stable")
+        self.parts.append((part, raw[order], order))
 
     def key(self, content: bytes) -> str:
         return hashlib.sha256(self.encoder.encode() + b"\x1f" + content).hexdigest()[:32]
 
-    def get_or_encode(self, contents: list[bytes], encode) -> np.ndarray:
+    def _lookup(self, keys: np.ndarray) -> tuple[np.ndarray, list]:
+        """(found mask, [(part, positions in `keys`, rows in the part)]) of `keys` (S16), first part first."""
+        found, where = np.zeros(len(keys), bool), []
+        for part, sorted_keys, rows in self.parts:
+            if not len(sorted_keys) or found.all():
+                continue
+            at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+            hit = ~found & (sorted_keys[at] == keys)
+            if hit.any():
+                where.append((part, np.flatnonzero(hit), rows[at[hit]]))
+                found |= hit
+        return found, where
+
+    def get_or_encode(self, contents: list[bytes], encode) -> np.ndarray | None:
         """Vectors for `contents`; `encode(indices)` computes those not cached (each unique one once)."""
-        keys = [self.key(c) for c in contents]
-        missing = sorted({k: i for i, k in enumerate(keys) if k not in self.vectors}.values())
+        if not contents:
+            self.hits = self.encoded = 0
+            return None
+        hexkeys = [self.key(c) for c in contents]
+        keys = np.array([bytes.fromhex(k) for k in hexkeys], dtype="S16")
+        found, where = self._lookup(keys)
+        first = {k: i for i, k in reversed(list(enumerate(hexkeys)))}  # each unique content's first position
+        missing = sorted(i for i in first.values() if not found[i])
+        out = None
+        for part, positions, rows in where:
+            vectors = self._read(part, rows)
+            out = np.zeros((len(keys), vectors.shape[1]), np.float32) if out is None else out
+            out[positions] = vectors
         if missing:
-            new = encode(missing)
-            rows = {keys[i]: v for i, v in zip(missing, new)}
-            self.vectors.update(rows)
-            self.root.mkdir(parents=True, exist_ok=True)
-            part = self.root / f"{self.prefix}-{uuid.uuid4().hex}.parquet"
-            tmp = part.with_suffix(".tmp")
-            matrix = np.stack(list(rows.values())).astype(np.float32)
-            vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
-            pq.write_table(pa.table({"key": list(rows), "vector": vectors}), tmp)
-            os.replace(tmp, part)
-        self.hits, self.encoded = len(set(keys)) - len(missing), len(missing)
+            new = np.asarray(encode(missing), dtype=np.float32)
+            out = np.zeros((len(keys), new.shape[1]), np.float32) if out is None else out
+            self._write([hexkeys[i] for i in missing], new)
+            at = {hexkeys[i]: r for r, i in enumerate(missing)}
+            todo = [i for i in range(len(keys)) if not found[i]]
+            out[todo] = new[[at[hexkeys[i]] for i in todo]]  # repeats of a new content too
+        self.hits, self.encoded = len(first) - len(missing), len(missing)
         EmbeddingCache.counts.update(computed=self.encoded, from_cache=self.hits)
-        return np.stack([np.asarray(self.vectors[k], dtype=np.float32) for k in keys]) if keys else None
+        return out
+
+    def _read(self, part: Path, rows: np.ndarray) -> np.ndarray:
+        """The vectors at `rows` of a part, reading only the row groups that hold them."""
+        f = pq.ParquetFile(part)
+        starts = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
+        group = np.searchsorted(starts, rows, side="right") - 1  # the row group of each row
+        groups = np.unique(group)
+        begins = np.concatenate([[0], np.cumsum(starts[groups + 1] - starts[groups])[:-1]])  # in what is read
+        vectors = f.read_row_groups(groups.tolist(), columns=["vector"])["vector"].combine_chunks()
+        local = rows - starts[group] + begins[np.searchsorted(groups, group)]
+        return vectors.flatten().to_numpy().reshape(len(vectors), -1)[local]
+
+    def _write(self, keys: list[str], matrix: np.ndarray) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        part = self.root / f"{self.prefix}-{uuid.uuid4().hex}.parquet"
+        tmp = part.with_suffix(".tmp")
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
+        pq.write_table(pa.table({"key": keys, "vector": vectors}), tmp, row_group_size=self.ROW_GROUP)
+        os.replace(tmp, part)
+        self._index(part, keys)
