@@ -264,6 +264,18 @@ def test_the_stages_remove_what_the_eval_sets_hold_and_report_it_pair_by_pair(tm
     assert list(report.columns) == ["id", "eval_set", "eval_id", "kind", "distance"]
     assert {"sample-cxr-rg1", "f1#1", "f2#0"} <= set(report["id"])  # the figures and the rounds, in one report
 
+    # the stage streams the file CHUNK conversations at a time: one at a time gives the same files, byte for byte
+    outputs = ("data/candidates/conversations.jsonl", "data/release/contamination.csv")
+    first = {f: (repo / f).read_bytes() for f in outputs}
+    script = repo / "stages/decontaminate_qa.py"
+    assert "CHUNK = 4096" in script.read_text()
+    script.write_text(script.read_text().replace("CHUNK = 4096", "CHUNK = 1"))
+    run_stage(repo, "decontaminate_qa")
+    assert {f: (repo / f).read_bytes() for f in outputs} == first
+    again = json.loads((repo / "metrics/decontaminate_qa.json").read_text())
+    assert again.pop("features")["computed"] == 0  # every text embedded by the first run
+    assert again == {k: v for k, v in qa.items() if k != "features"}
+
 
 def test_an_eval_set_the_stage_cannot_read_stops_it_in_one_line_naming_the_file(tmp_path, sample, eval_sets):
     repo = stage_repo(tmp_path, sample, eval_sets)
