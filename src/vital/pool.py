@@ -20,7 +20,7 @@ from sklearn.cluster import KMeans
 from .llm.backends import image_part
 from .images import ImageStore
 from .llm.client import Requests
-from .encoders import IMAGE_FEATURES, EmbeddingCache, cached_text_encoder, encode_images, encode_texts
+from .encoders import IMAGE_DIM, IMAGE_FEATURES, TEXT_DIM, EmbeddingCache, cached_text_encoder, encode_images, encode_texts
 from .generate import figure_text
 from .replies import REASONS, entry_rejected
 from .schema import AppendLog, CorpusRecord, PoolItem
@@ -39,18 +39,22 @@ _LINE = re.compile(r"^\s*(?:\d+[.)]\s*)?[*_#\s]*(user|human|question|q|answer\s*
 
 
 def figure_embeddings(records: list[CorpusRecord], images: ImageStore | Path, image_weight: float,
-                      cache_dir: Path | None = None) -> np.ndarray:
-    """Caption + mentions (MiniLM) and image descriptors; with `cache_dir`, through the embedding cache (a grown
-    corpus encodes only its new figures)."""
-    texts = [r.caption + " " + " ".join(r.inline_mentions) for r in records]
+                      cache_dir: Path | None = None, chunk: int = 4096) -> np.ndarray:
+    """Caption + mentions (MiniLM) and image descriptors, `chunk` figures at a time (a corpus's images are never
+    all in memory); with `cache_dir`, through the embedding cache (a grown corpus encodes only its new figures)."""
     images = ImageStore.of(images)
-    data = [images.read(r.image) for r in records]
-    if cache_dir is None:
-        text, img = encode_texts(texts), encode_images(data)
-    else:
-        text = cached_text_encoder(cache_dir)(texts)
-        img = EmbeddingCache(cache_dir, "image", IMAGE_FEATURES).get_or_encode(
-            data, lambda idx: encode_images([data[i] for i in idx]))
+    text_encoder = cached_text_encoder(cache_dir) if cache_dir is not None else encode_texts
+    image_cache = EmbeddingCache(cache_dir, "image", IMAGE_FEATURES) if cache_dir is not None else None
+    parts = []
+    for i in range(0, len(records), chunk):
+        part = records[i:i + chunk]
+        data = [images.read(r.image) for r in part]
+        text = text_encoder([r.caption + " " + " ".join(r.inline_mentions) for r in part])
+        img = (encode_images(data) if image_cache is None else
+               image_cache.get_or_encode(data, lambda idx: encode_images([data[i] for i in idx])))
+        parts.append(np.hstack([text, img]).astype(np.float32))
+    emb = np.concatenate(parts) if parts else np.zeros((0, TEXT_DIM + IMAGE_DIM), np.float32)
+    text, img = emb[:, :TEXT_DIM], emb[:, TEXT_DIM:]
     img = (img - img.mean(0)) / (img.std(0) + 1e-6) / np.sqrt(img.shape[1])  # unit-scale, like the text part
     return np.hstack([text, image_weight * img])
 
