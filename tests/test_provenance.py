@@ -212,7 +212,7 @@ def filter_stage(tmp_path, sample, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "stages"))
     from vital import selector
 
-    def run(**filter_params):
+    def run(rank=lambda i: i, **filter_params):  # rank: the i-th candidate scored's place (0: best)
         params["filter"].update(filter_params)
         (work / "params.yaml").write_text(yaml.safe_dump(params))
         for name in ("common", "filter"):
@@ -222,7 +222,7 @@ def filter_stage(tmp_path, sample, monkeypatch):
 
         def score(candidates, *_, **__):
             scored.extend(c.id for c in candidates)
-            return {c.id: 1.0 - i / 100 for i, c in enumerate(candidates)}, {"backbone": "fixed"}
+            return {c.id: 1.0 - rank(i) / 100 for i, c in enumerate(candidates)}, {"backbone": "fixed"}
 
         monkeypatch.setattr(selector, "score_conversations", score)
         monkeypatch.setattr(stage, "compare_with_baselines", lambda *a, **k: None)
@@ -261,6 +261,27 @@ def test_without_an_allow_list_every_licence_is_kept_and_a_rerun_is_byte_identic
     run(ratio=1.0, licenses=None)  # the same checkout: the same bytes
     assert {p: (work / "data/release" / p).read_bytes() for p in first} == first
     assert json.loads((work / "metrics/filter.json").read_text()) == m
+
+
+def test_filter_reads_candidates_from_the_file_in_rank_order_and_a_broken_line_stops_it_naming_it(filter_stage):
+    """The stage never holds the candidates: it streams the file to score them and reads the kept ones back by
+    their byte offsets (non-ASCII text before them moves those), in the selector's order."""
+    work, figures, run = filter_stage
+    path = work / "data/candidates/conversations.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for k, r in enumerate(rows):
+        r["conversations"][1]["value"] = "Ein Präparat, 5 µm, ×40 — " * (k + 1)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    order = [3, 0, 5, 1, 4, 2]  # the file's rows, best first
+    _, m = run(rank=order.index, ratio=1.0, licenses=None)
+    out = json.loads((work / "data/release/instructions.json").read_text())
+    assert [r["id"] for r in out] == [rows[k]["id"] for k in order] and m["kept"] == len(rows)
+    assert [r["conversations"][1]["value"] for r in out] == [rows[k]["conversations"][1]["value"] for k in order]
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2] + ['{"id": "broken", "image"\n'] + lines[2:]))
+    with pytest.raises(SystemExit) as e:
+        run(ratio=1.0, licenses=None)
+    assert str(e.value).startswith("data/candidates/conversations.jsonl:3: ") and "dvc repro -f decontaminate_qa" in str(e.value)
 
 
 # ------------------------------------------------------------------ the manifest, checked by `vital validate release`

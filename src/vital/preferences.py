@@ -113,7 +113,7 @@ def check_ratings(ratings: list[Rating], source: str) -> None:
                              "null; rerun rate (dvc repro rate) or fix that record")
 
 
-def unit_scores(ratings: list[Rating], conversations: list[Conversation], unit: str,
+def unit_scores(ratings: list[Rating] | dict[str, int | None], conversations: list[Conversation], unit: str,
                 aggregate: str) -> dict[str, float | None]:
     """{unit id: score}: a round's score, or with unit "conversation" the `aggregate` (first | mean | min) of its
     rounds' scores, null when a round's is null or missing (a failed rate request): never a score of some rounds.
@@ -121,7 +121,7 @@ def unit_scores(ratings: list[Rating], conversations: list[Conversation], unit: 
     if unit not in UNITS or aggregate not in AGGREGATES:
         raise ValueError(f"train_selector.unit {unit!r} / aggregate {aggregate!r}: use unit one of {', '.join(UNITS)} "
                          f"and aggregate one of {', '.join(AGGREGATES)}")
-    score = {r.candidate_id: r.score for r in ratings}
+    score = ratings if isinstance(ratings, dict) else {r.candidate_id: r.score for r in ratings}  # by candidate id
     if unit == "round":
         return score
     out = {}

@@ -24,7 +24,7 @@ import yaml
 
 from .images import IMAGE_TYPE, ImageStore, unpack, write_hub_shards
 from .provenance import UNKNOWN
-from .schema import (IMAGE_TOKEN, Conversation, CorpusRecord, mask_url, read_jsonl, round_id, rounds, write_atomic,
+from .schema import (IMAGE_TOKEN, Conversation, CorpusRecord, Replay, mask_url, read_jsonl, round_id, rounds, write_atomic,
                      write_json, write_jsonl)
 
 
@@ -120,7 +120,7 @@ def validate(records, images: ImageStore | Path | None = None) -> dict:
     placement: Counter = Counter()
     rounds = 0
     images = ImageStore.of(images) if images is not None else None
-    if not isinstance(records, list):
+    if not isinstance(records, (list, Replay)):
         return {"records": 0, "problems": [("(file)", "not a JSON array of records")], "domains": {},
                 "image_token_placement": {}, "rounds": 0}
     for n, r in enumerate(records, 1):
@@ -245,7 +245,7 @@ def write_release(out_dir: Path, records: list[dict], images: ImageStore | Path,
     images in them, instructions.json, dataset_info.json, the image manifest and the data card under its front
     matter (not the loose images/: `vital images unpack`). Returns the number of shards."""
     out_dir = Path(out_dir)
-    rows = [{**{k: r.get(k) for k in RELEASE_SCHEMA.names}, "messages": to_messages(r)} for r in records]
+    rows = ({**{k: r.get(k) for k in RELEASE_SCHEMA.names}, "messages": to_messages(r)} for r in records)
     shards = write_hub_shards(rows, images, out_dir / HUB_DATA, RELEASE_SCHEMA, shard_mb)
     write_json(out_dir / "instructions.json", records)
     write_json(out_dir / "dataset_info.json", LLAMAFACTORY_DATASET_INFO)

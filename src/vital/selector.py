@@ -42,7 +42,8 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from itertools import islice
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -597,17 +598,17 @@ def _unit_scores(head: Selector, featurize: Featurizer, units: pd.DataFrame, mod
     return dict(zip(units.index, s.tolist()))
 
 
-def score_conversations(conversations: list[Conversation], records: dict[str, CorpusRecord], images: ImageStore | Path,
-                        cache_dir: Path, model_dir: Path, chunk: int = 4096,
+def score_conversations(conversations: Iterable[Conversation], records: dict[str, CorpusRecord],
+                        images: ImageStore | Path, cache_dir: Path, model_dir: Path, chunk: int = 4096,
                         engine: Engine | None = None) -> tuple[dict[str, float], dict]:
-    """{conversation id: score} with the trained selector, streaming `chunk` conversations at a time (features
-    are never all in memory). A non-finite score is an error naming the unit."""
+    """{conversation id: score} with the trained selector, taking `chunk` conversations at a time from any
+    iterable (a generator reading a file is never held whole, and features are never all in memory). A
+    non-finite score is an error naming the unit."""
     head, backbone, meta = load(model_dir)
     featurize = Featurizer(backbone, images, cache_dir, meta["lexical_grounding"], engine, (meta, model_dir))
     first = meta["unit"] == "round" and meta["aggregate"] == "first"  # the other rounds would not count
-    out = {}
-    for i in range(0, len(conversations), chunk):
-        part = conversations[i:i + chunk]
+    out, it = {}, iter(conversations)
+    while part := list(islice(it, chunk)):
         scored = [dataclasses.replace(c, conversations=c.conversations[:2]) for c in part] if first else part
         scores = _unit_scores(head, featurize, build_units(records, scored, [], meta["unit"]), model_dir)
         out.update({c.id: conversation_score(c, scores, meta["unit"], meta["aggregate"]) for c in part})
