@@ -178,7 +178,8 @@ def run_stages(repo: Path, env: dict) -> dict:
         log.unlink(missing_ok=True)
         t = time.perf_counter()
         r = subprocess.run(["dvc", "repro", "-s", stage], cwd=repo,  # the copy's own src/, not the installed one
-                           env=dict(env, DAG_SCALING_LOG=str(log), PYTHONPATH=str(repo / "src")),
+                           env=dict(env, DAG_SCALING_LOG=str(log),
+                                    PYTHONPATH=os.pathsep.join(filter(None, [str(repo / "src"), env.get("PYTHONPATH")]))),
                            capture_output=True, text=True)
         wall = time.perf_counter() - t
         if r.returncode:

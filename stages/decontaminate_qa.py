@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 from collections import Counter
 from dataclasses import replace
-from functools import partial
 
 from common import EMBEDDINGS, chunks, params, stream, write_metrics
 import pandas as pd  # after common: a bad params.yaml stops before the heavy imports
 
-from vital.decontaminate import REPORT_COLUMNS, EvalSetError, counts, qa_text, read_eval_set, text_matches
+from vital.decontaminate import REPORT_COLUMNS, EvalSetError, RoundMatcher, counts, qa_text, read_eval_set
 from vital.encoders import EmbeddingCache, cached_text_encoder
 from vital.schema import CSV_FLOAT, Conversation, write_jsonl
 
@@ -33,15 +32,13 @@ def main():
     except EvalSetError as e:
         raise SystemExit(f"decontaminate_qa: {e}") from None
     embed, rows, n = cached_text_encoder(EMBEDDINGS), [], Counter()
-    match = partial(text_matches, sets=sets, min_words=p["min_words"], containment=p["text_containment"],
-                    cosine=p["text_cosine"], embed=embed)
-    short = match([])[1]  # per eval set: items too short to match by text
+    match = RoundMatcher(sets, p["min_words"], p["text_containment"], p["text_cosine"], embed)  # items once
 
     def clean():
         for part in chunks(stream("data/candidates/generated.jsonl", Conversation), CHUNK):
             rounds = [(f"{c.id}#{k // 2}", qa_text(c.conversations[k]["value"], c.conversations[k + 1]["value"]))
                       for c in part for k in range(0, len(c.conversations) - 1, 2)]
-            found = match(rounds)[0]
+            found = match(rounds)
             rows.extend(found)
             matched = {r["id"] for r in found}
             n.update(conversations=len(part), rounds=len(rounds), rounds_removed=len(matched))
@@ -57,7 +54,7 @@ def main():
     report = pd.concat([figures, pd.DataFrame(rows, columns=REPORT_COLUMNS)], ignore_index=True)
     report.to_csv("data/release/contamination.csv", index=False, float_format=CSV_FLOAT)
     by_set = counts(rows, sets)
-    for name, k in short.items():
+    for name, k in match.short.items():
         by_set[name]["items_too_short_to_match"] = k
     write_metrics("decontaminate_qa", {"conversations": n["conversations"], "rounds": n["rounds"],
                                        "rounds_removed": n["rounds_removed"],

@@ -254,7 +254,7 @@ def test_the_stages_remove_what_the_eval_sets_hold_and_report_it_pair_by_pair(tm
                  Conversation(id="f2", image="f2.png", domain="ct_scan", backend="openai", model="m", request_hash="h",
                               conversations=turns(("What window is used to display this head CT?",
                                                    "A bone window is used.")))]
-    write_jsonl(repo / "data/candidates/generated.jsonl", generated)
+    write_jsonl(repo / "data/candidates/generated.jsonl", generated[::-1])  # not in id order: the report is sorted
     run_stage(repo, "decontaminate_qa")
     convs = list(read_jsonl(repo / "data/candidates/conversations.jsonl"))
     assert [(c["id"], len(c["conversations"])) for c in convs] == [("f1", 2)]  # f2 had one round: dropped

@@ -271,6 +271,11 @@ def test_embedding_cache_keeps_keys_in_memory_and_reads_only_the_row_groups_a_lo
                         read(self, groups, **kw))
     again = encoders.EmbeddingCache(tmp_path, "text", "enc")
     assert np.array_equal(ask(again, [7]), truth[7][None]) and reads == [[1]]  # row 3 of its part: group 1 alone
+    big = max(again.parts, key=lambda part: len(part[1]))[0]  # the 46 vectors of the second call: 16 groups
+    at = {again.key(str(i).encode()): i for i in range(60)}
+    stored = pq.read_table(big, columns=["key"])["key"].to_pylist()
+    ids, reads[:] = [at[stored[7]], at[stored[0]], at[stored[45]]], []  # rows 7, 0, 45: groups 2, 0, 15
+    assert np.array_equal(ask(again, ids), np.stack([truth[i] for i in ids])) and reads == [[0, 2, 15]]
 
 
 def _fit_and_save(recs, convs, image_dir, tmp_path, **cfg):

@@ -79,34 +79,49 @@ def containment_pairs(texts: list[set], items: list[set], containment: float) ->
     return out
 
 
+class RoundMatcher:
+    """`text_matches` for a stream of rounds: the eval items' side (usable items, word bigrams and, on the first
+    call, embeddings) is prepared once, and each call matches one chunk of rounds. `short`: per eval set, the
+    items too short to match by text."""
+
+    def __init__(self, sets: list[EvalSet], min_words: int, containment: float, cosine: float | None, embed=None):
+        self.containment, self.cosine, self.embed, self.vectors = containment, cosine, embed, None
+        self.items = {s.name: [it for it in s.items if len(words(qa_text(it["question"], it["answer"]))) >= min_words]
+                      for s in sets}
+        self.short = {s.name: len(s.items) - len(self.items[s.name]) for s in sets}
+        self.texts = {name: [qa_text(it["question"], it["answer"]) for it in items] for name, items in self.items.items()}
+        self.shingles = {name: [shingles(t, 2) for t in texts] for name, texts in self.texts.items()}
+
+    def __call__(self, rounds: list[tuple[str, str]]) -> list[dict]:
+        """Report rows for the rounds [(round id, question + answer text)] that hold an eval item."""
+        rows = []
+        if not rounds or not any(self.items.values()):
+            return rows
+        texts = [t for _, t in rounds]
+        round_shingles = [shingles(t, 2) for t in texts]
+        if self.cosine is not None and self.vectors is None:  # embedded once, when there is something to match
+            self.vectors = {name: self.embed(t) for name, t in self.texts.items() if t}
+        round_vectors = self.embed(texts) if self.cosine is not None else None
+        for name, items in self.items.items():
+            if not items:
+                continue
+            for k, y, found in containment_pairs(round_shingles, self.shingles[name], self.containment):
+                rows.append(_row(rounds[k][0], name, items[y]["id"], "text_bigrams", round(1 - found, 4)))
+            if self.cosine is not None:
+                sims = round_vectors @ self.vectors[name].T
+                for k, y in zip(*np.nonzero(sims >= self.cosine)):
+                    rows.append(_row(rounds[k][0], name, items[y]["id"], "text_embedding",
+                                     round(1 - float(sims[k, y]), 4)))
+        return sorted(rows, key=lambda r: (r["id"], r["eval_set"], r["eval_id"], r["kind"]))
+
+
 def text_matches(rounds: list[tuple[str, str]], sets: list[EvalSet], min_words: int, containment: float,
                  cosine: float | None, embed=None) -> tuple[list[dict], dict[str, int]]:
     """Report rows (id: the round's id) for every generated round that holds an eval item's question and
     answer, and per eval set how many items were too short to match by text. `rounds` is [(round id,
     question + answer text)]; `embed` (texts -> L2-normalised rows) is needed when `cosine` is set."""
-    rows, short = [], {}
-    usable = {s.name: [it for it in s.items if len(words(qa_text(it["question"], it["answer"]))) >= min_words]
-              for s in sets}
-    for s in sets:
-        short[s.name] = len(s.items) - len(usable[s.name])
-    if not rounds or not any(usable.values()):
-        return rows, short
-    texts = [t for _, t in rounds]
-    round_shingles = [shingles(t, 2) for t in texts]
-    round_vectors = embed(texts) if cosine is not None else None
-    for s in sets:
-        items = usable[s.name]
-        if not items:
-            continue
-        item_texts = [qa_text(it["question"], it["answer"]) for it in items]
-        for k, y, found in containment_pairs(round_shingles, [shingles(t, 2) for t in item_texts], containment):
-            rows.append(_row(rounds[k][0], s.name, items[y]["id"], "text_bigrams", round(1 - found, 4)))
-        if cosine is not None:
-            sims = round_vectors @ embed(item_texts).T
-            for k, y in zip(*np.nonzero(sims >= cosine)):
-                rows.append(_row(rounds[k][0], s.name, items[y]["id"], "text_embedding",
-                                 round(1 - float(sims[k, y]), 4)))
-    return sorted(rows, key=lambda r: (r["id"], r["eval_set"], r["eval_id"], r["kind"])), short
+    match = RoundMatcher(sets, min_words, containment, cosine, embed)
+    return match(rounds), match.short
 
 
 def counts(rows: list[dict], sets: list[EvalSet]) -> dict:

@@ -150,9 +150,11 @@ class EmbeddingCache:
         return hashlib.sha256(self.encoder.encode() + b"\x1f" + content).hexdigest()[:32]
 
     def _lookup(self, keys: np.ndarray) -> tuple[np.ndarray, list]:
-        """(found mask, [(part, positions in `keys`, rows in the part)]) of `keys` (S16), first part first."""
+        """(found mask, [(part, positions in `keys`, rows in the part)]) of `keys` (S16). A key in two parts (two
+        processes encoded it) is read from the later one (by name; this process's own parts come last), as when
+        every part was loaded into one dict in that order."""
         found, where = np.zeros(len(keys), bool), []
-        for part, sorted_keys, rows in self.parts:
+        for part, sorted_keys, rows in reversed(self.parts):
             if not len(sorted_keys) or found.all():
                 continue
             at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)

@@ -123,7 +123,7 @@ def unit_scores(ratings: list[Rating] | dict[str, int | None], conversations: li
                          f"and aggregate one of {', '.join(AGGREGATES)}")
     score = ratings if isinstance(ratings, dict) else {r.candidate_id: r.score for r in ratings}  # by candidate id
     if unit == "round":
-        return score
+        return dict(score)
     out = {}
     for c in conversations:
         s = [score.get(round_id(c.id, k)) for k in range(len(rounds(c.conversations)))]
