@@ -189,6 +189,7 @@ def run_stages(repo: Path, env: dict) -> dict:
         out[stage] = {"s": sum(x["s"] for x in runs), "cpu_s": sum(x["cpu_s"] for x in runs),
                       "rss_mb": max((x["rss_mb"] for x in runs), default=0.0), "wall_s": wall,
                       "metrics": json.loads(metrics_file.read_text()) if metrics_file.exists() else {}}
+        print(f"  {stage}: {out[stage]['s']:.1f} s, peak RSS {out[stage]['rss_mb']:.0f} MB", flush=True)
     return out
 
 
