@@ -40,34 +40,38 @@ _LINE = re.compile(r"^\s*(?:\d+[.)]\s*)?[*_#\s]*(user|human|question|q|answer\s*
 
 def figure_embeddings(records: list[CorpusRecord], images: ImageStore | Path, image_weight: float,
                       cache_dir: Path | None = None, chunk: int = 4096) -> np.ndarray:
-    """Caption + mentions (MiniLM) and image descriptors, `chunk` figures at a time (a corpus's images are never
-    all in memory); with `cache_dir`, through the embedding cache (a grown corpus encodes only its new figures)."""
+    """(n, TEXT_DIM + IMAGE_DIM) float64: caption + mentions (MiniLM) and image descriptors, encoded `chunk`
+    figures at a time into one preallocated matrix (a corpus's images are never all in memory, the features
+    never copied whole); with `cache_dir`, through the embedding cache (a grown corpus encodes only its new
+    figures)."""
     images = ImageStore.of(images)
     text_encoder = cached_text_encoder(cache_dir) if cache_dir is not None else encode_texts
     image_cache = EmbeddingCache(cache_dir, "image", IMAGE_FEATURES) if cache_dir is not None else None
-    parts = []
+    emb, img = np.zeros((len(records), TEXT_DIM + IMAGE_DIM)), np.zeros((len(records), IMAGE_DIM), np.float32)
     for i in range(0, len(records), chunk):
         part = records[i:i + chunk]
         data = [images.read(r.image) for r in part]
-        text = text_encoder([r.caption + " " + " ".join(r.inline_mentions) for r in part])
-        img = (encode_images(data) if image_cache is None else
-               image_cache.get_or_encode(data, lambda idx: encode_images([data[i] for i in idx])))
-        parts.append(np.hstack([text, img]).astype(np.float32))
-    emb = np.concatenate(parts) if parts else np.zeros((0, TEXT_DIM + IMAGE_DIM), np.float32)
-    text, img = emb[:, :TEXT_DIM], emb[:, TEXT_DIM:]
-    img = (img - img.mean(0)) / (img.std(0) + 1e-6) / np.sqrt(img.shape[1])  # unit-scale, like the text part
-    return np.hstack([text, image_weight * img])
+        emb[i:i + len(part), :TEXT_DIM] = text_encoder([r.caption + " " + " ".join(r.inline_mentions) for r in part])
+        img[i:i + len(part)] = (encode_images(data) if image_cache is None else
+                                image_cache.get_or_encode(data, lambda idx: encode_images([data[i] for i in idx])))
+    if len(records):  # unit-scale, like the text part
+        mean, std = img.mean(0), img.std(0)
+        img -= mean
+        img /= std + 1e-6
+        emb[:, TEXT_DIM:] = img / np.sqrt(IMAGE_DIM)
+        emb[:, TEXT_DIM:] *= image_weight
+    return emb
 
 
 def select_diverse(emb: np.ndarray, clusters: int, per_cluster: int, seed: int) -> list[tuple[int, int]]:
     """(row index, cluster) of the `per_cluster` rows nearest each k-means centre."""
     k = min(clusters, len(emb))
     km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(emb)
-    dist = np.linalg.norm(emb - km.cluster_centers_[km.labels_], axis=1)
     chosen = []
     for c in range(k):
         members = np.where(km.labels_ == c)[0]
-        chosen += [(int(i), c) for i in members[np.argsort(dist[members], kind="stable")][:per_cluster]]
+        dist = np.linalg.norm(emb[members] - km.cluster_centers_[c], axis=1)  # one cluster's rows at a time
+        chosen += [(int(i), c) for i in members[np.argsort(dist, kind="stable")][:per_cluster]]
     return sorted(chosen)
 
 
