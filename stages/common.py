@@ -16,9 +16,8 @@ except ParamsError as e:
 
 import os  # noqa: E402  (after the check, on purpose)
 import time  # noqa: E402
-from collections.abc import Iterable, Iterator  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
-from itertools import islice  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 # The same float sums on any x86 machine, so a fresh clone's `dvc repro` rewrites the same models and metrics:
@@ -28,7 +27,7 @@ for var, value in (("OMP_NUM_THREADS", "2"), ("MKL_NUM_THREADS", "2"), ("ATEN_CP
     os.environ.setdefault(var, value)
 
 from vital.images import ImageStore, StoreError  # noqa: E402
-from vital.schema import AppendLog, meaningful, read_jsonl, write_json  # noqa: E402
+from vital.schema import AppendLog, chunks, meaningful, read_jsonl, write_json  # noqa: E402,F401 (chunks: the stages')
 
 CORPUS_IMAGES = Path("data/corpus/images")
 EMBEDDINGS = Path("data/cache/embeddings")  # a content-keyed cache shared by stages; not a DVC output
@@ -60,13 +59,6 @@ def stream(path, cls) -> Iterator:
 def load(path, cls) -> list:
     """All records of a JSONL file (see `stream`)."""
     return list(stream(path, cls))
-
-
-def chunks(items: Iterable, size: int) -> Iterator[list]:
-    """Lists of `size` items (the last one shorter) from any iterable, read as they are needed."""
-    it = iter(items)
-    while part := list(islice(it, size)):
-        yield part
 
 
 def write_metrics(stage: str, metrics: dict, started: float) -> None:

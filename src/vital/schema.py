@@ -11,6 +11,7 @@ import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -173,6 +174,13 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
                 yield json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); fix or delete that line") from None
+
+
+def chunks(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` items (the last one shorter) from any iterable, read as they are needed."""
+    it = iter(items)
+    while part := list(islice(it, size)):
+        yield part
 
 
 def dumps(row: Any) -> str:

@@ -42,7 +42,6 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from itertools import islice
 from typing import Callable, Iterable
 
 import numpy as np
@@ -58,7 +57,7 @@ from .encoders import (IMAGE_DIM, IMAGE_FEATURES, TEXT_DIM, TEXT_FEATURES, TEXT_
                        count_windows, embed_windows, encode_images, minilm_embed)
 from .images import ImageStore
 from .llm.ray_engine import Engine, map_rows
-from .schema import AGGREGATES, SPLITS, UNITS, Conversation, CorpusRecord, PoolItem, round_id, rounds
+from .schema import AGGREGATES, SPLITS, UNITS, Conversation, CorpusRecord, PoolItem, chunks, round_id, rounds
 from .stats import auc_interval, rate, ties_half
 
 
@@ -607,8 +606,8 @@ def score_conversations(conversations: Iterable[Conversation], records: dict[str
     head, backbone, meta = load(model_dir)
     featurize = Featurizer(backbone, images, cache_dir, meta["lexical_grounding"], engine, (meta, model_dir))
     first = meta["unit"] == "round" and meta["aggregate"] == "first"  # the other rounds would not count
-    out, it = {}, iter(conversations)
-    while part := list(islice(it, chunk)):
+    out = {}
+    for part in chunks(conversations, chunk):
         scored = [dataclasses.replace(c, conversations=c.conversations[:2]) for c in part] if first else part
         scores = _unit_scores(head, featurize, build_units(records, scored, [], meta["unit"]), model_dir)
         out.update({c.id: conversation_score(c, scores, meta["unit"], meta["aggregate"]) for c in part})
