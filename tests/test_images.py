@@ -165,6 +165,36 @@ def test_parquet_shards_with_images_inside_read_back_as_a_store(tmp_path):
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
+def test_release_shards_are_written_one_row_group_at_a_time(tmp_path, monkeypatch):
+    """A release shard is up to filter.shard_mb of images: the rows are written to it as they come, one row group
+    at a time (what a reader streams), never gathered in memory first; an empty release is one empty shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vital import images
+    monkeypatch.setattr(images, "HUB_ROW_GROUP", 3)
+    blobs = _blobs(10)
+    folder = tmp_path / "folder"
+    for name, data in blobs.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    on_disk = []  # bytes of the shard being written when each row is asked for
+
+    def rows():
+        for i, name in enumerate(blobs):
+            part = list(tmp_path.glob(".hub.tmp-*/part-00000.parquet"))
+            on_disk.append(part[0].stat().st_size if part else 0)
+            yield {"id": f"r{i}", "image": name}
+
+    assert write_hub_shards(rows(), folder, tmp_path / "hub", pa.schema([("id", pa.string())]), 256) == 1
+    f = pq.ParquetFile(tmp_path / "hub" / "train-00000-of-00001.parquet")
+    assert [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)] == [3, 3, 3, 1]
+    assert f.read().column("id").to_pylist() == [f"r{i}" for i in range(10)]
+    assert on_disk[1] == on_disk[2] < on_disk[3] == on_disk[5] < on_disk[6] < on_disk[9]  # a group per 3 rows
+    assert write_hub_shards(iter(()), folder, tmp_path / "none", pa.schema([("id", pa.string())])) == 1
+    assert pq.read_table(tmp_path / "none").num_rows == 0
+
+
 # ---------------------------------------------------------------- vital release import
 
 def _official(n_good=6):

@@ -310,27 +310,40 @@ def write_hub_shards(rows, images: "ImageStore | str | Path", out_dir: str | Pat
     schema = schema.append(pa.field("image", IMAGE_TYPE)) if "image" not in schema.names else schema
     features = {f.name: hf_feature(f.type) for f in schema}
     schema = schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
-    tmp, limit, shards, batch, size = _fresh_tmp(out, "train-*.parquet"), int(shard_mb * 2**20), [], [], 0
+    tmp, limit = _fresh_tmp(out, "train-*.parquet"), int(shard_mb * 2**20)
+    shards, group, writer, n, size = [], [], None, 0, 0  # one row group in memory at a time, not a whole shard
 
-    def flush(last=False):
-        if batch or (last and not shards):  # no rows: one empty shard, so the folder still loads
-            name = f"part-{len(shards):05d}.parquet"
-            pq.write_table(pa.Table.from_pylist(batch, schema=schema), tmp / name, row_group_size=HUB_ROW_GROUP)
-            shards.append(name)
-            batch.clear()
+    def write_group():
+        writer.write_table(pa.Table.from_pylist(group, schema=schema))
+        group.clear()
+
+    def open_shard():
+        shards.append(f"part-{len(shards):05d}.parquet")
+        return pq.ParquetWriter(tmp / shards[-1], schema)
 
     try:
         for r in rows:
             data = src.read(check_name(r["image"]))
-            if batch and size + len(data) > limit:
-                flush()
-                size = 0
-            batch.append({**r, "image": {"bytes": data, "path": r["image"]}})
-            size += len(data)
-        flush(last=True)
+            if writer is None or (n and size + len(data) > limit):  # n, size: rows and image bytes in the shard
+                if group:
+                    write_group()
+                if writer is not None:
+                    writer.close()
+                writer, n, size = open_shard(), 0, 0
+            group.append({**r, "image": {"bytes": data, "path": r["image"]}})
+            n, size = n + 1, size + len(data)
+            if len(group) == HUB_ROW_GROUP:
+                write_group()
+        if writer is None:  # no rows: one empty shard (one empty row group), so the folder still loads
+            writer = open_shard()
+        if group or not n:
+            write_group()
+        writer.close()
         for i, name in enumerate(shards):
             os.replace(tmp / name, tmp / f"train-{i:05d}-of-{len(shards):05d}.parquet")
     except BaseException:
+        if writer is not None:
+            writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _publish(tmp, out)
