@@ -12,12 +12,13 @@ selector (model pairs only) is trained too, into models/selector/model_only/, fo
 import time
 from pathlib import Path
 
-from common import CORPUS_IMAGES, EMBEDDINGS, image_store, load, params, write_metrics
+from common import CORPUS_IMAGES, EMBEDDINGS, chunks, image_store, load, params, stream, write_metrics
 import pandas as pd  # after common: a bad params.yaml stops before the heavy imports
 
 from vital import release, selector
 from vital.encoders import EmbeddingCache
 from vital.llm.ray_engine import Engine
+from vital.preferences import figure_of
 from vital.schema import CSV_FLOAT, Conversation, CorpusRecord, PoolItem
 
 
@@ -27,15 +28,24 @@ def main():
         cfg = selector.TrainConfig(**p)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"train_selector: {e}") from None
-    records, images = {r.id: r for r in load("data/corpus/records.jsonl", CorpusRecord)}, image_store()
-    candidates, skipped = release.screen(load("data/candidates/conversations.jsonl", Conversation), images)
-    units = selector.build_units(records, candidates, load("data/annotation/pool.jsonl", PoolItem), cfg.unit)
+    pairs = pd.read_parquet("data/preferences/pairs.parquet")
+    named = set(pairs["a_id"]) | set(pairs["b_id"])  # the units fit trains on; the candidates are only streamed
+    figures, images, skipped = {figure_of(u) for u in named}, image_store(), []
+    records = {r.id: r for r in stream("data/corpus/records.jsonl", CorpusRecord) if r.id in figures}
+
+    def screened():  # every candidate is screened (and counted) as before; fit's units come from those kept
+        for part in chunks(stream("data/candidates/conversations.jsonl", Conversation), 4096):
+            ok, why = release.screen(part, images)
+            skipped.extend(why)
+            yield from ok
+
+    units = selector.build_units(records, screened(), load("data/annotation/pool.jsonl", PoolItem), cfg.unit,
+                                 keep=named)
     missing = selector.missing_images(units, images)
     units = units.drop(index=missing)  # pairs naming them are counted in pairs_missing_units
     if units.empty:
         raise SystemExit(f"train_selector: no unit has its image in {CORPUS_IMAGES} ({len(missing)} missing); "
                          "rerun the corpus stage (dvc repro -f corpus)")
-    pairs = pd.read_parquet("data/preferences/pairs.parquet")
     engine = Engine(**params("engine"))
     try:
         head, backbone, history, stats = selector.fit(units, pairs, cfg, images, EMBEDDINGS, engine=engine)

@@ -180,6 +180,13 @@ def test_units_per_round_or_per_conversation(sample):
     whole = selector.build_units(recs, convs, [], "conversation")
     assert list(whole.index) == [c.id for c in convs] and whole["qa"].iloc[0].count("Question:") == 3
     assert whole["context"].iloc[0].startswith(recs[convs[0].id].caption)
+    # train_selector streams the candidates and keeps the units its pairs name: the rows of the full build, and
+    # only the named figures' records are needed (the other figure is missing from `recs` here)
+    named = {f"{convs[1].id}#2", f"{convs[1].id}#0", convs[1].id}
+    one = {convs[1].id: recs[convs[1].id]}
+    assert selector.build_units(one, iter(convs), [], keep=named).equals(rounds.loc[[f"{convs[1].id}#0",
+                                                                                     f"{convs[1].id}#2"]])
+    assert selector.build_units(one, iter(convs), [], "conversation", keep=named).equals(whole.loc[[convs[1].id]])
 
 
 def test_a_long_caption_never_pushes_the_answer_out_of_the_features(sample, tmp_path):

@@ -121,17 +121,23 @@ def qa_text(qa: list[tuple[str, str]]) -> str:
     return " ".join(f"Question: {q} Answer: {a}" for q, a in qa)
 
 
-def build_units(records: dict[str, CorpusRecord], conversations: list[Conversation], pool: list[PoolItem],
-                unit: str = "round") -> pd.DataFrame:
-    """Every scorable unit: generated rounds (or conversations) and pool answers -> (id, image, context, qa)."""
+def build_units(records: dict[str, CorpusRecord], conversations: Iterable[Conversation], pool: list[PoolItem],
+                unit: str = "round", keep: set[str] | None = None) -> pd.DataFrame:
+    """Every scorable unit: generated rounds (or conversations) and pool answers -> (id, image, context, qa).
+    `keep`: only the generated units of these ids (what pairs name); `conversations` may then be a stream of
+    the whole candidate file, and `records` needs only the figures of those units."""
     rows = []
     for c in conversations:
-        r, qa = records[c.id], rounds(c.conversations)
+        qa = rounds(c.conversations)
+        ids = [c.id] if unit == "conversation" else [round_id(c.id, k) for k in range(len(qa))]
+        if keep is not None and keep.isdisjoint(ids):
+            continue
+        r = records[c.id]
         context = context_text(r.caption, r.inline_mentions)
         if unit == "conversation":
             rows.append((c.id, c.image, context, qa_text(qa)))
         else:
-            rows += [(round_id(c.id, k), c.image, context, qa_text([x])) for k, x in enumerate(qa)]
+            rows += [(i, c.image, context, qa_text([x])) for i, x in zip(ids, qa) if keep is None or i in keep]
     for p in pool:
         for side, ans in (("A", p.answer_a), ("B", p.answer_b)):
             rows.append((f"{p.question_id}:{side}", p.image, context_text(p.caption, p.inline_mentions),
