@@ -5,17 +5,20 @@
 """
 import time
 
-from common import EMBEDDINGS, image_store, load, model_client, params, write_metrics
+from common import EMBEDDINGS, image_store, model_client, params, read_jsonl, stream, write_metrics
 
 from vital.encoders import EmbeddingCache
 from vital.pool import build_pool
-from vital.schema import AppendLog, CorpusRecord, write_jsonl
+from vital.schema import AppendLog, CorpusRecord, Replay, write_jsonl
 from vital.replies import rejected_note
+
+
+RECORDS = "data/corpus/records.jsonl"
 
 
 def main():
     t0, p = time.time(), params("annotation_pool")
-    records = load("data/corpus/records.jsonl", CorpusRecord)
+    records = Replay(lambda: stream(RECORDS, CorpusRecord), sum(1 for _ in read_jsonl(RECORDS)))  # read, not held
     with model_client("annotation_pool", p, batch=False) as (client, _):
         items, failures, stats = build_pool(records, image_store(), client, AppendLog("data/cache/annotation_pool.jsonl"),
                                             p["clusters"], p["per_cluster"], p["questions_per_figure"],

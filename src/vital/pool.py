@@ -12,6 +12,7 @@ counted (`unparsed_replies`, `unparsed_by_reason`, `unparsed_figures`).
 from __future__ import annotations
 
 import re
+from collections.abc import Sized
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from .llm.client import Requests
 from .encoders import IMAGE_DIM, IMAGE_FEATURES, TEXT_DIM, EmbeddingCache, cached_text_encoder, encode_images, encode_texts
 from .generate import figure_text
 from .replies import REASONS, entry_rejected
-from .schema import AppendLog, CorpusRecord, PoolItem
+from .schema import AppendLog, PoolItem, chunks
 
 POOL_PROMPT = (
     "You are an AI assistant with expertise in biomedical images, helping to build questions for clinicians to "
@@ -38,18 +39,17 @@ _LINE = re.compile(r"^\s*(?:\d+[.)]\s*)?[*_#\s]*(user|human|question|q|answer\s*
                    r"[*_\s]*(.*)$", re.I)
 
 
-def figure_embeddings(records: list[CorpusRecord], images: ImageStore | Path, image_weight: float,
+def figure_embeddings(records: Sized, images: ImageStore | Path, image_weight: float,
                       cache_dir: Path | None = None, chunk: int = 4096) -> np.ndarray:
     """(n, TEXT_DIM + IMAGE_DIM) float64: caption + mentions (MiniLM) and image descriptors, encoded `chunk`
-    figures at a time into one preallocated matrix (a corpus's images are never all in memory, the features
-    never copied whole); with `cache_dir`, through the embedding cache (a grown corpus encodes only its new
-    figures)."""
+    figures at a time into one preallocated matrix (a corpus's records and images are never all in memory:
+    `records` may be a Replay of the file, the features are never copied whole); with `cache_dir`, through the
+    embedding cache (a grown corpus encodes only its new figures)."""
     images = ImageStore.of(images)
     text_encoder = cached_text_encoder(cache_dir) if cache_dir is not None else encode_texts
     image_cache = EmbeddingCache(cache_dir, "image", IMAGE_FEATURES) if cache_dir is not None else None
     emb, img = np.zeros((len(records), TEXT_DIM + IMAGE_DIM)), np.zeros((len(records), IMAGE_DIM), np.float32)
-    for i in range(0, len(records), chunk):
-        part = records[i:i + chunk]
+    for i, part in zip(range(0, len(records), chunk), chunks(records, chunk)):
         data = [images.read(r.image) for r in part]
         emb[i:i + len(part), :TEXT_DIM] = text_encoder([r.caption + " " + " ".join(r.inline_mentions) for r in part])
         img[i:i + len(part)] = (encode_images(data) if image_cache is None else
@@ -101,10 +101,11 @@ def parse_pool_reply(reply: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def build_pool(records: list[CorpusRecord], images: ImageStore | Path, client, log: AppendLog, clusters: int,
+def build_pool(records: Sized, images: ImageStore | Path, client, log: AppendLog, clusters: int,
                per_cluster: int, questions_per_figure: int, image_weight: float, seed: int, max_image_side: int = 0,
                cache_dir: Path | None = None):
-    """(pool items, failures, stats): one request per pooled figure, its first `questions_per_figure` questions."""
+    """(pool items, failures, stats): one request per pooled figure, its first `questions_per_figure` questions.
+    `records`: CorpusRecords, a list or a Replay (gone through twice: embeddings, then the pooled figures)."""
     images = ImageStore.of(images)
     emb = figure_embeddings(records, images, image_weight, cache_dir)
     picked = select_diverse(emb, clusters, per_cluster, seed)
@@ -116,7 +117,8 @@ def build_pool(records: list[CorpusRecord], images: ImageStore | Path, client, l
                 {"role": "user", "content": [{"type": "text", "text": figure_text(r.caption, r.inline_mentions)},
                                              image_part(images.read(r.image), max_image_side)]}]
 
-    items = [(records[i].id, (records[i], cluster)) for i, cluster in picked]
+    cluster_of = dict(picked)
+    items = [(r.id, (r, cluster_of[i])) for i, r in enumerate(records) if i in cluster_of]  # in row order
     rows, stats, failures = client.run(Requests(items, build), log, "pool", {}, lambda k, e: e, "annotation_pool",
                                        rejected=entry_rejected)
     pool, unparsed, short, why = [], [], [], dict.fromkeys(REASONS, 0)
