@@ -14,9 +14,10 @@ except ParamsError as e:
     print(e, file=sys.stderr)
     sys.exit(2)
 
-import os  # noqa: E402  (after the check, on purpose)
+import json  # noqa: E402  (after the check, on purpose)
+import os  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Iterator, Mapping  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -54,6 +55,43 @@ def stream(path, cls) -> Iterator:
         except TypeError as e:
             raise SystemExit(f"{path}: record {n}: {e}; was it written by an older version? Rerun the stage that "
                              "writes it (dvc repro -f <stage>)") from None
+
+
+class Indexed(Mapping):
+    """The records of a JSONL file by id, each read back from the file when it is looked up: only the ids and
+    their byte offsets are held (a stage that looks records up by id, of a corpus of any size). Read-only."""
+
+    def __init__(self, path, cls):
+        self.path, self.cls, self.offset = path, cls, {}
+        with open(path, "rb") as f:
+            at = 0
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        self.offset[json.loads(line)["id"]] = at
+                    except (ValueError, KeyError, TypeError) as e:
+                        raise SystemExit(f"{path}:{n}: not a record with an id ({type(e).__name__}: {e}); rerun the "
+                                         "stage that writes it (dvc repro -f <stage>)") from None
+                at += len(line)
+        self._f = open(path, "rb")
+
+    def __getitem__(self, key):
+        self._f.seek(self.offset[key])
+        row = json.loads(self._f.readline())
+        try:
+            return self.cls(**row)
+        except TypeError as e:
+            raise SystemExit(f"{self.path}: record {key!r}: {e}; was it written by an older version? Rerun the "
+                             "stage that writes it (dvc repro -f <stage>)") from None
+
+    def __contains__(self, key):
+        return key in self.offset
+
+    def __iter__(self):
+        return iter(self.offset)
+
+    def __len__(self):
+        return len(self.offset)
 
 
 def load(path, cls) -> list:

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import EMBEDDINGS, PARAMS, image_store, load, params, stream, write_metrics
+from common import EMBEDDINGS, PARAMS, Indexed, image_store, load, params, stream, write_metrics
 import pandas as pd  # after common: a bad params.yaml stops before the heavy imports
 
 from vital import baselines, release, selector
@@ -95,7 +95,7 @@ def lines(f):
 
 def main():
     t0, p = time.time(), params("filter")
-    records = {r.id: r for r in load("data/corpus/records.jsonl", CorpusRecord)}
+    records = Indexed("data/corpus/records.jsonl", CorpusRecord)  # ids and offsets held, records read
     corpus_images = image_store()
     allow = [normalise_license(x) for x in p["licenses"]] if p["licenses"] is not None else None
     ratings = {r.candidate_id: r.score for r in stream("data/candidates/ratings.jsonl", Rating)}

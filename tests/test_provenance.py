@@ -272,16 +272,26 @@ def test_filter_reads_candidates_from_the_file_in_rank_order_and_a_broken_line_s
     for k, r in enumerate(rows):
         r["conversations"][1]["value"] = "Ein Präparat, 5 µm, ×40 — " * (k + 1)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    corpus = work / "data/corpus/records.jsonl"  # the records too are looked up by offset (common.Indexed)
+    recs = [json.loads(line) for line in corpus.read_text().splitlines()]
+    for k, r in enumerate(recs):
+        r["caption"] = "Schnitt — 5 µm, ×40; " * (len(recs) - k) + r["caption"]
+    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in reversed(recs)), encoding="utf-8")
     order = [3, 0, 5, 1, 4, 2]  # the file's rows, best first
     _, m = run(rank=order.index, ratio=1.0, licenses=None)
     out = json.loads((work / "data/release/instructions.json").read_text())
     assert [r["id"] for r in out] == [rows[k]["id"] for k in order] and m["kept"] == len(rows)
+    assert [r["license"] for r in out] == [figures[k].license for k in order]  # each its own record's
     assert [r["conversations"][1]["value"] for r in out] == [rows[k]["conversations"][1]["value"] for k in order]
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:2] + ['{"id": "broken", "image"\n'] + lines[2:]))
     with pytest.raises(SystemExit) as e:
         run(ratio=1.0, licenses=None)
     assert str(e.value).startswith("data/candidates/conversations.jsonl:3: ") and "dvc repro -f decontaminate_qa" in str(e.value)
+    path.write_text("".join(lines))
+    corpus.write_text(corpus.read_text(encoding="utf-8") + '{"image": "no id"}\n', encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"^data/corpus/records.jsonl:7: not a record with an id \(KeyError"):
+        run(ratio=1.0, licenses=None)
 
 
 # ------------------------------------------------------------------ the manifest, checked by `vital validate release`
