@@ -18,8 +18,7 @@ import pandas as pd  # after common: a bad params.yaml stops before the heavy im
 from vital import release, selector
 from vital.encoders import EmbeddingCache
 from vital.llm.ray_engine import Engine
-from vital.preferences import figure_of
-from vital.schema import CSV_FLOAT, Conversation, CorpusRecord, PoolItem
+from vital.schema import CSV_FLOAT, Conversation, CorpusRecord, PoolItem, figure_of
 
 
 def main():

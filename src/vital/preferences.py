@@ -23,8 +23,8 @@ from __future__ import annotations
 import hashlib
 import random
 
-from .schema import (AGGREGATES, SPLITS, UNITS, Conversation, PoolItem, PreferencePair, Rating, Vote, request_hash,
-                     round_id, rounds)
+from .schema import (AGGREGATES, SPLITS, UNITS, Conversation, PoolItem, PreferencePair, Rating, Vote, figure_of,
+                     request_hash, round_id, rounds)
 from .stats import rate, ties_half
 
 
@@ -148,11 +148,6 @@ def model_pairs(scores: dict[str, float | None], n_pairs: int, seed: int, valida
     counts = {"units": len(scores), "null_units": sum(v is None for v in scores.values()),
               "figures": {k: sum(v == k for v in splits.values()) for k in SPLITS}}
     return pairs, counts
-
-
-def figure_of(unit_id: str) -> str:
-    """The figure a generated unit is about: `<figure>#<round>`, or `<figure>` for a conversation."""
-    return unit_id.split("#")[0]
 
 
 def _draw(scored: list[tuple[str, float]], n: int, rng: random.Random, split: str) -> list[PreferencePair]:

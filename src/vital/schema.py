@@ -149,6 +149,11 @@ def round_id(conversation_id: str, k: int) -> str:
     return f"{conversation_id}#{k}"
 
 
+def figure_of(unit_id: str) -> str:
+    """The figure a generated unit is about: `<figure>#<round>`, or `<figure>` for a conversation."""
+    return unit_id.split("#")[0]
+
+
 # How a conversation's rounds combine into one value (the selector's score, or a rating with unit: conversation).
 # "first": the first round alone, as the authors' released selector scores a conversation.
 AGGREGATES = {"first": lambda xs: xs[0], "mean": lambda xs: sum(xs) / len(xs), "min": min}
