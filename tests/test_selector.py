@@ -1,6 +1,9 @@
 """The data selector: losses, masking, validation and test metrics, epoch choice, units, backbones, caching, scoring."""
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -300,7 +303,7 @@ def _fit_and_save(recs, convs, image_dir, tmp_path, **cfg):
     return tmp_path / "selector", backbone, units
 
 
-@pytest.mark.skipif(encoders._malloc_trim() is None, reason="malloc_trim is glibc's")
+@pytest.mark.skipif(encoders._glibc() is None, reason="malloc_trim is glibc's")
 def test_trim_heap_gives_the_freed_holes_of_the_heap_back():
     """Model temporaries of changing shapes fragment the heap; after a batch of new vectors the embedding cache
     calls trim_heap, so the stage's next phase starts low (here: 500 freed 96 KB blocks among kept ones)."""
@@ -312,6 +315,48 @@ def test_trim_heap_gives_the_freed_holes_of_the_heap_back():
     before = rss_mb()
     encoders.trim_heap()
     assert before - rss_mb() > 150 and len(kept) == 500
+
+
+def test_batched_takes_texts_in_order_of_length_and_gives_rows_back_in_theirs():
+    batches = []
+
+    def fn(part):
+        batches.append(part)
+        return torch.tensor([[float(len(t)), float(t.count("x"))] for t in part], dtype=torch.float64)
+
+    texts = ["x" * n for n in (9, 1, 7, 3, 8, 2, 5)]
+    out = encoders.batched(fn, texts, batch_size=3, size=len)
+    assert out.dtype == np.float32 and out[:, 0].tolist() == [9, 1, 7, 3, 8, 2, 5]
+    assert [[len(t) for t in b] for b in batches] == [[1, 2, 3], [5, 7, 8], [9]]
+    batches.clear()
+    assert encoders.batched(fn, texts, batch_size=4)[:, 1].tolist() == [9, 1, 7, 3, 8, 2, 5]
+    assert [len(b) for b in batches] == [4, 3] and batches[0] == texts[:4]  # no size: in their order
+
+
+@pytest.mark.skipif(encoders._glibc() is None, reason="mallopt is glibc's")
+def test_tensors_own_pages_gives_large_freed_blocks_back_at_once():
+    """After one large block is freed, glibc serves blocks of that size from its heap, where freed ones between
+    kept small objects stay in RSS; with tensors_own_pages they have their own pages (a fresh process each)."""
+    program = """if 1:
+        import sys, numpy as np
+        sys.path.insert(0, {src!r})
+        from vital import encoders
+        def rss():
+            return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+        if sys.argv[1] == "own":
+            encoders.tensors_own_pages()
+        np.ones(300_000); kept, large = [], []  # one 2.4 MB block freed: glibc raises its threshold past it
+        for i in range(150):
+            large.append(np.ones(250_000 + i)); kept.append(np.ones(64))
+        before = rss(); large = None
+        print(round(before - rss()))"""
+    freed = {}
+    for mode in ("default", "own"):
+        run = subprocess.run([sys.executable, "-c", program.format(src=str(Path(encoders.__file__).parents[1])), mode],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        freed[mode] = int(run.stdout)
+    assert freed["own"] > 250 and freed["default"] < 100, freed  # 150 blocks of 2 MB: 300 MB
 
 
 def test_filter_scoring_streams_with_the_selectors_unit_and_aggregate(sample, tmp_path):

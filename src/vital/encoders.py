@@ -75,14 +75,31 @@ def minilm_embed(tok, model, texts: list[str]):
     return embed_windows(tok, embed, texts)
 
 
-def encode_texts(texts: list[str], batch_size: int = 32, model_path: str | None = None) -> np.ndarray:
-    """(n, 384) float32, L2-normalised MiniLM sentence embeddings."""
+def batched(fn, items: list, batch_size: int = 32, size=None) -> np.ndarray:
+    """`fn` (a list -> a tensor of rows) over `items`, `batch_size` at a time and without gradients: one float32
+    matrix, rows in the order of `items`. With `size` (a text's length), the items go through in order of size,
+    so a batch pads its texts to about their own length (texts of 5 to 120 words: 1.5x faster than in their
+    order) and its tensors are about the shapes of the last batch's. Large tensors get their own pages
+    (`tensors_own_pages`), so the RSS of a long run of batches stays one batch's tensors above the model."""
     import torch
 
-    tok, model = _minilm(model_path)
+    tensors_own_pages()
+    order = sorted(range(len(items)), key=lambda i: size(items[i])) if size else range(len(items))
+    order = list(order)
     with torch.inference_mode():
-        out = [minilm_embed(tok, model, texts[i:i + batch_size]).numpy() for i in range(0, len(texts), batch_size)]
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, TEXT_DIM), np.float32)
+        parts = [fn([items[i] for i in order[k:k + batch_size]]).float().numpy() for k in range(0, len(order), batch_size)]
+    out = np.concatenate(parts)
+    back = np.empty_like(out)
+    back[order] = out
+    return back
+
+
+def encode_texts(texts: list[str], batch_size: int = 32, model_path: str | None = None) -> np.ndarray:
+    """(n, 384) float32, L2-normalised MiniLM sentence embeddings."""
+    if not texts:
+        return np.zeros((0, TEXT_DIM), np.float32)
+    tok, model = _minilm(model_path)
+    return batched(lambda part: minilm_embed(tok, model, part), texts, batch_size, len)
 
 
 def cached_text_encoder(cache_dir: Path | str):
@@ -124,11 +141,25 @@ def encode_images(images: list[bytes]) -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
-def _malloc_trim():
+def _glibc():
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:  # not glibc
         return None
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+@lru_cache(maxsize=1)
+def tensors_own_pages() -> None:
+    """From now on every allocation of 1 MiB or more in this process gets its own pages, handed back to the OS when
+    it is freed (glibc's M_MMAP_THRESHOLD; nothing elsewhere). By default glibc raises that threshold as large
+    blocks are freed, and a model's tensors, of a new shape each batch, then pile up in its heap: MiniLM over
+    3,000 texts here peaked 335 MB above the loaded model, and 128 MB with this (and batches in order of size)."""
+    if (libc := _glibc()) is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
 def trim_heap() -> None:
@@ -136,8 +167,8 @@ def trim_heap() -> None:
     of ever-changing shapes leave glibc's heap fragmented: ~300 MB more RSS after a few thousand MiniLM texts
     here, kept for the rest of the process. Called after each batch of new vectors, so a stage's next phase
     (k-means, scoring, writing) does not start on top of it."""
-    if (trim := _malloc_trim()) is not None:
-        trim(0)
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
 
 
 # ---------------------------------------------------------------- the embedding cache

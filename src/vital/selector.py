@@ -54,7 +54,7 @@ from torch import nn
 from scipy.stats import rankdata
 
 from .encoders import (IMAGE_DIM, IMAGE_FEATURES, TEXT_DIM, TEXT_FEATURES, TEXT_MAX_TOKENS, EmbeddingCache, _minilm,
-                       count_windows, embed_windows, encode_images, minilm_embed)
+                       batched, count_windows, embed_windows, encode_images, minilm_embed, tensors_own_pages)
 from .images import ImageStore
 from .llm.ray_engine import Engine, map_rows
 from .schema import AGGREGATES, SPLITS, UNITS, Conversation, CorpusRecord, PoolItem, chunks, round_id, rounds
@@ -306,11 +306,6 @@ def encode(backbone: nn.Module, units: pd.DataFrame, images: ImageStore | Path, 
                    torch.from_numpy(grounding(units)) if lexical else None, lambda xs: torch.cat(xs, dim=1))
 
 
-def _batched(fn: Callable, items: list, batch_size: int = 32) -> np.ndarray:
-    with torch.inference_mode():
-        return np.concatenate([fn(items[i:i + batch_size]).float().numpy() for i in range(0, len(items), batch_size)])
-
-
 class Featurizer:
     """Frozen features of units through one backbone: each unique text and image is encoded once across epochs,
     stages and experiments (EmbeddingCache, keyed by the backbone's identity and the content). With a Ray
@@ -327,9 +322,11 @@ class Featurizer:
 
     def encode(self, kind: str, items: list) -> np.ndarray:
         if self.remote is None:
-            return _batched(self.backbone.text_features if kind == "text" else self.backbone.image_features, items)
+            return (batched(self.backbone.text_features, items, size=len) if kind == "text"
+                    else batched(self.backbone.image_features, items))
         (engine, (cfg, model_dir)), out = self.remote, np.zeros((len(items), 0), np.float32)
-        rows = [{"i": i, "kind": kind, "item": x} for i, x in enumerate(items)]
+        order = sorted(range(len(items)), key=lambda i: len(items[i])) if kind == "text" else range(len(items))
+        rows = [{"i": i, "kind": kind, "item": items[i]} for i in order]  # texts by length, as `batched` takes them
         block = max(engine.batch_size, min(1024, -(-len(rows) // (engine.workers * 4))))  # every worker gets some
         for batch in map_rows(engine, rows, RayEncoder, block, cfg=cfg, model_dir=model_dir,
                               identity=self.backbone.identity):
@@ -359,6 +356,7 @@ class RayEncoder:
 
     def __init__(self, cfg: dict, model_dir: Path | None, identity: str, threads: int):
         torch.set_num_threads(threads)
+        tensors_own_pages()
         self.backbone = build_backbone(cfg, model_dir).eval()
         if self.backbone.identity != identity:
             raise ValueError(f"a Ray worker's backbone is {self.backbone.identity}, the stage's {identity}: install "
