@@ -19,8 +19,8 @@ not data/; `--head` clones HEAD instead) under a temp dir, with every backend of
   computed work and seconds as a share of the full run's;
 - the transformers backend of `generate` (tiny random LLaVA, vital.tune.build_tiny_llava) on a local Ray with
   1 and 2 workers (1 CPU, 1 thread each; vital.llm.ray_engine.Engine), every request computed (fresh cache):
-  requests/s and the ratio (each pass of a stage starts its actors once: a few seconds here, amortized over more
-  requests as --ray-figures grows); and, for reference, the same requests through TransformersBackend in 1 and 2 plain
+  requests/s and the ratio (a stage starts its actors once, re-asks included: a few seconds here, amortized over
+  more requests as --ray-figures grows); and, for reference, the same requests through TransformersBackend in 1 and 2 plain
   processes (model loaded before timing): what this machine allows without Ray's actor start and scheduling.
 Targets (issue): total cost per figure at the largest size <= 1.3x the smallest; the +10% rerun <= 15% of the full
 run; peak RSS at 100K <= 1.5x 10K (printed: largest / second largest size); 2 Ray workers >= 1.7x one.
@@ -290,7 +290,8 @@ def ray_check(tmp: Path, n_records: int, max_tokens: int) -> list[str]:
     lines.append(f"\ntarget: Ray 2 workers / 1 worker {ratio:.2f}x (target >= 1.7x: "
                  f"{'holds' if ratio >= 1.7 else 'MISSED'}); plain processes 2 / 1: {bare[2] / bare[1]:.2f}x (what "
                  f"this machine allows). {n_records} figures, max_tokens {max_tokens}, every reply asked again once "
-                 "(random weights write nothing parseable): two passes, both counted as requests")
+                 "(random weights write nothing parseable; on Ray by its worker at once, in the same pass), both "
+                 "counted as requests")
     return lines
 
 

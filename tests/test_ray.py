@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 
 from vital.llm.backends import Fatal  # noqa: E402
 from vital.llm.client import Client, ClientConfig  # noqa: E402
-from vital.llm.ray_engine import Engine, map_rows  # noqa: E402
+from vital.llm.ray_engine import BLOCK_BATCHES, Engine, map_rows  # noqa: E402
 from vital.generate import GenerateConfig, generate  # noqa: E402
 from vital.schema import AppendLog, read_jsonl  # noqa: E402
 
@@ -47,6 +47,12 @@ def run(records, image_dir, cache, tiny, engine=None):
     return {c.id: c.conversations for c in convs}, {r["id"]: r["reason"] for r in rejected}, failures, stats
 
 
+def many(records, n):
+    """n records from the sample's, each with its own caption: n distinct requests (a few Ray blocks' worth)."""
+    return [replace(records[i % len(records)], id=f"{records[i % len(records)].id}_{i}",
+                    caption=f"{records[i % len(records)].caption} (case {i})") for i in range(n)]
+
+
 def replies(cache) -> dict:
     return {row["request_hash"]: row["reply"] for row in read_jsonl(cache)}
 
@@ -67,6 +73,20 @@ def test_ray_gives_the_local_rows_and_cache_keys_and_reruns_from_the_cache(local
     assert again[:3] == local[:3] and again[3]["requests"] == 0 and again[3]["cached"] == local[3]["requests"]
 
 
+def test_a_rejected_reply_is_asked_again_by_its_worker_in_the_same_pass(local_ray, tiny, sample, tmp_path,
+                                                                       monkeypatch):
+    records, image_dir = sample
+    passes, real = [], ray.data.from_arrow_refs
+    monkeypatch.setattr(ray.data, "from_arrow_refs", lambda *a, **k: passes.append(1) or real(*a, **k))
+    on_ray = run(records[:4], image_dir, tmp_path / "ray.jsonl", tiny, Engine(kind="ray", workers=1, batch_size=2))
+    assert len(passes) == 1  # one Dataset (one model load per actor) for the first asks and the re-asks
+    rows = list(read_jsonl(tmp_path / "ray.jsonl"))
+    firsts = {row["request_hash"] for row in rows if "reask_of" not in row}
+    reasks = [row for row in rows if "reask_of" in row]
+    assert 0 < len(reasks) == on_ray[3]["reasked"] and {row["reask_of"] for row in reasks} <= firsts
+    assert on_ray[3]["requests"] == len(rows) == 4 + len(reasks) and on_ray[3]["cached"] == 0
+
+
 DRIVER = """
 import sys
 from vital.generate import GenerateConfig, generate
@@ -83,6 +103,7 @@ generate(records, image_dir, [], client, AppendLog(cache), GenerateConfig(max_to
 
 def test_a_run_killed_part_way_resumes_from_the_cache(local_ray, tiny, sample, tmp_path):
     records, image_dir = sample
+    records = many(records, 3 * BLOCK_BATCHES)  # three blocks of batch_size 1
     cache = tmp_path / "cache.jsonl"
     # its own local Ray (started by ray.init in the child), killed with the whole process group
     env = {**os.environ, "RAY_ADDRESS": ""}
@@ -122,6 +143,7 @@ def ray_workers() -> list[int]:
 
 def test_a_worker_killed_mid_run_loses_nothing(local_ray, tiny, sample, tmp_path):
     records, image_dir = sample
+    records = many(records, 4 * BLOCK_BATCHES)
     cache, killed = tmp_path / "cache.jsonl", []
 
     def kill_one_worker():
@@ -164,8 +186,6 @@ def test_one_pool_of_actors_serves_a_long_stream_of_rows_each_row_once(local_ray
 
 
 def test_selector_features_on_ray_are_the_local_ones_and_are_counted(local_ray, sample, tmp_path):
-    from dataclasses import asdict
-
     import numpy as np
 
     from vital import selector
@@ -209,8 +229,6 @@ def test_an_address_no_cluster_answers_on_is_one_line(sample, tmp_path, tiny):
     with pytest.raises(Fatal, match="engine.kind 'cluster': choose local or ray"):
         Engine(kind="cluster")
     # the feature stages (train_selector, filter) turn a ValueError into their one-line exit
-    from dataclasses import asdict
-
     from vital import selector
 
     units = selector.build_units({r.id: r for r in records}, [], [], "round")

@@ -327,8 +327,7 @@ class Featurizer:
         (engine, (cfg, model_dir)), out = self.remote, np.zeros((len(items), 0), np.float32)
         order = sorted(range(len(items)), key=lambda i: len(items[i])) if kind == "text" else range(len(items))
         rows = [{"i": i, "kind": kind, "item": items[i]} for i in order]  # texts by length, as `batched` takes them
-        block = max(engine.batch_size, min(1024, -(-len(rows) // (engine.workers * 4))))  # every worker gets some
-        for batch in map_rows(engine, rows, RayEncoder, block, cfg=cfg, model_dir=model_dir,
+        for batch in map_rows(engine, rows, RayEncoder, 1024, cfg=cfg, model_dir=model_dir,
                               identity=self.backbone.identity):
             if out.shape[1] == 0:
                 out = np.zeros((len(items), batch["vector"].shape[1]), np.float32)

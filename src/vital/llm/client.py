@@ -190,6 +190,7 @@ class Client:
         self._spent = 0.0
         identity = {"backend": self.name, "model": getattr(self.backend, "identity", self.model)}
         reask_of: dict[str, str] = {}  # re-ask hash -> the hash of the rejected first reply
+        ahead: set[str] = set()  # re-asks a Ray worker answered with their first ask: computed, not cached
 
         def request_key(messages, reask: bool) -> str:
             # a re-ask is the same request under its own key (so its answer is cached too); a first ask's key
@@ -222,7 +223,10 @@ class Client:
                     elif rejected and h in done and rejected(done[h]):  # a batch may bring its re-ask's answer
                         reask_of[request_key(messages, True)] = h
                     if h in done or h in waiting:  # paid for already, or asked for earlier in this run
-                        stats["cached"] += 1
+                        if h in ahead:
+                            ahead.discard(h)
+                        else:
+                            stats["cached"] += 1
                         if h in done:
                             keep(key, done[h])
                         else:
@@ -231,9 +235,12 @@ class Client:
                     waiting[h] = [key]
                     yield h, messages
 
-            def on_reply(h: str, reply, via: str, sync: bool = True) -> None:
+            def on_reply(h: str, reply, via: str, sync: bool = True, first: str = "") -> None:
                 if h in done:  # a batch answered what another run already has
                     return
+                if first:  # a re-ask answered with its first ask (`first`: that reply's hash)
+                    reask_of[h] = first
+                    ahead.add(h)
                 entry = {"request_hash": h, "backend": self.name, "model": self.model, "task": task,
                          "reply": reply.text, "finish_reason": reply.finish_reason, "via": via,
                          "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens},
@@ -267,7 +274,10 @@ class Client:
                     from .batch import run_batches
                     await run_batches(self, pending(), sampling, batch_state, on_reply, on_failure)
                 elif isinstance(self.backend, RayModel):
-                    run_requests(self.backend, pending(), sampling, on_reply, on_failure, log.sync)
+                    # a worker asks a rejected reply again at once, so a pass of re-asks (and its model
+                    # loads) is seldom needed
+                    again = (task, rejected, lambda m: request_key(m, True)) if rejected and not reask else None
+                    run_requests(self.backend, pending(), sampling, on_reply, on_failure, log.sync, again)
                 else:
                     await self._online(pending(), task, sampling, on_reply, on_failure, stats, log.sync)
             finally:

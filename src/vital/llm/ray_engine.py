@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from typing import Callable, Iterable
 
 
@@ -77,10 +77,16 @@ def connect(engine: Engine) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def _chunks(items: Iterable, n: int):
-    it = iter(items)
-    while chunk := list(islice(it, n)):
-        yield chunk
+def _blocks(rows: Iterable, most: int, engine: Engine):
+    """`rows` in lists of at most `most`, whole batches of `engine.batch_size`, and small enough that each worker
+    gets about four (so no worker's share waits behind another's); only the first `workers * 4` blocks' rows are
+    held to size them."""
+    rows, step = iter(rows), engine.batch_size
+    head = list(islice(rows, most * engine.workers * 4))
+    size = max(step, min(most, -(-len(head) // (engine.workers * 4 * step)) * step))
+    rows = chain(head, rows)
+    while block := list(islice(rows, size)):
+        yield block
 
 
 def map_rows(engine: Engine, rows: Iterable[dict], actor: type, block_rows: int, **kwargs):
@@ -88,13 +94,13 @@ def map_rows(engine: Engine, rows: Iterable[dict], actor: type, block_rows: int,
     `threads`), `engine.batch_size` rows a call; yields the output batches (numpy) as they come back, in any order.
 
     One Dataset, so one pool of actors (one model load each) for all the rows. The rows are put into Ray's object
-    store `block_rows` at a time as they are made (Ray spills the store to disk when it fills), so this process
-    never holds more than one block of them, however many there are."""
+    store in blocks of at most `block_rows` as they are made (Ray spills the store to disk when it fills), so this
+    process never holds more than a few blocks of them, however many there are."""
     import pyarrow as pa
     import ray
 
     connect(engine)
-    refs = [ray.put(pa.Table.from_pylist(block)) for block in _chunks(rows, block_rows)]
+    refs = [ray.put(pa.Table.from_pylist(block)) for block in _blocks(rows, block_rows, engine)]
     if not refs:
         return
     ds = ray.data.from_arrow_refs(refs)
@@ -105,6 +111,11 @@ def map_rows(engine: Engine, rows: Iterable[dict], actor: type, block_rows: int,
 
 
 # ---------------------------------------------------------------- requests
+
+# batches of requests in a Ray Data block, at most: Ray's cost per block (~25 ms here) is spread over them; a
+# killed job loses the replies of the blocks in flight (about two per worker)
+BLOCK_BATCHES = 16
+
 
 class RayModel:
     """What the client knows of a local model (transformers or vllm) that runs on Ray: its name and identity (so
@@ -129,10 +140,11 @@ class RayModel:
 
 class _Generator:
     """A Ray actor: one local backend (transformers or vllm); a batch it cannot generate fails those requests,
-    not the run."""
+    not the run. `rejected` (the client's rule, with the stage's `task`): a reply it rejects is generated again
+    at once, for the row's `reask` key, so the client needs no second pass (and no second model load) for it."""
 
     def __init__(self, name: str, model: str, device: str, vllm_args: dict, batch_size: int, sampling: dict,
-                 threads: int):
+                 task: str, rejected: Callable[[dict], str | None] | None, threads: int):
         import torch
 
         from .backends import TransformersBackend, VLLMBackend
@@ -140,33 +152,47 @@ class _Generator:
         torch.set_num_threads(threads)
         self.backend = (VLLMBackend(model, batch_size, vllm_args) if name == "vllm"
                         else TransformersBackend(model, batch_size, device))
-        self.sampling = sampling
+        self.sampling, self.task, self.rejected = sampling, task, rejected
 
-    def __call__(self, batch: dict) -> dict:
-        requests = [json.loads(m) for m in batch["messages"]]
+    def _answer(self, hashes: list, requests: list, first: list) -> dict:
         n = len(requests)
         try:
             replies, errors = self.backend._generate(requests, self.sampling), [""] * n
         except Exception as e:  # noqa: BLE001 - the processor or model refused these inputs
             replies, errors = [Reply("", 0, 0, "error")] * n, [f"{type(e).__name__}: {e}"] * n
-        return {"h": batch["h"], "text": [r.text for r in replies], "finish_reason": [r.finish_reason for r in replies],
+        return {"h": hashes, "text": [r.text for r in replies], "finish_reason": [r.finish_reason for r in replies],
                 "prompt_tokens": [r.prompt_tokens for r in replies],
-                "completion_tokens": [r.completion_tokens for r in replies], "error": errors}
+                "completion_tokens": [r.completion_tokens for r in replies], "error": errors, "first": first}
+
+    def __call__(self, batch: dict) -> dict:
+        hashes, requests = [str(h) for h in batch["h"]], [json.loads(m) for m in batch["messages"]]
+        out = self._answer(hashes, requests, [""] * len(hashes))
+        again = [i for i, key in enumerate(batch["reask"]) if key and not out["error"][i] and self.rejected
+                 and self.rejected({"task": self.task, "reply": out["text"][i]})]
+        if again:
+            more = self._answer([str(batch["reask"][i]) for i in again], [requests[i] for i in again],
+                                [hashes[i] for i in again])
+            out = {k: v + more[k] for k, v in out.items()}
+        return out
 
 
 def run_requests(backend: RayModel, pending: Iterable[tuple[str, list[dict]]], sampling: dict,
-                 on_reply: Callable, on_failure: Callable, sync: Callable[[], None]) -> None:
-    """Send the pending (hash, messages) to the actors, one block per batch; each reply goes to `on_reply` (the cache)
-    as soon as its batch is back, and is fsynced with its batch (a killed job loses at most the batches in flight)."""
-    rows = ({"h": h, "messages": json.dumps(m)} for h, m in pending)
-    for out in map_rows(backend.engine, rows, _Generator, backend.batch_size, name=backend.name, model=backend.model,
-                        device=backend.device, vllm_args=backend.vllm_args, batch_size=backend.batch_size,
-                        sampling=sampling):
+                 on_reply: Callable, on_failure: Callable, sync: Callable[[], None],
+                 reask: tuple[str, Callable, Callable] | None = None) -> None:
+    """Send the pending (hash, messages) to the actors, BLOCK_BATCHES batches a block; each reply goes to
+    `on_reply` (the cache) as soon as its block is back, and is fsynced with its block (a killed job loses at
+    most the blocks in flight). `reask`: (task, rejected, reask_key): a reply that `rejected` rejects is asked
+    again by the worker at once, under `reask_key(messages)`, and goes to `on_reply` with `first` = its hash."""
+    task, rejected, reask_key = reask or ("", None, None)
+    rows = ({"h": h, "messages": json.dumps(m), "reask": reask_key(m) if reask_key else ""} for h, m in pending)
+    for out in map_rows(backend.engine, rows, _Generator, backend.batch_size * BLOCK_BATCHES, name=backend.name,
+                        model=backend.model, device=backend.device, vllm_args=backend.vllm_args,
+                        batch_size=backend.batch_size, sampling=sampling, task=task, rejected=rejected):
         for i, h in enumerate(out["h"]):
             if out["error"][i]:
                 on_failure(str(h), str(out["error"][i]), 1)
             else:
                 on_reply(str(h), Reply(str(out["text"][i]), int(out["prompt_tokens"][i]),
                                        int(out["completion_tokens"][i]), str(out["finish_reason"][i])),
-                         "online", sync=False)
+                         "online", sync=False, first=str(out["first"][i]))
         sync()
