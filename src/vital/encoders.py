@@ -75,6 +75,11 @@ def minilm_embed(tok, model, texts: list[str]):
     return embed_windows(tok, embed, texts)
 
 
+def in_order_of(items: list, size=None) -> list[int]:
+    """The indices of `items` in order of `size(item)`; without `size`, in their own order."""
+    return sorted(range(len(items)), key=lambda i: size(items[i])) if size else list(range(len(items)))
+
+
 def batched(fn, items: list, batch_size: int = 32, size=None) -> np.ndarray:
     """`fn` (a list -> a tensor of rows) over `items`, `batch_size` at a time and without gradients: one float32
     matrix, rows in the order of `items`. With `size` (a text's length), the items go through in order of size,
@@ -84,8 +89,7 @@ def batched(fn, items: list, batch_size: int = 32, size=None) -> np.ndarray:
     import torch
 
     tensors_own_pages()
-    order = sorted(range(len(items)), key=lambda i: size(items[i])) if size else range(len(items))
-    order = list(order)
+    order = in_order_of(items, size)
     with torch.inference_mode():
         parts = [fn([items[i] for i in order[k:k + batch_size]]).float().numpy() for k in range(0, len(order), batch_size)]
     out = np.concatenate(parts)

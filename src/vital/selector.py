@@ -54,7 +54,8 @@ from torch import nn
 from scipy.stats import rankdata
 
 from .encoders import (IMAGE_DIM, IMAGE_FEATURES, TEXT_DIM, TEXT_FEATURES, TEXT_MAX_TOKENS, EmbeddingCache, _minilm,
-                       batched, count_windows, embed_windows, encode_images, minilm_embed, tensors_own_pages)
+                       batched, count_windows, embed_windows, encode_images, in_order_of, minilm_embed,
+                       tensors_own_pages)
 from .images import ImageStore
 from .llm.ray_engine import Engine, map_rows
 from .schema import AGGREGATES, SPLITS, UNITS, Conversation, CorpusRecord, PoolItem, chunks, round_id, rounds
@@ -325,8 +326,8 @@ class Featurizer:
             return (batched(self.backbone.text_features, items, size=len) if kind == "text"
                     else batched(self.backbone.image_features, items))
         (engine, (cfg, model_dir)), out = self.remote, np.zeros((len(items), 0), np.float32)
-        order = sorted(range(len(items)), key=lambda i: len(items[i])) if kind == "text" else range(len(items))
-        rows = [{"i": i, "kind": kind, "item": items[i]} for i in order]  # texts by length, as `batched` takes them
+        order = in_order_of(items, len if kind == "text" else None)  # texts by length, as `batched` takes them
+        rows = [{"i": i, "kind": kind, "item": items[i]} for i in order]
         for batch in map_rows(engine, rows, RayEncoder, 1024, cfg=cfg, model_dir=model_dir,
                               identity=self.backbone.identity):
             if out.shape[1] == 0:
