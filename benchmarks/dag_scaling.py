@@ -22,8 +22,9 @@ not data/; `--head` clones HEAD instead) under a temp dir, with every backend of
   requests/s and the ratio (a stage starts its actors once, re-asks included: a few seconds here, amortized over
   more requests as --ray-figures grows); and, for reference, the same requests through TransformersBackend in 1 and 2 plain
   processes (model loaded before timing): what this machine allows without Ray's actor start and scheduling.
-Targets (issue): total cost per figure at the largest size <= 1.3x the smallest; the +10% rerun computes <= 15% of the
-full run's requests and features; peak RSS at 100K <= 1.5x 10K (printed: largest / second largest size); 2 Ray workers >= 1.7x one.
+Targets (issue): total cost per figure at the largest size <= 1.3x the smallest; the +10% rerun computes <= 15% of
+the full run's requests and features; peak RSS at 100K <= 1.5x 10K (printed: largest / second largest size); 2 Ray
+workers >= 1.7x one.
 The smallest size carries the stages' fixed cost (imports, MiniLM load: a few seconds each) over fewer figures,
 so its cost per figure is high and the ratio flatters the larger size: compare 10K with 100K for the target.
 
