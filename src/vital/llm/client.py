@@ -17,9 +17,9 @@ failures, cost ledger.
   the server's Retry-After) up to `max_attempts`; then the request becomes a `Failure` and the run goes on.
   If nothing succeeds (20 failures and no reply, or every request failed) the run stops with the first error.
 - A reply the stage cannot use (`rejected`, replies.entry_rejected: unparseable or a refusal) is asked again
-  once, under its own key: the same request hashed with `reask: 1`. That answer is cached like any other
-  (with `reask_of`, the first reply's hash), so a rerun or a `kill -9` never pays for it twice, and the
-  row is made from it. What is rejected again is the stage's to record; `vital cache evict --rejected`
+  once, under its own key: the same request hashed with `reask: 1` (on Ray, by the worker, at once). That
+  answer is cached like any other (with `reask_of`, the first reply's hash), so a rerun or a `kill -9` never
+  pays for it twice, and the row is made from it. What is rejected again is the stage's to record; `vital cache evict --rejected`
   removes such replies from the cache so that the next run asks them again.
 - Batch mode (`mode: batch`, openai only): the OpenAI Batch API at half price; see batch.py.
 - The ledger: requests, tokens and cost of this run (price table `prices`, USD per million tokens), and

@@ -6,9 +6,9 @@
 With `kind: ray` the transformers (or vllm) backend does not load its model in the stage's process. The client
 works out, as always, which requests its cache lacks; `run_requests` streams those to `workers` actors, each
 holding one model (`num_gpus = gpus_per_worker`, `cpus_per_worker` threads), `batch_size` requests generated
-together: one Dataset, so one model load per actor, for a whole pass. Each
-reply is appended to the request cache as it comes back, under the key the local path uses, so the two paths
-share one cache, a killed job resumes where it stopped, and nothing is computed twice. The OpenAI-compatible
+together: one Dataset, so one model load per actor, for all of a stage's requests (an actor asks a reply the
+stage rejects again at once, not in a second pass). Each reply is appended to the request cache as it comes
+back, under the key the local path uses, so the two paths share one cache, a killed job resumes where it stopped, and nothing is computed twice. The OpenAI-compatible
 path stays the async client: it is bound by the provider, not by this machine. `encode` does the same for the
 selector's text and image features.
 
