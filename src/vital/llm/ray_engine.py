@@ -8,9 +8,9 @@ works out, as always, which requests its cache lacks; `run_requests` streams tho
 holding one model (`num_gpus = gpus_per_worker`, `cpus_per_worker` threads), `batch_size` requests generated
 together: one Dataset, so one model load per actor, for all of a stage's requests (an actor asks a reply the
 stage rejects again at once, not in a second pass). Each reply is appended to the request cache as it comes
-back, under the key the local path uses, so the two paths share one cache, a killed job resumes where it stopped, and nothing is computed twice. The OpenAI-compatible
-path stays the async client: it is bound by the provider, not by this machine. `encode` does the same for the
-selector's text and image features.
+back, under the key the local path uses, so the two paths share one cache, a killed job resumes where it
+stopped, and nothing is computed twice. The OpenAI-compatible path stays the async client: it is bound by the
+provider, not by this machine. `encode` does the same for the selector's text and image features.
 
 `address` empty (and no `RAY_ADDRESS` in the environment): a local Ray is started for the stage, with this
 machine's CPUs. Otherwise the address of a running cluster (`host:6379`, `ray://host:10001`) whose nodes have
