@@ -53,6 +53,14 @@ def test_select_diverse_takes_nearest_per_cluster():
     assert sorted(i // 5 for i, _ in picked) == [0, 0, 1, 1, 2, 2]  # two from each true group
 
 
+def test_the_pools_float32_features_pick_the_figures_float64_would():
+    # figure_embeddings keeps float32 (half the memory a figure); k-means on them picks what it did on float64
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(6, 497))
+    emb = (centres[rng.integers(0, 6, 3000)] + rng.normal(scale=2.0, size=(3000, 497))).astype(np.float32)
+    assert select_diverse(emb.copy(), 6, 2, 0) == select_diverse(emb.astype(np.float64), 6, 2, 0)
+
+
 def test_pool_is_diverse_and_has_two_answers_per_question(sample, tmp_path):
     records, image_dir = sample
     items, _, stats = build_pool(records, image_dir, OFFLINE, AppendLog(tmp_path / "p.jsonl"),
@@ -178,6 +186,7 @@ def test_a_grown_corpus_embeds_only_its_new_figures(sample, tmp_path):
         return out, {k: EmbeddingCache.counts[k] - before[k] for k in before}
 
     plain = figure_embeddings(records, image_dir, 1.0)
+    assert plain.dtype == np.float32
     cached, counts = counted(lambda: figure_embeddings(records[:10], image_dir, 1.0, tmp_path))
     assert counts == {"computed": 20, "from_cache": 0}  # 10 texts, 10 images
     grown, counts = counted(lambda: figure_embeddings(records, image_dir, 1.0, tmp_path))
