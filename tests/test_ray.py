@@ -49,8 +49,8 @@ def run(records, image_dir, cache, tiny, engine=None):
 
 def many(records, n):
     """n records from the sample's, each with its own caption: n distinct requests (a few Ray blocks' worth)."""
-    return [replace(records[i % len(records)], id=f"{records[i % len(records)].id}_{i}",
-                    caption=f"{records[i % len(records)].caption} (case {i})") for i in range(n)]
+    picks = [(i, records[i % len(records)]) for i in range(n)]
+    return [replace(r, id=f"{r.id}_{i}", caption=f"{r.caption} (case {i})") for i, r in picks]
 
 
 def replies(cache) -> dict:
@@ -103,7 +103,7 @@ generate(records, image_dir, [], client, AppendLog(cache), GenerateConfig(max_to
 
 def test_a_run_killed_part_way_resumes_from_the_cache(local_ray, tiny, sample, tmp_path):
     records, image_dir = sample
-    records = many(records, 3 * BLOCK_BATCHES)  # three blocks of batch_size 1
+    records = many(records, 3 * BLOCK_BATCHES)  # several blocks (four, of 12)
     cache = tmp_path / "cache.jsonl"
     # its own local Ray (started by ray.init in the child), killed with the whole process group
     env = {**os.environ, "RAY_ADDRESS": ""}
