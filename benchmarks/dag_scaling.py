@@ -309,7 +309,7 @@ def machine() -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--figures", type=int, nargs="+", default=[1000, 3000])
-    ap.add_argument("--rerun-share", type=float, default=0.1, help="new figures added for the rerun (largest size)")
+    ap.add_argument("--rerun-share", type=float, default=0.1, help="new figures added for the rerun (largest size); 0: no rerun")
     ap.add_argument("--ray-check", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ray-only", action="store_true", help="only the Ray check (no DAG runs)")
     ap.add_argument("--ray-figures", type=int, default=256)
@@ -350,7 +350,7 @@ def main():
             build_s[n] = time.perf_counter() - t
             print(f"{n:,} figures: corpus written in {build_s[n]:.0f} s; running corpus .. filter", flush=True)
             full[n] = run_stages(repo, env)
-            if n == sizes[-1]:
+            if n == sizes[-1] and args.rerun_share > 0:
                 extra = max(1, round(n * args.rerun_share))
                 add_figures(repo / "synthetic", n, extra)
                 print(f"+{extra:,} figures; rerunning", flush=True)
@@ -388,31 +388,35 @@ def main():
                                                       f"`dvc repro -s` (DVC included), {build_s[n]:.0f} s to write "
                                                       "the synthetic corpus" for n in sizes) + ")")
 
-    extra, again = rerun
-    print(f"\n| +{extra:,} figures on {hi:,}: stage | full: computed | rerun: computed | rerun: from cache "
-          "| rerun computed / full | rerun s / full s | rerun CPU s / full |\n|---|---|---|---|---|---|---|")
-    num = den = 0
-    for stage in STAGES:
-        fc, _ = work(stage, full[hi][stage]["metrics"])
-        rc, rcache = work(stage, again[stage]["metrics"])
-        share = f"{rc / fc:.1%}" if fc and rc is not None else "n/a"
-        if fc and rc is not None:
-            num, den = num + rc, den + fc
-        na = lambda v: "n/a" if v is None else f"{v:,}"  # noqa: E731
-        s_share, c_share = (again[stage][k] / max(1e-9, full[hi][stage][k]) for k in ("s", "cpu_s"))
-        print(f"| {stage} | {na(fc)} | {na(rc)} | {na(rcache)} | {share} | {s_share:.1%} | {c_share:.1%} |")
-    rs, fs = sum(v["s"] for v in again.values()), tot[hi]
-    rc_s, fc_s = sum(v["cpu_s"] for v in again.values()), rows[hi]["**stages**"]["cpu_s"]
-    print(f"| **all** | {den:,} | {num:,} | | {num / max(1, den):.1%} | {rs / fs:.1%} | {rc_s / fc_s:.1%} |")
+    if rerun:
+        num = den = 0
+        extra, again = rerun
+        print(f"\n| +{extra:,} figures on {hi:,}: stage | full: computed | rerun: computed | rerun: from cache "
+              "| rerun computed / full | rerun s / full s | rerun CPU s / full |\n|---|---|---|---|---|---|---|")
+        for stage in STAGES:
+            fc, _ = work(stage, full[hi][stage]["metrics"])
+            rc, rcache = work(stage, again[stage]["metrics"])
+            share = f"{rc / fc:.1%}" if fc and rc is not None else "n/a"
+            if fc and rc is not None:
+                num, den = num + rc, den + fc
+            na = lambda v: "n/a" if v is None else f"{v:,}"  # noqa: E731
+            s_share, c_share = (again[stage][k] / max(1e-9, full[hi][stage][k]) for k in ("s", "cpu_s"))
+            print(f"| {stage} | {na(fc)} | {na(rc)} | {na(rcache)} | {share} | {s_share:.1%} | {c_share:.1%} |")
+        rs, fs = sum(v["s"] for v in again.values()), tot[hi]
+        rc_s, fc_s = sum(v["cpu_s"] for v in again.values()), rows[hi]["**stages**"]["cpu_s"]
+        print(f"| **all** | {den:,} | {num:,} | | {num / max(1, den):.1%} | {rs / fs:.1%} | {rc_s / fc_s:.1%} |")
 
-    print(f"\ntargets ({lo:,} -> {hi:,} figures; rerun at {hi:,} + {extra:,}):")
+    print(f"\ntargets ({lo:,} -> {hi:,} figures" + (f"; rerun at {hi:,} + {rerun[0]:,}):" if rerun else "):"))
     r1 = (tot[hi] / hi) / (tot[lo] / lo)
     c1 = (rows[hi]["**stages**"]["cpu_s"] / hi) / (rows[lo]["**stages**"]["cpu_s"] / lo)
     print(f"- stage seconds per figure {hi:,} / {lo:,}: {r1:.2f}x, CPU seconds {c1:.2f}x (target <= 1.3x: "
           f"{'holds' if r1 <= 1.3 else 'MISSED'})")
-    print(f"- rerun after +{args.rerun_share:.0%}: {num / max(1, den):.1%} of the full run's computed requests + "
-          f"features (target <= 15%: {'holds' if num / max(1, den) <= 0.15 else 'MISSED'}); {rs / fs:.1%} of its "
-          "stage seconds (no target: stages without a record cache redo their work)")
+    if rerun:
+        print(f"- rerun after +{args.rerun_share:.0%}: {num / max(1, den):.1%} of the full run's computed requests + "
+              f"features (target <= 15%: {'holds' if num / max(1, den) <= 0.15 else 'MISSED'}); {rs / fs:.1%} of "
+              "its stage seconds (no target: stages without a record cache redo their work)")
+    else:
+        print("- rerun: skipped (--rerun-share 0)")
     r3 = peak[hi] / peak[second]
     print(f"- peak RSS {hi:,} / {second:,}: {r3:.2f}x (target at 100K / 10K <= 1.5x: "
           f"{'holds' if r3 <= 1.5 else 'MISSED'}"
