@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/dag_scaling.py                          # 1,000 and 3,000 figures (~15 min, 2 cores)
     .venv/bin/python benchmarks/dag_scaling.py --figures 1000 10000      # ~33 min on 2 cores
-    .venv/bin/python benchmarks/dag_scaling.py --figures 10000 100000 --no-ray-check   # the memory target
+    .venv/bin/python benchmarks/dag_scaling.py --figures 10000 40000 --rerun-share 0 --no-ray-check  # ~72 min
+    .venv/bin/python benchmarks/dag_scaling.py --figures 10000 100000 --rerun-share 0 --no-ray-check  # ~2.6 h
     .venv/bin/python benchmarks/dag_scaling.py --figures 100 300 --no-ray-check --keep # smoke run; keep the repos
     .venv/bin/python benchmarks/dag_scaling.py --ray-only --ray-figures 2048   # only the Ray check (~8 min)
 
