@@ -6,7 +6,7 @@ and every pool answer, so that merge_preferences can compare the rater with clin
 """
 import time
 
-from common import Indexed, image_store, load, model_client, params, write_metrics
+from common import Indexed, image_store, load, model_client, params, stream, write_metrics
 
 from vital.rate import rate
 from vital.schema import AppendLog, Conversation, CorpusRecord, PoolItem, write_jsonl
@@ -16,7 +16,7 @@ from vital.replies import rejected_note
 def main():
     t0, p = time.time(), params("rate")
     records = Indexed("data/corpus/records.jsonl", CorpusRecord)  # ids and offsets held, records read
-    conversations = load("data/candidates/conversations.jsonl", Conversation)
+    conversations = stream("data/candidates/conversations.jsonl", Conversation)  # read once, not held
     pool = load("data/annotation/pool.jsonl", PoolItem)  # the pool answers too: rater vs clinicians
     with model_client("rate", p) as (client, batch_state):
         ratings, pool_ratings, failures, stats = rate(

@@ -8,6 +8,7 @@ once first; `unparsed_by_reason` counts what stays null.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from .llm.backends import image_part
@@ -43,12 +44,13 @@ def rating_messages(caption: str, mentions: list[str], question: str, answer: st
             {"role": "user", "content": [{"type": "text", "text": text}, image_part(image, max_image_side)]}]
 
 
-def rate(conversations: list[Conversation], records: dict[str, CorpusRecord], images: ImageStore | Path, client,
+def rate(conversations: Iterable[Conversation], records: dict[str, CorpusRecord], images: ImageStore | Path, client,
          log: AppendLog, sampling: dict, max_image_side: int = 0, batch_state: AppendLog | None = None,
          pool: list[PoolItem] = ()):
     """(ratings, pool_ratings, failures, stats): one rating per generated Q&A round, and one per pool answer
     (`<question_id>:A` / `:B`, to compare the rater with clinicians). A failed request has no rating, only a
-    failure. Every unit: (candidate id, conversation id, round, caption, mentions, question, answer, image)."""
+    failure. Every unit: (candidate id, conversation id, round, caption, mentions, question, answer, image).
+    `conversations` is read once (a stream of the file will do: only the units' strings are kept)."""
     units, images = [], ImageStore.of(images)
     for c in conversations:
         rec = records[c.id]
