@@ -310,7 +310,8 @@ def machine() -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--figures", type=int, nargs="+", default=[1000, 3000])
-    ap.add_argument("--rerun-share", type=float, default=0.1, help="new figures added for the rerun (largest size); 0: no rerun")
+    ap.add_argument("--rerun-share", type=float, default=0.1,
+                    help="new figures added for the rerun (largest size); 0: no rerun")
     ap.add_argument("--ray-check", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ray-only", action="store_true", help="only the Ray check (no DAG runs)")
     ap.add_argument("--ray-figures", type=int, default=256)
