@@ -44,7 +44,6 @@ def test_offline_rates_grounded_rounds_in_range(sample, tmp_path):
     assert all(0 <= r.score <= 10 for r in ratings) and len({r.score for r in ratings}) > 1
 
 
-
 def test_rate_reads_its_conversations_once_so_the_stage_can_stream_them(sample, tmp_path):
     # stages/rate.py hands rate() a one-pass stream of the file (not a list): the same ratings, every round
     records, image_dir = sample
@@ -53,6 +52,7 @@ def test_rate_reads_its_conversations_once_so_the_stage_can_stream_them(sample, 
     listed, *_ = rate(convs, by_id, image_dir, OFFLINE, AppendLog(tmp_path / "a.jsonl"), {})
     streamed, _, _, stats = rate((c for c in convs), by_id, image_dir, OFFLINE, AppendLog(tmp_path / "b.jsonl"), {})
     assert streamed == listed and stats["rounds"] == len(listed) > len(convs)
+
 
 def test_select_diverse_takes_nearest_per_cluster():
     rng = np.random.default_rng(0)
